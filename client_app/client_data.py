@@ -1,0 +1,52 @@
+"""A client's own data: its partition of the task, split into train and held-out parts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from task_data import load_records, partition_records, tokenize_records, train_test_split
+from transformers import PreTrainedTokenizerBase
+
+from server_app.run_config import RunConfig
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """Tokenized train and held-out examples of one partition."""
+
+    train: tuple[dict, ...]
+    test: tuple[dict, ...]
+
+
+@lru_cache(maxsize=4)
+def _client_data(
+    config: RunConfig, partition_id: int, tokenizer: PreTrainedTokenizerBase
+) -> ClientData:
+    records = load_records(config.task, "train", data_dir=config.data_dir or None)
+    part = partition_records(
+        records,
+        num_partitions=config.num_partitions,
+        partition_id=partition_id,
+        partitioner=config.partitioner,
+        seed=config.seed,
+        alpha=config.dirichlet_alpha,
+    )
+    train, test = train_test_split(part, config.test_fraction, config.seed)
+    return ClientData(
+        train=tuple(tokenize_records(tokenizer, train, config.seq_length)),
+        test=tuple(tokenize_records(tokenizer, test[: config.eval_examples], config.seq_length)),
+    )
+
+
+def client_data(
+    config: RunConfig, partition_id: int, tokenizer: PreTrainedTokenizerBase
+) -> ClientData:
+    """Memoized per process: simulated clients are called once per round."""
+    if not 0 <= partition_id < config.num_partitions:
+        raise ValueError(
+            f"node partition-id={partition_id} but run-config num-partitions="
+            f"{config.num_partitions}; start as many SuperNodes as partitions "
+            "(e.g. --federation-config num-supernodes=N)"
+        )
+    return _client_data(config, partition_id, tokenizer)

@@ -1,0 +1,1 @@
+"""Model loading, FedBiOT layer extraction, LoRA wiring, wire format and export."""

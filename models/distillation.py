@@ -1,0 +1,116 @@
+"""Emulator distillation: pull E∘A towards E*∘A on public data, training emulator LoRA only.
+
+loss = mean-over-tokens ||E(x) - E*(x)||^2 / d  +  lambda * KL(p_{E*∘A} || p_{E∘A})
+
+The first term compares the emulator's and the full emulator's output hidden states (the
+input of the first adapter block), averaged over hidden dimensions and non-padding tokens.
+The KL term is taken on the response tokens only, as the paper defines it (the reference
+code takes it over every token), and averaged over those tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.blocks import get_blocks
+from models.fedbiot_models import FedBiOTModels
+
+IGNORE_INDEX = -100
+
+
+class _Capture:
+    """Forward pre-hook that records a block's input hidden states."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.value: torch.Tensor | None = None
+        self.handle = block.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.value = args[0] if args else kwargs["hidden_states"]
+
+
+@dataclass
+class DistillLosses:
+    total: torch.Tensor
+    hidden: torch.Tensor
+    kl: torch.Tensor
+
+
+def response_kl(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """KL(teacher || student) averaged over positions that predict a response token."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    teacher = F.log_softmax(teacher_logits[:, :-1][mask].float(), dim=-1)
+    student = F.log_softmax(student_logits[:, :-1][mask].float(), dim=-1)
+    if teacher.shape[0] == 0:
+        return student.sum() * 0.0
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+class EmulatorDistiller:
+    """Distils the emulator's LoRA; keeps its AdamW state across rounds."""
+
+    def __init__(
+        self,
+        models: FedBiOTModels,
+        batches: Iterator[dict[str, torch.Tensor]],
+        learning_rate: float,
+        kd_lambda: float,
+    ) -> None:
+        self.models = models
+        self.batches = batches
+        self.kd_lambda = kd_lambda
+        emulator = models.layout.emulator_blocks
+        self.params = list(models.compressed.params(emulator).values())
+        self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=0.0)
+        k = len(emulator)
+        self._student_tap = get_blocks(models.compressed.peft.get_base_model())[k]
+        n_full = models.layout.num_blocks - len(models.layout.adapter_blocks)
+        self._teacher_tap = get_blocks(models.full.peft.get_base_model())[n_full]
+
+    def losses(self, batch: dict[str, torch.Tensor]) -> DistillLosses:
+        """Both loss terms on one batch (student graph kept for backward)."""
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        teacher_cap = _Capture(self._teacher_tap)
+        student_cap = _Capture(self._student_tap)
+        try:
+            with torch.no_grad():
+                teacher_logits = self.models.full.peft(**inputs).logits
+            student_logits = self.models.compressed.peft(**inputs).logits
+        finally:
+            teacher_cap.handle.remove()
+            student_cap.handle.remove()
+        assert teacher_cap.value is not None and student_cap.value is not None
+        mask = batch["attention_mask"].unsqueeze(-1).to(student_cap.value.dtype)
+        sq = ((student_cap.value - teacher_cap.value) ** 2 * mask).sum()
+        hidden = sq / (mask.sum() * student_cap.value.shape[-1]).clamp(min=1)
+        kl = response_kl(teacher_logits, student_logits, batch["labels"])
+        return DistillLosses(total=hidden + self.kd_lambda * kl, hidden=hidden, kl=kl)
+
+    def run(self, steps: int) -> dict[str, float]:
+        """``steps`` AdamW steps on emulator LoRA; mean losses (empty dict for 0 steps)."""
+        if steps <= 0:
+            return {}
+        self.models.compressed.train_only(self.models.layout.emulator_blocks)
+        self.models.compressed.peft.train()
+        self.models.full.peft.eval()
+        sums = {"distill_loss": 0.0, "distill_hidden": 0.0, "distill_kl": 0.0}
+        for _ in range(steps):
+            parts = self.losses(next(self.batches))
+            parts.total.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            sums["distill_loss"] += parts.total.item()
+            sums["distill_hidden"] += parts.hidden.item()
+            sums["distill_kl"] += parts.kl.item()
+        self.models.compressed.peft.eval()
+        for p in self.params:
+            p.requires_grad_(False)
+        return {k: v / steps for k, v in sums.items()}

@@ -1,0 +1,116 @@
+"""The FedBiOT ServerApp: build the models, pre-align, run the strategy, save everything."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from task_data import batch_iterator, load_records, tokenize_records
+
+from models.blocks import get_blocks
+from models.distillation import EmulatorDistiller
+from models.export import export_outputs
+from models.fedbiot_models import FedBiOTModels
+from models.layout import fedbiot_layout
+from models.loading import load_model
+from models.lora import LoraSpec
+from models.wire import to_record
+from server_app.results import RunRecorder
+from server_app.run_config import RunConfig
+from server_app.server_eval import ServerEvaluator
+from strategies.fedbiot import FedBiOT
+
+log = logging.getLogger(__name__)
+app = ServerApp()
+
+
+def seed_everything(seed: int) -> None:
+    """Python's RNG also decides Flower's node sampling."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def public_batches(config: RunConfig, tokenizer) -> object:
+    """Endless batches of the public (server) data set, for distillation."""
+    records = list(load_records(config.public_data, "train", data_dir=config.data_dir or None))
+    random.Random(config.seed).shuffle(records)
+    examples = tokenize_records(tokenizer, records[: config.public_examples], config.seq_length)
+    return batch_iterator(examples, config.batch_size, config.seed, tokenizer.pad_token_id)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run FedBiOT for `num-server-rounds` rounds and write `<output-dir>/<run-name>/`."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = RunConfig.from_flower(context.run_config)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    seed_everything(config.seed)
+    recorder = RunRecorder(config)
+    log.info("Results go to %s", recorder.dir)
+
+    base, tokenizer = load_model(config.model)
+    layout = fedbiot_layout(len(get_blocks(base)), config.adapter_layers, config.drop_rate)
+    spec = LoraSpec(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
+    models = FedBiOTModels(base, tokenizer, layout, spec)
+    recorder.write_config(
+        layout,
+        {
+            "model_digest": models.frozen_digest,
+            "compressed_model_bytes": models.frozen.count_bytes(),
+            "trainable_adapter_params": sum(t.numel() for t in models.adapter_state().values()),
+            "trainable_emulator_params": sum(t.numel() for t in models.emulator_state().values()),
+        },
+    )
+    log.info(
+        "Layout: %d blocks, adapter %s, emulator %s",
+        layout.num_blocks,
+        list(layout.adapter_blocks),
+        list(layout.emulator_blocks),
+    )
+
+    distiller = EmulatorDistiller(
+        models, public_batches(config, tokenizer), config.distill_lr, config.kd_lambda
+    )
+    start = time.perf_counter()
+    prealign = distiller.run(config.prealign_steps)
+    log.info("Pre-alignment (%d steps): %s", config.prealign_steps, prealign)
+
+    fraction_evaluate = config.fraction_evaluate if config.eval_examples else 0.0
+    min_nodes = min(config.min_train_nodes, config.num_partitions)
+    strategy = FedBiOT(
+        models=models,
+        distiller=distiller,
+        distill_steps=config.distill_steps,
+        fraction_train=config.fraction_train,
+        fraction_evaluate=fraction_evaluate,
+        min_train_nodes=min_nodes,
+        min_evaluate_nodes=min_nodes if fraction_evaluate else 0,
+        min_available_nodes=min_nodes,
+    )
+    strategy.round_metrics[0] = {
+        "train_loss": float("nan"),
+        "distill_loss": prealign.get("distill_loss", float("nan")),
+        "bytes_up": 0,
+        "bytes_down": 0,
+        **{f"prealign_{k}": v for k, v in prealign.items()},
+    }
+    strategy.round_metrics[0]["time_prealign_s"] = time.perf_counter() - start
+    evaluator = ServerEvaluator(config, models, strategy, recorder)
+    strategy.start(
+        grid=grid,
+        initial_arrays=to_record(models.adapter_state()),
+        num_rounds=config.num_server_rounds,
+        timeout=config.round_timeout,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+        evaluate_fn=evaluator,
+    )
+    outputs = export_outputs(models, recorder.dir)
+    log.info("Saved AdapEmu to %s and AdapFu to %s", outputs["adapemu"], outputs["adapfu"])

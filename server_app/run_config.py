@@ -1,0 +1,132 @@
+"""The run configuration: every knob of `[tool.flwr.app.config]`, typed and validated.
+
+Server and clients read the same keys, so both parse with ``RunConfig.from_flower``. Bad
+values fail here with the key's name, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+METHODS = ("fedbiot",)
+PARTITIONERS = ("iid", "dirichlet", "natural")
+
+
+class ConfigError(ValueError):
+    """A run-config value is unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run's settings; attribute ``foo_bar`` is run-config key ``foo-bar``."""
+
+    method: str = "fedbiot"
+    model: str = "smollm2-135m"
+    task: str = "gsm8k"
+    public_data: str = "gpteacher"
+    num_partitions: int = 3
+    partitioner: str = "iid"
+    dirichlet_alpha: float = 0.5
+    num_server_rounds: int = 2
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    fraction_evaluate: float = 1.0
+    local_steps: int = 5
+    batch_size: int = 2
+    seq_length: int = 256
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    adapter_layers: int = 2
+    drop_rate: float = 0.5
+    prealign_steps: int = 10
+    distill_steps: int = 5
+    distill_lr: float = 3e-4
+    kd_lambda: float = 1.0
+    prox_epsilon: float = 0.01
+    public_examples: int = 256
+    eval_examples: int = 16
+    test_fraction: float = 0.1
+    seed: int = 42
+    output_dir: str = "results"
+    run_name: str = ""
+    data_dir: str = ""
+    cache_dir: str = ""
+    round_timeout: float = 7200.0
+    num_threads: int = 0
+
+    @staticmethod
+    def key(name: str) -> str:
+        return name.replace("_", "-")
+
+    @classmethod
+    def from_flower(cls, run_config: dict[str, Any]) -> RunConfig:
+        """Parse Flower's run config (defaults from pyproject plus `--run-config`)."""
+        known = {cls.key(f.name): f for f in fields(cls)}
+        unknown = sorted(set(run_config) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown run-config key(s) {', '.join(unknown)}; known keys: "
+                + ", ".join(sorted(known))
+            )
+        values = {}
+        for key, value in run_config.items():
+            f = known[key]
+            expected = {"int": int, "float": float, "str": str}[f.type]
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, expected) or isinstance(value, bool):
+                raise ConfigError(f"run-config {key}={value!r} must be of type {expected.__name__}")
+            values[f.name] = value
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Range checks; layout checks that need the model's depth come later."""
+        checks = [
+            (self.method in METHODS, f"method={self.method!r} must be one of {METHODS}"),
+            (
+                self.partitioner in PARTITIONERS,
+                f"partitioner={self.partitioner!r} must be one of {PARTITIONERS}",
+            ),
+            (self.num_partitions >= 1, "num-partitions must be >= 1"),
+            (self.num_server_rounds >= 1, "num-server-rounds must be >= 1"),
+            (0.0 < self.fraction_train <= 1.0, "fraction-train must be in (0, 1]"),
+            (0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate must be in [0, 1]"),
+            (self.min_train_nodes >= 1, "min-train-nodes must be >= 1"),
+            (self.local_steps >= 1, "local-steps must be >= 1"),
+            (self.batch_size >= 1, "batch-size must be >= 1"),
+            (self.seq_length >= 16, "seq-length must be >= 16"),
+            (self.learning_rate > 0, "learning-rate must be > 0"),
+            (self.distill_lr > 0, "distill-lr must be > 0"),
+            (self.lora_r >= 1, "lora-r must be >= 1"),
+            (self.lora_alpha > 0, "lora-alpha must be > 0"),
+            (0.0 <= self.lora_dropout < 1.0, "lora-dropout must be in [0, 1)"),
+            (self.adapter_layers >= 1, "adapter-layers must be >= 1"),
+            (0.0 <= self.drop_rate < 1.0, f"drop-rate={self.drop_rate} must be in [0, 1)"),
+            (self.prealign_steps >= 0, "prealign-steps must be >= 0"),
+            (self.distill_steps >= 0, "distill-steps must be >= 0"),
+            (self.kd_lambda >= 0, "kd-lambda must be >= 0"),
+            (self.prox_epsilon >= 0, "prox-epsilon must be >= 0"),
+            (self.public_examples >= 1, "public-examples must be >= 1"),
+            (self.eval_examples >= 0, "eval-examples must be >= 0"),
+            (0.0 < self.test_fraction < 1.0, "test-fraction must be in (0, 1)"),
+            (self.round_timeout > 0, "round-timeout must be > 0"),
+            (self.num_threads >= 0, "num-threads must be >= 0 (0: all cores)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"run-config {message}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flower-style keys, for config.json."""
+        return {self.key(k): v for k, v in dataclasses.asdict(self).items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

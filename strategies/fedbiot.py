@@ -1,0 +1,152 @@
+"""The FedBiOT server step: aggregate the adapter LoRA, then distil the emulator.
+
+``FedBiOTMixin`` goes in front of any Flower message-API strategy whose arrays are the adapter
+LoRA (FedAvg here; FedProx, FedAdam, ... compose the same way). The inner strategy samples
+nodes and aggregates adapter arrays (example-weighted mean for FedAvg, FedBiOT Eq. 11);
+the mixin adds to each outgoing message the emulator LoRA and, the first time a node is
+sampled, the compressed frozen weights; after aggregation it installs the new adapter in
+the server's models and runs ``distill_steps`` of emulator distillation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from models.distillation import EmulatorDistiller
+from models.fedbiot_models import FedBiOTModels
+from models.wire import from_record, record_bytes, to_record
+
+log = logging.getLogger(__name__)
+
+
+class FedBiOTMixin:
+    """Emulator transport, one-time model download, distillation and byte accounting."""
+
+    def __init__(
+        self,
+        *,
+        models: FedBiOTModels,
+        distiller: EmulatorDistiller,
+        distill_steps: int,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.models = models
+        self.distiller = distiller
+        self.distill_steps = distill_steps
+        self.served_nodes: set[int] = set()
+        self.round_metrics: dict[int, dict[str, float]] = {}
+        self._sent_at = 0.0
+
+    def _metrics(self, server_round: int) -> dict[str, float]:
+        return self.round_metrics.setdefault(
+            server_round, {"bytes_down": 0, "bytes_up": 0, "bytes_model_download": 0}
+        )
+
+    def _with_fedbiot_records(
+        self, server_round: int, messages: Iterable[Message]
+    ) -> list[Message]:
+        """Copy each message, adding emulator LoRA and, once per node, the frozen weights."""
+        emulator = to_record(self.models.emulator_state())
+        metrics = self._metrics(server_round)
+        out = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            content = RecordDict(dict(message.content.items()))
+            config = ConfigRecord(dict(content["config"].items()))
+            config["model-digest"] = self.models.frozen_digest
+            content["config"] = config
+            content["emulator"] = emulator
+            if node not in self.served_nodes:
+                content["base"] = self.models.frozen
+                content["model-package"] = self.models.model_package()
+                metrics["bytes_model_download"] += record_bytes(self.models.frozen)
+                self.served_nodes.add(node)
+            metrics["bytes_down"] += record_bytes(content["arrays"]) + record_bytes(emulator)
+            out.append(
+                Message(
+                    content=content,
+                    message_type=message.metadata.message_type,
+                    dst_node_id=node,
+                )
+            )
+        return out
+
+    def _note_failures(self, replies: list[Message]) -> int:
+        """Nodes whose reply is an error may have missed the weights: send them again."""
+        failed = 0
+        for reply in replies:
+            if reply.has_error():
+                failed += 1
+                self.served_nodes.discard(reply.metadata.src_node_id)
+        return failed
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = super().configure_train(server_round, arrays, config, grid)
+        decorated = self._with_fedbiot_records(server_round, messages)
+        self._metrics(server_round)["clients_sampled"] = len(decorated)
+        self._sent_at = time.perf_counter()
+        return decorated
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        metrics = self._metrics(server_round)
+        metrics["time_client_train_s"] = time.perf_counter() - self._sent_at
+        metrics["clients_failed"] = self._note_failures(replies)
+        metrics["bytes_up"] += sum(
+            record_bytes(r.content.array_records.get("arrays"))
+            for r in replies
+            if not r.has_error()
+        )
+        start = time.perf_counter()
+        arrays, train_metrics = super().aggregate_train(server_round, replies)
+        metrics["time_aggregate_s"] = time.perf_counter() - start
+        if arrays is not None:
+            self.models.set_adapter(from_record(arrays))
+        if train_metrics is not None:
+            metrics.update({k: float(v) for k, v in train_metrics.items()})
+        start = time.perf_counter()
+        metrics.update(self.distiller.run(self.distill_steps))
+        metrics["time_distill_s"] = time.perf_counter() - start
+        log.info(
+            "round %d: client loss %.4f, distill loss %s, bytes up %d, down %d "
+            "(+%d model download)",
+            server_round,
+            metrics.get("train_loss", float("nan")),
+            f"{metrics['distill_loss']:.4f}" if "distill_loss" in metrics else "-",
+            metrics["bytes_up"],
+            metrics["bytes_down"],
+            metrics["bytes_model_download"],
+        )
+        return arrays, train_metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = super().configure_evaluate(server_round, arrays, config, grid)
+        return self._with_fedbiot_records(server_round, messages)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        replies = list(replies)
+        self._note_failures(replies)
+        result = super().aggregate_evaluate(server_round, replies)
+        if result is not None:
+            self._metrics(server_round).update({f"client_{k}": float(v) for k, v in result.items()})
+        return result
+
+
+class FedBiOT(FedBiOTMixin, FedAvg):
+    """FedBiOT with FedAvg aggregation of the adapter (the paper's Eq. 11)."""
