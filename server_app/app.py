@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,7 +49,11 @@ def public_batches(config: RunConfig, tokenizer) -> object:
 def main(grid: Grid, context: Context) -> None:
     """Run FedBiOT for `num-server-rounds` rounds and write `<output-dir>/<run-name>/`."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = RunConfig.from_flower(context.run_config)
+    run_fedbiot(grid, RunConfig.from_flower(context.run_config))
+
+
+def run_fedbiot(grid: Grid, config: RunConfig, strategy_cls: type[FedBiOT] = FedBiOT) -> Path:
+    """The whole server side of a run; returns the run's results folder."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     seed_everything(config.seed)
@@ -84,7 +89,7 @@ def main(grid: Grid, context: Context) -> None:
 
     fraction_evaluate = config.fraction_evaluate if config.eval_examples else 0.0
     min_nodes = min(config.min_train_nodes, config.num_partitions)
-    strategy = FedBiOT(
+    strategy = strategy_cls(
         models=models,
         distiller=distiller,
         distill_steps=config.distill_steps,
@@ -114,3 +119,4 @@ def main(grid: Grid, context: Context) -> None:
     )
     outputs = export_outputs(models, recorder.dir)
     log.info("Saved AdapEmu to %s and AdapFu to %s", outputs["adapemu"], outputs["adapfu"])
+    return recorder.dir
