@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-from task_data import batch_iterator, load_records, tokenize_records
 
 from client_app.local_training import train_lora
 from client_app.model_cache import load_client_model, store_package
@@ -31,6 +30,7 @@ from models.layout import fedbiot_layout
 from models.loading import load_model
 from models.lora import LoraModel, LoraSpec
 from models.wire import record_bytes, to_record
+from task_data import batch_iterator, load_records, tokenize_records
 
 VARIANTS = ("fedbiot", "full-lora")
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 import random
 import time
+from logging import INFO
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-from task_data import batch_iterator, load_records, tokenize_records
 
 from models.blocks import get_blocks
 from models.distillation import EmulatorDistiller
@@ -25,8 +25,8 @@ from server_app.results import RunRecorder
 from server_app.run_config import RunConfig
 from server_app.server_eval import ServerEvaluator
 from strategies.fedbiot import FedBiOT
+from task_data import batch_iterator, load_records, tokenize_records
 
-log = logging.getLogger(__name__)
 app = ServerApp()
 
 
@@ -48,7 +48,6 @@ def public_batches(config: RunConfig, tokenizer) -> object:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run FedBiOT for `num-server-rounds` rounds and write `<output-dir>/<run-name>/`."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     run_fedbiot(grid, RunConfig.from_flower(context.run_config))
 
 
@@ -58,7 +57,7 @@ def run_fedbiot(grid: Grid, config: RunConfig, strategy_cls: type[FedBiOT] = Fed
         torch.set_num_threads(config.num_threads)
     seed_everything(config.seed)
     recorder = RunRecorder(config)
-    log.info("Results go to %s", recorder.dir)
+    log(INFO, "Results go to %s", recorder.dir)
 
     base, tokenizer = load_model(config.model)
     layout = fedbiot_layout(len(get_blocks(base)), config.adapter_layers, config.drop_rate)
@@ -73,7 +72,8 @@ def run_fedbiot(grid: Grid, config: RunConfig, strategy_cls: type[FedBiOT] = Fed
             "trainable_emulator_params": sum(t.numel() for t in models.emulator_state().values()),
         },
     )
-    log.info(
+    log(
+        INFO,
         "Layout: %d blocks, adapter %s, emulator %s",
         layout.num_blocks,
         list(layout.adapter_blocks),
@@ -85,7 +85,7 @@ def run_fedbiot(grid: Grid, config: RunConfig, strategy_cls: type[FedBiOT] = Fed
     )
     start = time.perf_counter()
     prealign = distiller.run(config.prealign_steps)
-    log.info("Pre-alignment (%d steps): %s", config.prealign_steps, prealign)
+    log(INFO, "Pre-alignment (%d steps): %s", config.prealign_steps, prealign)
 
     fraction_evaluate = config.fraction_evaluate if config.eval_examples else 0.0
     min_nodes = min(config.min_train_nodes, config.num_partitions)
@@ -93,6 +93,7 @@ def run_fedbiot(grid: Grid, config: RunConfig, strategy_cls: type[FedBiOT] = Fed
         models=models,
         distiller=distiller,
         distill_steps=config.distill_steps,
+        audit_path=recorder.dir / "sent_arrays.jsonl",
         fraction_train=config.fraction_train,
         fraction_evaluate=fraction_evaluate,
         min_train_nodes=min_nodes,
@@ -118,5 +119,5 @@ def run_fedbiot(grid: Grid, config: RunConfig, strategy_cls: type[FedBiOT] = Fed
         evaluate_fn=evaluator,
     )
     outputs = export_outputs(models, recorder.dir)
-    log.info("Saved AdapEmu to %s and AdapFu to %s", outputs["adapemu"], outputs["adapfu"])
+    log(INFO, "Saved AdapEmu to %s and AdapFu to %s", outputs["adapemu"], outputs["adapfu"])
     return recorder.dir

@@ -8,19 +8,18 @@ metrics gathered by the strategy, plus these).
 
 from __future__ import annotations
 
-import logging
 import time
+from logging import INFO
 
 from flwr.app import ArrayRecord, MetricRecord
-from task_data import collate, load_records, tokenize_records
+from flwr.common.logger import log
 
 from client_app.local_training import response_loss
 from models.fedbiot_models import FedBiOTModels
 from server_app.results import RunRecorder
 from server_app.run_config import RunConfig
 from strategies.fedbiot import FedBiOTMixin
-
-log = logging.getLogger(__name__)
+from task_data import collate, load_records, tokenize_records
 
 
 class ServerEvaluator:
@@ -59,5 +58,5 @@ class ServerEvaluator:
         record.update(self.strategy.round_metrics.get(server_round, {}))
         record["elapsed_s"] = time.perf_counter() - self.started
         self.recorder.append_round(record)
-        log.info("round %d metrics: %s", server_round, record)
+        log(INFO, "round %d metrics: %s", server_round, record)
         return MetricRecord({k: float(v) for k, v in record.items() if k.startswith("eval_")})

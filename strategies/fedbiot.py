@@ -10,12 +10,16 @@ the server's models and runs ``distill_steps`` of emulator distillation.
 
 from __future__ import annotations
 
-import logging
+import hashlib
+import json
 import time
 from collections.abc import Iterable
+from logging import INFO
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -23,7 +27,21 @@ from models.distillation import EmulatorDistiller
 from models.fedbiot_models import FedBiOTModels
 from models.wire import from_record, record_bytes, to_record
 
-log = logging.getLogger(__name__)
+
+def audit_entry(server_round: int, message: Message) -> dict[str, Any]:
+    """Name, shape and SHA-256 of every array in a message, for ``sent_arrays.jsonl``."""
+    return {
+        "round": server_round,
+        "node": message.metadata.dst_node_id,
+        "type": message.metadata.message_type,
+        "arrays": {
+            record_name: {
+                key: [list(array.shape), array.dtype, hashlib.sha256(array.data).hexdigest()]
+                for key, array in record.items()
+            }
+            for record_name, record in message.content.array_records.items()
+        },
+    }
 
 
 class FedBiOTMixin:
@@ -35,9 +53,11 @@ class FedBiOTMixin:
         models: FedBiOTModels,
         distiller: EmulatorDistiller,
         distill_steps: int,
+        audit_path: Path | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.audit_path = audit_path
         self.models = models
         self.distiller = distiller
         self.distill_steps = distill_steps
@@ -77,6 +97,10 @@ class FedBiOTMixin:
                     dst_node_id=node,
                 )
             )
+        if self.audit_path is not None:
+            with open(self.audit_path, "a") as f:
+                for message in out:
+                    f.write(json.dumps(audit_entry(server_round, message)) + "\n")
         return out
 
     def _note_failures(self, replies: list[Message]) -> int:
@@ -119,7 +143,8 @@ class FedBiOTMixin:
         start = time.perf_counter()
         metrics.update(self.distiller.run(self.distill_steps))
         metrics["time_distill_s"] = time.perf_counter() - start
-        log.info(
+        log(
+            INFO,
             "round %d: client loss %.4f, distill loss %s, bytes up %d, down %d "
             "(+%d model download)",
             server_round,
