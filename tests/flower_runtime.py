@@ -1,0 +1,120 @@
+"""A real SuperLink (simulation runtime) on free loopback ports, driven by ``flwr run``.
+
+Each test session gets its own FLWR_HOME and ports, so it neither uses nor disturbs a
+SuperLink the developer may have running, and it stops every process it started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with {process.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"SuperLink on port {port} did not open")
+
+
+class LocalFederation:
+    """Handle on a running SuperLink: ``run()`` submits this repo's app with ``flwr run``."""
+
+    def __init__(self, home: Path, env: dict[str, str]) -> None:
+        self.home = home
+        self.env = env
+
+    def run(
+        self, run_config: dict[str, object], supernodes: int, timeout: float = 600
+    ) -> subprocess.CompletedProcess:
+        overrides = " ".join(
+            f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in run_config.items()
+        )
+        command = [
+            str(BIN / "flwr"),
+            "run",
+            str(REPO),
+            "test",
+            "--stream",
+            "--federation-config",
+            f"num-supernodes={supernodes}",
+            "--run-config",
+            overrides,
+        ]
+        return subprocess.run(
+            command, env=self.env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+
+
+@contextmanager
+def local_federation(home: Path) -> Iterator[LocalFederation]:
+    """Start ``flower-superlink --simulation`` and write a Flower config pointing at it."""
+    # Flower 1.41 serves the runtime, control and fleet APIs on one HTTP port.
+    port = free_port()
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        "[superlink]\n"
+        'default = "test"\n\n'
+        "[superlink.test]\n"
+        f'address = "127.0.0.1:{port}"\n'
+        "insecure = true\n"
+    )
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    log_file = open(home / "superlink.log", "w")  # noqa: SIM115 - closed in finally
+    process = subprocess.Popen(
+        [
+            str(BIN / "flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--disable-runtime-dependency-installation",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--database",
+            str(home / "state.db"),
+        ],
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        _wait_for_port(port, process)
+        yield LocalFederation(home, env)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(process.pid, signal.SIGKILL)
+        log_file.close()

@@ -1,0 +1,154 @@
+"""End to end: `flwr run` on a real SuperLink with Flower's simulation engine, tiny models.
+
+Checks that the run finishes, that AdapEmu and AdapFu load with transformers and generate,
+and, from the audit of every array the server sent, that no client received a weight of a
+dropped block and that the frozen weights went to each node once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from models.blocks import block_path, get_blocks
+from models.loading import load_model
+from tests.flower_runtime import REPO, local_federation
+
+ROUNDS = 2
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(Array(np.ascontiguousarray(tensor.float().numpy())).data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory):
+    with local_federation(tmp_path_factory.mktemp("flwr-home")) as fed:
+        yield fed
+
+
+@pytest.fixture(scope="module", params=[("tiny-llama", 3), ("tiny-gpt2", 2)], ids=lambda p: p[0])
+def finished_run(request, federation, tmp_path_factory) -> tuple[str, Path]:
+    model, clients = request.param
+    out = tmp_path_factory.mktemp("results")
+    result = federation.run(
+        {
+            "model": model,
+            "num-partitions": clients,
+            "num-server-rounds": ROUNDS,
+            "local-steps": 2,
+            "seq-length": 64,
+            "public-examples": 16,
+            "eval-examples": 4,
+            "prealign-steps": 3,
+            "distill-steps": 2,
+            "output-dir": str(out),
+            "run-name": "e2e",
+            "data-dir": str(REPO / "data"),
+            "cache-dir": str(out / "node-cache"),
+            "num-threads": 1,
+        },
+        supernodes=clients,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return model, out / "e2e"
+
+
+def test_run_finishes_with_metrics_for_every_round(finished_run) -> None:
+    _, run_dir = finished_run
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(ROUNDS + 1))
+    for row in rows[1:]:
+        for key in ("train_loss", "distill_loss", "client_eval_loss"):
+            assert math.isfinite(row[key]), key
+        assert row["bytes_up"] > 0 and row["bytes_down"] > 0
+        assert row["clients_failed"] == 0
+    assert rows[1]["bytes_model_download"] > 0
+    assert rows[2]["bytes_model_download"] == 0  # the frozen weights travel once
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["versions"]["flwr"] and config["run_config"]["num-server-rounds"] == ROUNDS
+    assert config["adapter_blocks"] == [6, 7]
+
+
+def test_outputs_load_with_transformers_and_generate(finished_run) -> None:
+    _, run_dir = finished_run
+    config = json.loads((run_dir / "config.json").read_text())
+    depth = {
+        "adapemu": len(config["adapter_blocks"]) + len(config["emulator_blocks"]),
+        "adapfu": config["layout"]["num_blocks"],
+    }
+    for variant, blocks in depth.items():
+        model = AutoModelForCausalLM.from_pretrained(run_dir / variant)
+        tokenizer = AutoTokenizer.from_pretrained(run_dir / variant)
+        assert len(get_blocks(model)) == blocks
+        assert (run_dir / variant / "peft" / "adapter_config.json").is_file()
+        prompt = tokenizer("What is 2 + 3?", return_tensors="pt")
+        out = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+        assert out.shape[1] == prompt["input_ids"].shape[1] + 5
+
+
+def test_adapfu_keeps_the_full_emulator_exact_and_trains_the_adapter(finished_run) -> None:
+    model_name, run_dir = finished_run
+    original, _ = load_model(model_name)
+    adapfu = AutoModelForCausalLM.from_pretrained(run_dir / "adapfu")
+    config = json.loads((run_dir / "config.json").read_text())
+    ours, theirs = get_blocks(adapfu), get_blocks(original)
+    for i in range(config["layout"]["num_blocks"]):
+        same = all(
+            torch.equal(a, b)
+            for a, b in zip(
+                ours[i].state_dict().values(), theirs[i].state_dict().values(), strict=True
+            )
+        )
+        assert same == (i not in config["adapter_blocks"]), f"block {i}"
+
+
+def test_no_client_received_a_dropped_block_and_weights_went_once(finished_run) -> None:
+    model_name, run_dir = finished_run
+    original, _ = load_model(model_name)
+    config = json.loads((run_dir / "config.json").read_text())
+    dropped = config["layout"]["dropped_blocks"]
+    assert dropped, "the test needs a layout that drops blocks"
+    blocks = get_blocks(original)
+    dropped_digests = {_digest(t) for i in dropped for t in blocks[i].state_dict().values()}
+    # Tensors equal to a kept one (e.g. layer norms still at their all-ones init) are no leak.
+    kept = [i for i in range(len(blocks)) if i not in dropped]
+    public = {_digest(t) for i in kept for t in blocks[i].state_dict().values()}
+    secret = dropped_digests - public
+    assert len(secret) >= 4 * len(dropped)  # every projection of a dropped block is covered
+
+    entries = [
+        json.loads(line) for line in (run_dir / "sent_arrays.jsonl").read_text().splitlines()
+    ]
+    assert entries
+    base_per_node: dict[int, int] = {}
+    for entry in entries:
+        for record, arrays in entry["arrays"].items():
+            for key, (_, _, digest) in arrays.items():
+                assert digest not in secret, (
+                    f"{record}/{key} to node {entry['node']} is a dropped block"
+                )
+                if record in ("arrays", "emulator"):
+                    assert key.startswith("blocks.") and key.endswith(("lora_A", "lora_B")), key
+                    block = int(key.split(".")[1])
+                    expected = "adapter_blocks" if record == "arrays" else "emulator_blocks"
+                    assert block in config[expected], key
+        if "base" in entry["arrays"]:
+            base_per_node[entry["node"]] = base_per_node.get(entry["node"], 0) + 1
+            # The frozen weights hold exactly the compressed model's blocks.
+            positions = {
+                int(k.split(".")[k.split(".").index(block_path(original).split(".")[-1]) + 1])
+                for k in entry["arrays"]["base"]
+                if f"{block_path(original)}." in k
+            }
+            assert len(positions) == len(config["adapter_blocks"]) + len(config["emulator_blocks"])
+    assert base_per_node and all(count == 1 for count in base_per_node.values())
+    assert len(base_per_node) == len({e["node"] for e in entries})
