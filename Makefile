@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FEDBIOT_CACHE ?= $(CURDIR)/.cache/fedbiot
+# `flwr run` starts `flower-superlink` from PATH.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: install run test lint clean
 

@@ -1,9 +1,12 @@
 """Emulator distillation: pull E∘A towards E*∘A on public data, training emulator LoRA only.
 
-loss = mean-over-tokens ||E(x) - E*(x)||^2 / d  +  lambda * KL(p_{E*∘A} || p_{E∘A})
+loss = ||E(x) - E*(x)||^2 / ||E*(x)||^2  +  lambda * KL(p_{E*∘A} || p_{E∘A})
 
 The first term compares the emulator's and the full emulator's output hidden states (the
-input of the first adapter block), averaged over hidden dimensions and non-padding tokens.
+input of the first adapter block) over non-padding tokens. It is divided by the teacher's
+squared norm on the batch, a constant that does not change the minimiser: LLM hidden states
+carry a few huge activations (SmolLM2's mean squared value is in the thousands), and the
+raw L2 term would otherwise drown the KL term whatever lambda is.
 The KL term is taken on the response tokens only, as the paper defines it (the reference
 code takes it over every token), and averaged over those tokens.
 """
@@ -89,7 +92,8 @@ class EmulatorDistiller:
         assert teacher_cap.value is not None and student_cap.value is not None
         mask = batch["attention_mask"].unsqueeze(-1).to(student_cap.value.dtype)
         sq = ((student_cap.value - teacher_cap.value) ** 2 * mask).sum()
-        hidden = sq / (mask.sum() * student_cap.value.shape[-1]).clamp(min=1)
+        scale = (teacher_cap.value**2 * mask).sum().clamp(min=1e-12)
+        hidden = sq / scale
         kl = response_kl(teacher_logits, student_logits, batch["labels"])
         return DistillLosses(total=hidden + self.kd_lambda * kl, hidden=hidden, kl=kl)
 

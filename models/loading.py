@@ -81,11 +81,14 @@ def smollm2_dir() -> Path:
         src = _gguf_dir()
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
-        # The GGUF loader marks the config as quantized; the saved weights are plain fp32.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-        model.save_pretrained(out)
+        # The GGUF loader marks the model as quantized and refuses to save it, although the
+        # weights are already dequantized fp32: copy them into a plain model of that config.
+        config = model.config
+        del config.quantization_config
+        config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(model.state_dict())
+        plain.save_pretrained(out)
         tokenizer.save_pretrained(out)
 
     return _publish(convert, cache_root() / "models" / EMBEDDED_MODEL)

@@ -1,0 +1,68 @@
+"""Run-config parsing: defaults from pyproject, and clear errors that name the key."""
+
+import tomllib
+
+import pytest
+
+from server_app.run_config import ConfigError, RunConfig
+from tests.flower_runtime import REPO
+
+REQUIRED_KEYS = (
+    "method",
+    "model",
+    "task",
+    "public-data",
+    "num-partitions",
+    "partitioner",
+    "num-server-rounds",
+    "fraction-train",
+    "local-steps",
+    "batch-size",
+    "seq-length",
+    "learning-rate",
+    "lora-r",
+    "lora-alpha",
+    "adapter-layers",
+    "drop-rate",
+    "prealign-steps",
+    "distill-steps",
+    "kd-lambda",
+    "prox-epsilon",
+    "seed",
+    "output-dir",
+)
+
+
+def _pyproject_config() -> dict:
+    document = tomllib.loads((REPO / "pyproject.toml").read_text())
+    return document["tool"]["flwr"]["app"]["config"]
+
+
+def test_pyproject_holds_every_key_and_matches_the_dataclass_defaults() -> None:
+    values = _pyproject_config()
+    assert set(REQUIRED_KEYS) <= set(values)
+    assert RunConfig.from_flower(values) == RunConfig()
+    assert set(values) == set(RunConfig().to_dict())
+
+
+def test_integers_are_accepted_for_float_keys() -> None:
+    assert RunConfig.from_flower({"learning-rate": 1}).learning_rate == 1.0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"drop-rat": 0.5}, "unknown run-config key.*drop-rat"),
+        ({"drop-rate": 1.0}, "drop-rate=1.0 must be in"),
+        ({"drop-rate": "half"}, "drop-rate='half' must be of type float"),
+        ({"local-steps": 0}, "local-steps must be >= 1"),
+        ({"method": "fedsgd"}, "method='fedsgd'"),
+        ({"partitioner": "random"}, "partitioner='random'"),
+        ({"fraction-train": 0.0}, "fraction-train"),
+        ({"seq-length": 8}, "seq-length"),
+        ({"lora-r": True}, "lora-r=True must be of type int"),
+    ],
+)
+def test_bad_values_name_the_key(override: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_flower({**_pyproject_config(), **override})
