@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from task_data import batch_iterator, collate
 
 from client_app.client_data import client_data
 from client_app.local_training import response_loss, train_lora
@@ -18,6 +17,7 @@ from client_app.model_cache import ClientModel, load_client_model, node_cache_di
 from models.lora import LoraSpec
 from models.wire import from_record, to_record
 from server_app.run_config import RunConfig
+from task_data import batch_iterator, collate
 
 app = ClientApp()
 
@@ -34,6 +34,7 @@ def _prepare(msg: Message, context: Context) -> tuple[RunConfig, ClientModel, in
         store_package(cache, content["base"], content["model-package"])
     spec = LoraSpec(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
     model = load_client_model(cache, str(content["config"]["model-digest"]), spec)
+    model.lora.peft.to(config.torch_device())
     model.lora.load_state({**from_record(content["arrays"]), **from_record(content["emulator"])})
     partition_id = int(context.node_config.get("partition-id", 0))
     return config, model, partition_id

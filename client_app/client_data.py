@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from task_data import load_records, partition_records, tokenize_records, train_test_split
 from transformers import PreTrainedTokenizerBase
 
 from server_app.run_config import RunConfig
+from task_data import load_records, partition_records, tokenize_records, train_test_split
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ def train_lora(
     lm_total, prox_total, tokens = 0.0, 0.0, 0
     start = time.perf_counter()
     for _ in range(steps):
-        batch = next(batches)
+        batch = {k: v.to(lora.device) for k, v in next(batches).items()}
         lm_loss = model(**batch).loss
         penalty = prox.penalty() if prox_epsilon > 0 else torch.zeros(())
         (lm_loss + penalty).backward()
@@ -73,7 +73,8 @@ def response_loss(lora: LoraModel, batches: Iterable[dict[str, torch.Tensor]]) -
     model = lora.peft
     model.eval()
     total, count = 0.0, 0
-    for batch in batches:
+    for cpu_batch in batches:
+        batch = {k: v.to(lora.device) for k, v in cpu_batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         mask = labels != -100

@@ -79,6 +79,7 @@ class EmulatorDistiller:
 
     def losses(self, batch: dict[str, torch.Tensor]) -> DistillLosses:
         """Both loss terms on one batch (student graph kept for backward)."""
+        batch = {k: v.to(self.models.compressed.device) for k, v in batch.items()}
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         teacher_cap = _Capture(self._teacher_tap)
         student_cap = _Capture(self._student_tap)

@@ -70,6 +70,11 @@ class FedBiOTModels:
         self.full = LoraModel(base, all_blocks, layout.adapter_blocks, spec)
         self.full.load_state(self.adapter_state())
 
+    def to(self, device: torch.device) -> None:
+        """Move both models (the frozen package for clients stays on the CPU)."""
+        self.compressed.peft.to(device)
+        self.full.peft.to(device)
+
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Adapter LoRA (what clients train and return)."""
         return self.compressed.state(self.layout.adapter_blocks)

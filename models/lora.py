@@ -105,6 +105,11 @@ class LoraModel:
                 name = f"blocks.{block}.{sub}"
                 self.modules[name] = LoraModule(block=block, name=name, layer=module)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights live (batches are moved there)."""
+        return next(self.peft.parameters()).device
+
     def params(self, blocks: Iterable[int] | None = None) -> dict[str, nn.Parameter]:
         """LoRA parameters by canonical name, optionally only those of ``blocks``."""
         chosen = None if blocks is None else set(blocks)

@@ -63,6 +63,7 @@ def run_fedbiot(grid: Grid, config: RunConfig, strategy_cls: type[FedBiOT] = Fed
     layout = fedbiot_layout(len(get_blocks(base)), config.adapter_layers, config.drop_rate)
     spec = LoraSpec(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
     models = FedBiOTModels(base, tokenizer, layout, spec)
+    models.to(config.torch_device())
     recorder.write_config(
         layout,
         {

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
+import torch
+
 METHODS = ("fedbiot",)
 PARTITIONERS = ("iid", "dirichlet", "natural")
 
@@ -44,9 +46,9 @@ class RunConfig:
     lora_dropout: float = 0.05
     adapter_layers: int = 2
     drop_rate: float = 0.5
-    prealign_steps: int = 10
+    prealign_steps: int = 20
     distill_steps: int = 5
-    distill_lr: float = 3e-4
+    distill_lr: float = 1e-3
     kd_lambda: float = 1.0
     prox_epsilon: float = 0.01
     public_examples: int = 256
@@ -59,6 +61,7 @@ class RunConfig:
     cache_dir: str = ""
     round_timeout: float = 7200.0
     num_threads: int = 0
+    device: str = "auto"
 
     @staticmethod
     def key(name: str) -> str:
@@ -119,10 +122,22 @@ class RunConfig:
             (0.0 < self.test_fraction < 1.0, "test-fraction must be in (0, 1)"),
             (self.round_timeout > 0, "round-timeout must be > 0"),
             (self.num_threads >= 0, "num-threads must be >= 0 (0: all cores)"),
+            (
+                self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+                f"device={self.device!r} must be auto, cpu, cuda or cuda:N",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"run-config {message}")
+
+    def torch_device(self) -> torch.device:
+        """``auto`` picks the GPU when there is one."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"run-config device={self.device!r} but CUDA is not available")
+        return torch.device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         """Flower-style keys, for config.json."""
