@@ -7,9 +7,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from client_app.proximal import EffectiveWeightProximal
 from models.lora import LoraModel
+from models.response_logits import response_lm_loss, response_logits
 
 
 @dataclass
@@ -47,7 +49,7 @@ def train_lora(
     start = time.perf_counter()
     for _ in range(steps):
         batch = {k: v.to(lora.device) for k, v in next(batches).items()}
-        lm_loss = model(**batch).loss
+        lm_loss = response_lm_loss(model, batch)
         penalty = prox.penalty() if prox_epsilon > 0 else torch.zeros(())
         (lm_loss + penalty).backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -75,11 +77,7 @@ def response_loss(lora: LoraModel, batches: Iterable[dict[str, torch.Tensor]]) -
     total, count = 0.0, 0
     for cpu_batch in batches:
         batch = {k: v.to(lora.device) for k, v in cpu_batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        mask = labels != -100
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        total += -(picked * mask).sum().item()
-        count += int(mask.sum())
+        logits, targets = response_logits(model, batch)
+        total += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+        count += targets.numel()
     return total / max(count, 1)

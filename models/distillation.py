@@ -22,8 +22,7 @@ from torch import nn
 
 from models.blocks import get_blocks
 from models.fedbiot_models import FedBiOTModels
-
-IGNORE_INDEX = -100
+from models.response_logits import response_logits
 
 
 class _Capture:
@@ -44,15 +43,12 @@ class DistillLosses:
     kl: torch.Tensor
 
 
-def response_kl(
-    teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor
-) -> torch.Tensor:
-    """KL(teacher || student) averaged over positions that predict a response token."""
-    mask = labels[:, 1:] != IGNORE_INDEX
-    teacher = F.log_softmax(teacher_logits[:, :-1][mask].float(), dim=-1)
-    student = F.log_softmax(student_logits[:, :-1][mask].float(), dim=-1)
-    if teacher.shape[0] == 0:
-        return student.sum() * 0.0
+def kl_per_token(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) averaged over the rows of two (N, vocab) logit matrices."""
+    if teacher_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    teacher = F.log_softmax(teacher_logits.float(), dim=-1)
+    student = F.log_softmax(student_logits.float(), dim=-1)
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
@@ -80,13 +76,12 @@ class EmulatorDistiller:
     def losses(self, batch: dict[str, torch.Tensor]) -> DistillLosses:
         """Both loss terms on one batch (student graph kept for backward)."""
         batch = {k: v.to(self.models.compressed.device) for k, v in batch.items()}
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         teacher_cap = _Capture(self._teacher_tap)
         student_cap = _Capture(self._student_tap)
         try:
             with torch.no_grad():
-                teacher_logits = self.models.full.peft(**inputs).logits
-            student_logits = self.models.compressed.peft(**inputs).logits
+                teacher_logits, _ = response_logits(self.models.full.peft, batch)
+            student_logits, _ = response_logits(self.models.compressed.peft, batch)
         finally:
             teacher_cap.handle.remove()
             student_cap.handle.remove()
@@ -95,7 +90,7 @@ class EmulatorDistiller:
         sq = ((student_cap.value - teacher_cap.value) ** 2 * mask).sum()
         scale = (teacher_cap.value**2 * mask).sum().clamp(min=1e-12)
         hidden = sq / scale
-        kl = response_kl(teacher_logits, student_logits, batch["labels"])
+        kl = kl_per_token(teacher_logits, student_logits)
         return DistillLosses(total=hidden + self.kd_lambda * kl, hidden=hidden, kl=kl)
 
     def run(self, steps: int) -> dict[str, float]:

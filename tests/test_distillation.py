@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from models.blocks import get_blocks
-from models.distillation import EmulatorDistiller, response_kl
+from models.distillation import EmulatorDistiller, kl_per_token
 from models.fedbiot_models import FedBiOTModels
 from models.layout import fedbiot_layout
 from models.lora import LoraSpec
+from models.response_logits import response_lm_loss, response_logits, response_positions
 from tests.tiny import TINY, chat_batch, tiny
 
 
@@ -43,23 +44,30 @@ def test_distillation_lowers_its_loss_and_changes_only_emulator_lora(name: str) 
     assert pair.adapter_state().keys() == pair.compressed.state(layout.adapter_blocks).keys()
 
 
-def test_kl_ignores_prompt_positions() -> None:
+def test_kl_matches_its_definition() -> None:
     generator = torch.Generator().manual_seed(0)
-    teacher = torch.randn(1, 6, 11, generator=generator)
-    student = torch.randn(1, 6, 11, generator=generator)
-    labels = torch.tensor([[-100, -100, -100, 4, 5, 6]])
-    base = response_kl(teacher, student, labels)
-    # Logits at positions 0 and 1 predict prompt tokens 1 and 2: changing them changes nothing.
-    student2 = student.clone()
-    student2[:, :2] += 5 * torch.randn(1, 2, 11, generator=generator)
-    torch.testing.assert_close(response_kl(teacher, student2, labels), base)
-    # Position 2 predicts the first response token: it counts.
-    student2[:, 2] += 5.0 * torch.randn(11, generator=generator)
-    assert not torch.allclose(response_kl(teacher, student2, labels), base)
-    # Equal distributions: zero.
-    torch.testing.assert_close(response_kl(teacher, teacher, labels), torch.tensor(0.0))
-    # Matches the definition sum_v p_T (log p_T - log p_S), mean over the 3 positions.
-    p_t = teacher[0, 2:5].log_softmax(-1)
-    p_s = student[0, 2:5].log_softmax(-1)
+    teacher = torch.randn(3, 11, generator=generator)
+    student = torch.randn(3, 11, generator=generator)
+    p_t, p_s = teacher.log_softmax(-1), student.log_softmax(-1)
     expected = (p_t.exp() * (p_t - p_s)).sum(-1).mean()
-    torch.testing.assert_close(base, expected)
+    torch.testing.assert_close(kl_per_token(teacher, student), expected)
+    torch.testing.assert_close(kl_per_token(teacher, teacher), torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_response_logits_are_the_full_logits_at_response_positions(name: str) -> None:
+    model, tokenizer = tiny(name)
+    batch = chat_batch(tokenizer, n=2, length=16)
+    batch["labels"][1, 12:] = -100  # rows with different response lengths
+    batch["attention_mask"][1, 14:] = 0
+    keep = response_positions(batch["labels"])
+    # Position t is kept when token t + 1 is a response token: t = 7..14 and 7..10.
+    assert keep[0].nonzero().flatten().tolist() == list(range(7, 15))
+    assert keep[1].nonzero().flatten().tolist() == list(range(7, 11))
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits, targets = response_logits(model, batch)
+        torch.testing.assert_close(logits, full[keep])
+        torch.testing.assert_close(targets, batch["input_ids"][:, 1:][keep[:, :-1]])
+        hf_loss = model(**batch).loss
+        torch.testing.assert_close(response_lm_loss(model, batch), hf_loss)
