@@ -44,12 +44,20 @@ def _batches(tokenizer, args: argparse.Namespace):
 def _measure(lora: LoraModel, blocks, tokenizer, args: argparse.Namespace) -> dict:
     batches = _batches(tokenizer, args)
     train_lora(lora, blocks, batches, steps=1, learning_rate=1e-4, prox_epsilon=0.01)
+    if lora.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     result = train_lora(
         lora, blocks, batches, steps=args.steps, learning_rate=1e-4, prox_epsilon=0.01
     )
+    if lora.device.type == "cuda":
+        torch.cuda.synchronize()
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "tokens_per_s": result.tokens / result.seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_mb": peak_mb,
         "trainable_params": sum(p.numel() for p in lora.params(blocks).values()),
     }
 
@@ -62,6 +70,7 @@ def worker(args: argparse.Namespace) -> dict:
     if args.worker == "fedbiot":
         info = json.loads(Path(args.package, "info.json").read_text())
         client = load_client_model(Path(args.package), info["digest"], spec)
+        client.lora.peft.to(args.device)
         adapter = client.layout.adapter_blocks
         out = _measure(client.lora, adapter, client.tokenizer, args)
         up = record_bytes(to_record(client.lora.state(adapter)))
@@ -71,6 +80,7 @@ def worker(args: argparse.Namespace) -> dict:
     model, tokenizer = load_model(args.model)
     n = len(get_blocks(model))
     lora = LoraModel(model, tuple(range(n)), range(n), spec)
+    lora.peft.to(args.device)
     out = _measure(lora, range(n), tokenizer, args)
     lora_bytes = record_bytes(to_record(lora.state()))
     out.update(bytes_up=lora_bytes, bytes_down=lora_bytes, bytes_model_download=0)
@@ -97,6 +107,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (peak memory: RSS or CUDA)")
     parser.add_argument("--json", default="bench/results/client_cost.json")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--package", help=argparse.SUPPRESS)
@@ -119,7 +130,7 @@ def main() -> None:
     summary = {
         "throughput_ratio": ours["tokens_per_s"] / full["tokens_per_s"],
         "upload_fraction": ours["bytes_up"] / full["bytes_up"],
-        "memory_ratio": ours["peak_rss_mb"] / full["peak_rss_mb"],
+        "memory_ratio": ours["peak_mb"] / full["peak_mb"],
     }
     header = (
         f"{'layout':<10} {'tok/s':>8} {'peak MB':>8} {'trainable':>10} {'up B':>10} {'down B':>10}"
@@ -127,7 +138,7 @@ def main() -> None:
     print(header)
     for name, row in rows.items():
         print(
-            f"{name:<10} {row['tokens_per_s']:>8.1f} {row['peak_rss_mb']:>8.0f} "
+            f"{name:<10} {row['tokens_per_s']:>8.1f} {row['peak_mb']:>8.0f} "
             f"{row['trainable_params']:>10,} {row['bytes_up']:>10,} {row['bytes_down']:>10,}"
         )
     print(
