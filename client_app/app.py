@@ -1,8 +1,11 @@
-"""The FedBiOT ClientApp: trains the adapter LoRA on the node's own data.
+"""The ClientApp: trains the adapter LoRA on the node's own data.
 
-A node receives the compressed frozen weights the first time it is sampled (and stores them
-in its cache), then each round the adapter and emulator LoRA; it returns only the adapter
-LoRA and its example count.
+A node receives the frozen weights the first time it is sampled (and stores them in its
+cache): the compressed model for FedBiOT, FedOT and offsite-tuning, the full model for the
+methods that put LoRA on all of it. Each round it receives the LoRA it trains (and, with an
+emulator, the emulator LoRA) and returns only the trained LoRA and its example count. With
+SCAFFOLD it also receives the server control variate, keeps its own in the node state and
+returns the change of its own.
 """
 
 from __future__ import annotations
@@ -16,10 +19,14 @@ from client_app.local_training import response_loss, train_lora
 from client_app.model_cache import ClientModel, load_client_model, node_cache_dir, store_package
 from models.lora import LoraSpec
 from models.wire import from_record, to_record
+from server_app.methods import method_plan
 from server_app.run_config import RunConfig
+from strategies.scaffold import DELTA_C, SERVER_C, client_control_update
 from task_data import batch_iterator, collate
 
 app = ClientApp()
+
+CLIENT_C = "scaffold-c-i"
 
 
 def _prepare(msg: Message, context: Context) -> tuple[RunConfig, ClientModel, int]:
@@ -35,31 +42,57 @@ def _prepare(msg: Message, context: Context) -> tuple[RunConfig, ClientModel, in
     spec = LoraSpec(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
     model = load_client_model(cache, str(content["config"]["model-digest"]), spec)
     model.lora.peft.to(config.torch_device())
-    model.lora.load_state({**from_record(content["arrays"]), **from_record(content["emulator"])})
+    state = from_record(content["arrays"])
+    if "emulator" in content:
+        state.update(from_record(content["emulator"]))
+    model.lora.load_state(state)
     partition_id = int(context.node_config.get("partition-id", 0))
     return config, model, partition_id
 
 
+def _scaffold_correction(
+    msg: Message, context: Context, received: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+    """SCAFFOLD's ``(c, c_i)``; ``c_i`` lives in the node state across rounds."""
+    if SERVER_C not in msg.content:
+        return None
+    c = from_record(msg.content[SERVER_C])
+    if CLIENT_C in context.state:
+        c_i = from_record(context.state[CLIENT_C])
+    else:
+        c_i = {k: torch.zeros_like(v) for k, v in received.items()}
+    return c, c_i
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """K local steps on the adapter LoRA; reply with the adapter LoRA only."""
+    """K local steps on the trained LoRA; reply with that LoRA only."""
     config, model, partition_id = _prepare(msg, context)
+    plan = method_plan(config)
     data = client_data(config, partition_id, model.tokenizer)
-    server_round = int(msg.content["config"]["server-round"])
+    train_config = msg.content["config"]
+    server_round = int(train_config["server-round"])
+    learning_rate = float(train_config.get("learning-rate", config.learning_rate))
     seed = config.seed + 1009 * server_round + partition_id
     torch.manual_seed(seed)
     batches = batch_iterator(
         list(data.train), config.batch_size, seed, model.tokenizer.pad_token_id
     )
     adapter = model.layout.adapter_blocks
+    received = model.lora.state(adapter)
+    scaffold = _scaffold_correction(msg, context, received)
     result = train_lora(
         model.lora,
         adapter,
         batches,
         steps=config.local_steps,
-        learning_rate=config.learning_rate,
-        prox_epsilon=config.prox_epsilon,
+        learning_rate=learning_rate,
+        prox_epsilon=config.prox_epsilon if plan.uses_prox_epsilon else 0.0,
         weight_decay=config.weight_decay,
+        proximal_mu=float(train_config.get("proximal-mu", 0.0)),
+        correction=None
+        if scaffold is None
+        else {k: scaffold[0][k] - scaffold[1][k] for k in received},
     )
     metrics = MetricRecord(
         {
@@ -67,16 +100,25 @@ def train(msg: Message, context: Context) -> Message:
             "prox_loss": result.prox,
             "train_tokens": result.tokens,
             "train_seconds": result.seconds,
+            "partition-id": partition_id,
             "num-examples": len(data.train),
         }
     )
-    arrays = to_record(model.lora.state(adapter))
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    trained = model.lora.state(adapter)
+    content = RecordDict({"arrays": to_record(trained), "metrics": metrics})
+    if scaffold is not None:
+        c_new, delta = client_control_update(
+            scaffold[0], scaffold[1], received, trained, config.local_steps, learning_rate
+        )
+        context.state[CLIENT_C] = to_record(c_new)
+        content[DELTA_C] = to_record(delta)
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Response-token loss of AdapEmu on the node's held-out split."""
+    """Response-token loss of the node's model (AdapEmu with an emulator) on its held-out
+    split (the union's, for the single-client baselines)."""
     config, model, partition_id = _prepare(msg, context)
     data = client_data(config, partition_id, model.tokenizer)
     pad = model.tokenizer.pad_token_id

@@ -1,4 +1,8 @@
-"""A client's own data: its partition of the task, split into train and held-out parts."""
+"""A client's own data: its partition of the task, split into train and held-out parts.
+
+The single-client baselines (central, offsite-tuning) hold the union of all partitions:
+partition 0 of 1.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from functools import lru_cache
 
 from transformers import PreTrainedTokenizerBase
 
+from server_app.methods import method_plan
 from server_app.run_config import RunConfig
 from task_data import load_records, partition_records, tokenize_records, train_test_split
 
@@ -24,9 +29,10 @@ def _client_data(
     config: RunConfig, partition_id: int, tokenizer: PreTrainedTokenizerBase
 ) -> ClientData:
     records = load_records(config.task, "train", data_dir=config.data_dir or None)
+    single = method_plan(config).single_client
     part = partition_records(
         records,
-        num_partitions=config.num_partitions,
+        num_partitions=1 if single else config.num_partitions,
         partition_id=partition_id,
         partitioner=config.partitioner,
         seed=config.seed,
@@ -49,4 +55,6 @@ def client_data(
             f"{config.num_partitions}; start as many SuperNodes as partitions "
             "(e.g. --federation-config num-supernodes=N)"
         )
+    if method_plan(config).single_client:
+        partition_id = 0
     return _client_data(config, partition_id, tokenizer)

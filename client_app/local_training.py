@@ -1,4 +1,8 @@
-"""The FedBiOT client step: K AdamW steps on the adapter LoRA, with the proximal term."""
+"""The client step: K AdamW steps on the trained LoRA, with the method's proximal terms.
+
+FedBiOT's proximal term acts on the adapter's effective weights, FedProx's on the LoRA
+parameters; SCAFFOLD shifts every gradient by ``c - c_i``.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,14 @@ class TrainResult:
     seconds: float
 
 
+def lora_proximal(
+    params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], mu: float
+) -> torch.Tensor:
+    """FedProx's ``(mu/2) * ||w - w_t||^2`` over the trained LoRA parameters."""
+    total = sum(((p - anchor[name]) ** 2).sum() for name, p in params.items())
+    return 0.5 * mu * total
+
+
 def train_lora(
     lora: LoraModel,
     blocks: Iterable[int],
@@ -33,14 +45,22 @@ def train_lora(
     prox_epsilon: float = 0.0,
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
+    proximal_mu: float = 0.0,
+    correction: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train only the LoRA of ``blocks`` for ``steps`` steps on response-token LM loss.
 
-    With ``prox_epsilon > 0`` the loss adds ``(eps/2)||W_hat - W_hat_t||^2`` over those
-    blocks' effective weights, anchored at their values when this call starts.
+    With ``prox_epsilon > 0`` the loss adds FedBiOT's ``(eps/2)||W_hat - W_hat_t||^2`` over
+    those blocks' effective weights; with ``proximal_mu > 0``, FedProx's
+    ``(mu/2)||w - w_t||^2`` over their LoRA parameters; both anchored at the values when this
+    call starts. ``correction`` (SCAFFOLD's ``c - c_i``, by parameter name) is added to every
+    gradient before every step.
     """
     blocks = tuple(blocks)
     params = lora.train_only(blocks)
+    named = lora.params(blocks)
+    anchor = {k: p.detach().clone() for k, p in named.items()} if proximal_mu > 0 else {}
+    shift = {k: v.to(named[k].device, named[k].dtype) for k, v in (correction or {}).items()}
     prox = EffectiveWeightProximal(lora.modules_of(blocks), prox_epsilon)
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     model = lora.peft
@@ -50,9 +70,13 @@ def train_lora(
     for _ in range(steps):
         batch = {k: v.to(lora.device) for k, v in next(batches).items()}
         lm_loss = response_lm_loss(model, batch)
-        penalty = prox.penalty() if prox_epsilon > 0 else torch.zeros(())
+        penalty = prox.penalty() if prox_epsilon > 0 else torch.zeros((), device=lora.device)
+        if proximal_mu > 0:
+            penalty = penalty + lora_proximal(named, anchor, proximal_mu)
         (lm_loss + penalty).backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        for name, delta in shift.items():
+            named[name].grad.add_(delta)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lm_total += lm_loss.item()

@@ -68,10 +68,14 @@ class EmulatorDistiller:
         emulator = models.layout.emulator_blocks
         self.params = list(models.compressed.params(emulator).values())
         self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=0.0)
-        k = len(emulator)
-        self._student_tap = get_blocks(models.compressed.peft.get_base_model())[k]
-        n_full = models.layout.num_blocks - len(models.layout.adapter_blocks)
-        self._teacher_tap = get_blocks(models.full.peft.get_base_model())[n_full]
+        if not emulator:
+            raise ValueError("this layout has no emulator to distil")
+        # Compare the inputs of the first adapter block above the emulator: its position in
+        # the compressed model differs from its (original) position in the full model.
+        tap = models.layout.distill_tap
+        student_position = models.layout.kept_blocks.index(tap)
+        self._student_tap = get_blocks(models.compressed.peft.get_base_model())[student_position]
+        self._teacher_tap = get_blocks(models.full.peft.get_base_model())[tap]
 
     def losses(self, batch: dict[str, torch.Tensor]) -> DistillLosses:
         """Both loss terms on one batch (student graph kept for backward)."""

@@ -1,4 +1,8 @@
-"""Save AdapEmu and AdapFu: a merged model directory plus the PEFT adapter beside it."""
+"""Save AdapEmu and AdapFu: a merged model directory plus the PEFT adapter beside it.
+
+Methods without an emulator (FedIT, central) have one trained model, the full model with
+LoRA: it is saved as ``adapfu/``. The local-only baseline saves each client's adapter.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +10,30 @@ import copy
 import json
 from pathlib import Path
 
+from flwr.app import ArrayRecord
 from transformers import PreTrainedTokenizerBase
 
 from models.fedbiot_models import FedBiOTModels
 from models.lora import LoraModel
+from models.wire import from_record
 
 
 def export_lora_model(
-    lora: LoraModel, tokenizer: PreTrainedTokenizerBase, out: Path, note: dict
+    lora: LoraModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out: Path,
+    note: dict,
+    merged: bool = True,
 ) -> Path:
     """``out/`` loads with ``AutoModelForCausalLM.from_pretrained``; ``out/peft/`` is the
     adapter (its module names count blocks by position in this model, see ``note``)."""
     out.mkdir(parents=True, exist_ok=True)
     lora.peft.save_pretrained(out / "peft")
     (out / "peft" / "fedbiot_layout.json").write_text(json.dumps(note, indent=2))
-    merged = copy.deepcopy(lora.peft).merge_and_unload()
-    merged.save_pretrained(out)
+    if not merged:
+        return out
+    merged_model = copy.deepcopy(lora.peft).merge_and_unload()
+    merged_model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
@@ -29,21 +41,40 @@ def export_lora_model(
 def export_outputs(models: FedBiOTModels, run_dir: Path) -> dict[str, Path]:
     """Write ``adapemu/`` (E∘A) and ``adapfu/`` (E*∘A with the trained adapter)."""
     layout = models.layout.to_dict()
-    return {
-        "adapemu": export_lora_model(
+    outputs = {}
+    if models.has_emulator:
+        outputs["adapemu"] = export_lora_model(
             models.compressed,
             models.tokenizer,
             run_dir / "adapemu",
             {"variant": "adapemu", "positions_are_blocks": models.layout.kept_blocks, **layout},
-        ),
-        "adapfu": export_lora_model(
+        )
+    outputs["adapfu"] = export_lora_model(
+        models.full,
+        models.tokenizer,
+        run_dir / "adapfu",
+        {
+            "variant": "adapfu",
+            "positions_are_blocks": list(range(layout["num_blocks"])),
+            **layout,
+        },
+    )
+    return outputs
+
+
+def export_client_models(
+    models: FedBiOTModels, client_arrays: dict[int, ArrayRecord], run_dir: Path
+) -> dict[str, Path]:
+    """The local-only baseline: ``clients/<partition-id>/peft/``, one adapter per client."""
+    outputs = {}
+    note = {"positions_are_blocks": list(range(models.layout.num_blocks))}
+    for partition, arrays in sorted(client_arrays.items()):
+        models.set_adapter(from_record(arrays))
+        outputs[f"client {partition}"] = export_lora_model(
             models.full,
             models.tokenizer,
-            run_dir / "adapfu",
-            {
-                "variant": "adapfu",
-                "positions_are_blocks": list(range(layout["num_blocks"])),
-                **layout,
-            },
-        ),
-    }
+            run_dir / "clients" / str(partition),
+            {"variant": "local", "partition_id": partition, **note},
+            merged=False,
+        )
+    return outputs

@@ -61,19 +61,30 @@ class FedBiOTModels:
     ) -> None:
         self.layout = layout
         self.tokenizer = tokenizer
-        compressed = extract_blocks(base, layout.kept_blocks)
+        uncompressed = not layout.dropped_blocks and not layout.emulator_blocks
+        # With nothing dropped (LoRA on the whole model) one model serves as both.
+        compressed = base if uncompressed else extract_blocks(base, layout.kept_blocks)
         self.frozen = to_record(untied_state(compressed))
         self.frozen_digest = record_digest(self.frozen)
         self.compressed_config = compressed.config.to_json_string()
         self.compressed = LoraModel(compressed, layout.kept_blocks, layout.kept_blocks, spec)
-        all_blocks = tuple(range(layout.num_blocks))
-        self.full = LoraModel(base, all_blocks, layout.adapter_blocks, spec)
-        self.full.load_state(self.adapter_state())
+        if uncompressed:
+            self.full = self.compressed
+        else:
+            all_blocks = tuple(range(layout.num_blocks))
+            self.full = LoraModel(base, all_blocks, layout.adapter_blocks, spec)
+            self.full.load_state(self.adapter_state())
+
+    @property
+    def has_emulator(self) -> bool:
+        """False for methods that put LoRA on the whole model (nothing to distil)."""
+        return bool(self.layout.emulator_blocks)
 
     def to(self, device: torch.device) -> None:
         """Move both models (the frozen package for clients stays on the CPU)."""
         self.compressed.peft.to(device)
-        self.full.peft.to(device)
+        if self.full is not self.compressed:
+            self.full.peft.to(device)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Adapter LoRA (what clients train and return)."""
@@ -86,7 +97,8 @@ class FedBiOTModels:
     def set_adapter(self, state: dict[str, torch.Tensor]) -> None:
         """Install adapter LoRA in both models, so AdapEmu and AdapFu stay in step."""
         self.compressed.load_state(state)
-        self.full.load_state(state)
+        if self.full is not self.compressed:
+            self.full.load_state(state)
 
     def set_emulator(self, state: dict[str, torch.Tensor]) -> None:
         self.compressed.load_state(state)

@@ -2,8 +2,10 @@
 
 FedBiOT (Wu et al., KDD 2024) keeps the last ``s`` blocks as the adapter and compresses the
 first ``n - s`` blocks (the non-compressed emulator E*) by uniform layer drop into the
-emulator E. The layout is pure arithmetic, so it is computed and validated before any model
-is loaded.
+emulator E. FedOT and offsite-tuning sandwich the emulator between a bottom and a top
+adapter. Methods that train LoRA on the whole model use the trivial layout: every block is
+adapter, nothing is emulated or dropped. The layout is pure arithmetic, so it is computed and
+validated before any model is loaded.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ class Layout:
         """Blocks that never leave the server."""
         kept = set(self.kept_blocks)
         return tuple(i for i in range(self.num_blocks) if i not in kept)
+
+    @property
+    def distill_tap(self) -> int:
+        """The adapter block whose input is the emulator's output (compared in distillation)."""
+        top = max(self.emulator_blocks)
+        return min(b for b in self.adapter_blocks if b > top)
 
     @property
     def full_emulator_blocks(self) -> tuple[int, ...]:
@@ -86,4 +94,34 @@ def fedbiot_layout(num_blocks: int, adapter_layers: int, drop_rate: float) -> La
         num_blocks=num_blocks,
         adapter_blocks=tuple(range(rest, num_blocks)),
         emulator_blocks=uniform_keep(rest, keep),
+    )
+
+
+def fedot_layout(num_blocks: int, drop_rate: float, bottom: int = 2, top: int = 2) -> Layout:
+    """FedOT / offsite-tuning: adapter = the first ``bottom`` and the last ``top`` blocks;
+    emulator = uniform ``1 - beta`` of the middle blocks."""
+    if not 0.0 <= drop_rate < 1.0:
+        raise ValueError(f"drop-rate={drop_rate} must be in [0, 1)")
+    middle = num_blocks - bottom - top
+    if middle < 1:
+        raise ValueError(
+            f"the model has {num_blocks} blocks; FedOT needs more than {bottom + top} "
+            f"({bottom} bottom and {top} top adapter blocks and at least one emulator block)"
+        )
+    keep = emulator_size(middle, drop_rate)
+    if keep < 1:
+        raise ValueError(f"drop-rate={drop_rate} keeps none of the {middle} middle blocks")
+    return Layout(
+        num_blocks=num_blocks,
+        adapter_blocks=tuple(range(bottom)) + tuple(range(num_blocks - top, num_blocks)),
+        emulator_blocks=tuple(bottom + i for i in uniform_keep(middle, keep)),
+    )
+
+
+def full_layout(num_blocks: int) -> Layout:
+    """LoRA on the whole model (FedIT, local, central): every block is adapter."""
+    if num_blocks < 1:
+        raise ValueError("the model has no blocks")
+    return Layout(
+        num_blocks=num_blocks, adapter_blocks=tuple(range(num_blocks)), emulator_blocks=()
     )

@@ -1,4 +1,4 @@
-"""The FedBiOT ServerApp: build the models, pre-align, run the strategy, save everything."""
+"""The ServerApp: build the models, pre-align, run the method's strategy, save everything."""
 
 from __future__ import annotations
 
@@ -15,16 +15,17 @@ from flwr.serverapp import Grid, ServerApp
 
 from models.blocks import get_blocks
 from models.distillation import EmulatorDistiller
-from models.export import export_outputs
+from models.export import export_client_models, export_outputs
 from models.fedbiot_models import FedBiOTModels
-from models.layout import fedbiot_layout
 from models.loading import load_model
 from models.lora import LoraSpec
 from models.wire import to_record
+from server_app.methods import MethodPlan, method_plan
 from server_app.results import RunRecorder
 from server_app.run_config import RunConfig
 from server_app.server_eval import ServerEvaluator
-from strategies.fedbiot import FedBiOT
+from strategies.algorithms import strategy_class
+from strategies.lr_schedule import round_learning_rate
 from task_data import batch_iterator, load_records, tokenize_records
 
 app = ServerApp()
@@ -47,26 +48,60 @@ def public_batches(config: RunConfig, tokenizer) -> object:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run FedBiOT for `num-server-rounds` rounds and write `<output-dir>/<run-name>/`."""
-    run_fedbiot(grid, RunConfig.from_flower(context.run_config))
+    """Run the configured method for `num-server-rounds` rounds; write the run folder."""
+    run_federation(grid, RunConfig.from_flower(context.run_config))
 
 
-def run_fedbiot(grid: Grid, config: RunConfig, strategy_cls: type[FedBiOT] = FedBiOT) -> Path:
+def _sampling(config: RunConfig, plan: MethodPlan) -> dict[str, float | int]:
+    """Strategy sampling arguments: one node for the single-client baselines, every node for
+    the local-only one, else the configured fraction and minimum."""
+    fraction_evaluate = config.fraction_evaluate if config.eval_examples else 0.0
+    if plan.single_client:
+        # Flower samples max(int(fraction * nodes), minimum) nodes: exactly one here.
+        tiny = 1e-9
+        return {
+            "fraction_train": tiny,
+            "fraction_evaluate": tiny if fraction_evaluate else 0.0,
+            "min_train_nodes": 1,
+            "min_evaluate_nodes": 1 if fraction_evaluate else 0,
+            "min_available_nodes": 1,
+        }
+    if not plan.aggregates:
+        return {
+            "fraction_train": 1.0,
+            "fraction_evaluate": 1.0 if fraction_evaluate else 0.0,
+            "min_train_nodes": config.num_partitions,
+            "min_evaluate_nodes": config.num_partitions if fraction_evaluate else 0,
+            "min_available_nodes": config.num_partitions,
+        }
+    min_nodes = min(config.min_train_nodes, config.num_partitions)
+    return {
+        "fraction_train": config.fraction_train,
+        "fraction_evaluate": fraction_evaluate,
+        "min_train_nodes": min_nodes,
+        "min_evaluate_nodes": min_nodes if fraction_evaluate else 0,
+        "min_available_nodes": min_nodes,
+    }
+
+
+def run_federation(grid: Grid, config: RunConfig) -> Path:
     """The whole server side of a run; returns the run's results folder."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     seed_everything(config.seed)
+    plan = method_plan(config)
     recorder = RunRecorder(config)
     log(INFO, "Results go to %s", recorder.dir)
 
     base, tokenizer = load_model(config.model)
-    layout = fedbiot_layout(len(get_blocks(base)), config.adapter_layers, config.drop_rate)
+    layout = plan.layout(config, len(get_blocks(base)))
     spec = LoraSpec(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
     models = FedBiOTModels(base, tokenizer, layout, spec)
     models.to(config.torch_device())
     recorder.write_config(
         layout,
         {
+            "method": plan.name,
             "model_digest": models.frozen_digest,
             "compressed_model_bytes": models.frozen.count_bytes(),
             "trainable_adapter_params": sum(t.numel() for t in models.adapter_state().values()),
@@ -75,40 +110,46 @@ def run_fedbiot(grid: Grid, config: RunConfig, strategy_cls: type[FedBiOT] = Fed
     )
     log(
         INFO,
-        "Layout: %d blocks, adapter %s, emulator %s",
+        "%s on %d blocks: adapter %s, emulator %s",
+        plan.name,
         layout.num_blocks,
         list(layout.adapter_blocks),
         list(layout.emulator_blocks),
     )
 
-    distiller = EmulatorDistiller(
-        models, public_batches(config, tokenizer), config.distill_lr, config.kd_lambda
-    )
+    distiller, prealign = None, {}
     start = time.perf_counter()
-    prealign = distiller.run(config.prealign_steps)
-    log(INFO, "Pre-alignment (%d steps): %s", config.prealign_steps, prealign)
+    if plan.emulated:
+        distiller = EmulatorDistiller(
+            models, public_batches(config, tokenizer), config.distill_lr, config.kd_lambda
+        )
+        prealign = distiller.run(config.prealign_steps)
+        log(INFO, "Pre-alignment (%d steps): %s", config.prealign_steps, prealign)
 
-    fraction_evaluate = config.fraction_evaluate if config.eval_examples else 0.0
-    min_nodes = min(config.min_train_nodes, config.num_partitions)
-    strategy = strategy_cls(
+    cls, algorithm_params = strategy_class(config, plan.aggregates)
+    strategy = cls(
         models=models,
         distiller=distiller,
-        distill_steps=config.distill_steps,
+        distill_steps=config.distill_steps if plan.distill_every_round else 0,
+        learning_rate=lambda r: round_learning_rate(
+            r,
+            config.num_server_rounds,
+            config.learning_rate,
+            config.learning_rate_min,
+            config.lr_scheduler,
+        ),
         audit_path=recorder.dir / "sent_arrays.jsonl",
-        fraction_train=config.fraction_train,
-        fraction_evaluate=fraction_evaluate,
-        min_train_nodes=min_nodes,
-        min_evaluate_nodes=min_nodes if fraction_evaluate else 0,
-        min_available_nodes=min_nodes,
+        **_sampling(config, plan),
+        **algorithm_params,
     )
     strategy.round_metrics[0] = {
         "train_loss": float("nan"),
         "distill_loss": prealign.get("distill_loss", float("nan")),
         "bytes_up": 0,
         "bytes_down": 0,
+        "time_prealign_s": time.perf_counter() - start,
         **{f"prealign_{k}": v for k, v in prealign.items()},
     }
-    strategy.round_metrics[0]["time_prealign_s"] = time.perf_counter() - start
     evaluator = ServerEvaluator(config, models, strategy, recorder)
     strategy.start(
         grid=grid,
@@ -119,6 +160,9 @@ def run_fedbiot(grid: Grid, config: RunConfig, strategy_cls: type[FedBiOT] = Fed
         evaluate_config=ConfigRecord(),
         evaluate_fn=evaluator,
     )
-    outputs = export_outputs(models, recorder.dir)
-    log(INFO, "Saved AdapEmu to %s and AdapFu to %s", outputs["adapemu"], outputs["adapfu"])
+    if plan.aggregates:
+        outputs = export_outputs(models, recorder.dir)
+    else:
+        outputs = export_client_models(models, strategy.client_arrays, recorder.dir)
+    log(INFO, "Saved %s", ", ".join(f"{k} to {v}" for k, v in outputs.items()))
     return recorder.dir

@@ -13,8 +13,21 @@ from typing import Any
 
 import torch
 
-METHODS = ("fedbiot",)
+METHODS = ("fedbiot", "fedit", "fedot", "offsite", "local", "central")
+ALGORITHMS = (
+    "fedavg",
+    "fedprox",
+    "fedavgm",
+    "scaffold",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+)
 PARTITIONERS = ("iid", "dirichlet", "natural")
+LR_SCHEDULERS = ("constant", "cosine")
 
 
 class ConfigError(ValueError):
@@ -26,6 +39,7 @@ class RunConfig:
     """One run's settings; attribute ``foo_bar`` is run-config key ``foo-bar``."""
 
     method: str = "fedbiot"
+    algorithm: str = "fedavg"
     model: str = "smollm2-135m"
     task: str = "gsm8k"
     public_data: str = "gpteacher"
@@ -40,6 +54,8 @@ class RunConfig:
     batch_size: int = 2
     seq_length: int = 256
     learning_rate: float = 3e-4
+    lr_scheduler: str = "constant"
+    learning_rate_min: float = 1e-6
     weight_decay: float = 0.0
     lora_r: int = 8
     lora_alpha: int = 16
@@ -51,6 +67,15 @@ class RunConfig:
     distill_lr: float = 1e-3
     kd_lambda: float = 1.0
     prox_epsilon: float = 0.01
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.9
+    fedopt_eta: float = 1e-3
+    fedopt_beta_1: float = 0.9
+    fedopt_beta_2: float = 0.99
+    fedopt_tau: float = 1e-3
+    trimmed_beta: float = 0.2
+    krum_malicious: int = 0
     public_examples: int = 256
     eval_examples: int = 16
     test_fraction: float = 0.1
@@ -94,6 +119,27 @@ class RunConfig:
         """Range checks; layout checks that need the model's depth come later."""
         checks = [
             (self.method in METHODS, f"method={self.method!r} must be one of {METHODS}"),
+            (
+                self.algorithm in ALGORITHMS,
+                f"algorithm={self.algorithm!r} must be one of {ALGORITHMS}",
+            ),
+            (
+                self.lr_scheduler in LR_SCHEDULERS,
+                f"lr-scheduler={self.lr_scheduler!r} must be one of {LR_SCHEDULERS}",
+            ),
+            (
+                0 < self.learning_rate_min <= self.learning_rate,
+                "learning-rate-min must be in (0, learning-rate]",
+            ),
+            (self.proximal_mu >= 0, "proximal-mu must be >= 0"),
+            (self.server_learning_rate > 0, "server-learning-rate must be > 0"),
+            (0.0 <= self.server_momentum < 1.0, "server-momentum must be in [0, 1)"),
+            (self.fedopt_eta > 0, "fedopt-eta must be > 0"),
+            (0.0 <= self.fedopt_beta_1 < 1.0, "fedopt-beta-1 must be in [0, 1)"),
+            (0.0 <= self.fedopt_beta_2 < 1.0, "fedopt-beta-2 must be in [0, 1)"),
+            (self.fedopt_tau > 0, "fedopt-tau must be > 0"),
+            (0.0 <= self.trimmed_beta < 0.5, "trimmed-beta must be in [0, 0.5)"),
+            (self.krum_malicious >= 0, "krum-malicious must be >= 0"),
             (
                 self.partitioner in PARTITIONERS,
                 f"partitioner={self.partitioner!r} must be one of {PARTITIONERS}",

@@ -1,13 +1,15 @@
 """Server-side evaluation after every round, and the per-round line of metrics.jsonl.
 
 Flower calls the strategy's ``evaluate_fn`` before round 1 (round 0) and after every round;
-here it measures the response-token loss of AdapEmu and AdapFu on a fixed held-out subset of
-the task's test split and writes the round's record (client, distillation, byte and time
+here it measures the response-token loss of AdapEmu and AdapFu (or, for the local-only
+baseline, of every client's model) on a fixed held-out subset of the task's test split
+and writes the round's record (client, distillation, byte and time
 metrics gathered by the strategy, plus these).
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from logging import INFO
 
@@ -16,6 +18,7 @@ from flwr.common.logger import log
 
 from client_app.local_training import response_loss
 from models.fedbiot_models import FedBiOTModels
+from models.wire import from_record
 from server_app.results import RunRecorder
 from server_app.run_config import RunConfig
 from strategies.fedbiot import FedBiOTMixin
@@ -46,14 +49,36 @@ class ServerEvaluator:
         ]
         self.started = time.perf_counter()
 
+    def _evaluate(self) -> dict[str, float]:
+        """AdapEmu (when there is an emulator) and AdapFu; for the local-only baseline, each
+        client's model, reported as mean, spread and per-client values."""
+        out: dict[str, float] = {}
+        client_arrays = getattr(self.strategy, "client_arrays", None)
+        if client_arrays is not None:
+            key = f"eval_adapfu_{self.task}_loss"
+            losses = {}
+            for partition, arrays in sorted(client_arrays.items()):
+                self.models.set_adapter(from_record(arrays))
+                losses[partition] = response_loss(self.models.full, self.batches)
+                out[f"{key}_client{partition}"] = losses[partition]
+            if losses:
+                out[key] = statistics.fmean(losses.values())
+                out[f"{key}_std"] = statistics.pstdev(losses.values())
+            else:
+                out[key] = response_loss(self.models.full, self.batches)
+            return out
+        if self.models.has_emulator:
+            out[f"eval_adapemu_{self.task}_loss"] = response_loss(
+                self.models.compressed, self.batches
+            )
+        out[f"eval_adapfu_{self.task}_loss"] = response_loss(self.models.full, self.batches)
+        return out
+
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         record: dict[str, float] = {"round": server_round}
         start = time.perf_counter()
         if self.batches:
-            record[f"eval_adapemu_{self.task}_loss"] = response_loss(
-                self.models.compressed, self.batches
-            )
-            record[f"eval_adapfu_{self.task}_loss"] = response_loss(self.models.full, self.batches)
+            record.update(self._evaluate())
         record["time_eval_s"] = time.perf_counter() - start
         record.update(self.strategy.round_metrics.get(server_round, {}))
         record["elapsed_s"] = time.perf_counter() - self.started

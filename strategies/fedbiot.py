@@ -1,11 +1,14 @@
 """The FedBiOT server step: aggregate the adapter LoRA, then distil the emulator.
 
-``FedBiOTMixin`` goes in front of any Flower message-API strategy whose arrays are the adapter
-LoRA (FedAvg here; FedProx, FedAdam, ... compose the same way). The inner strategy samples
-nodes and aggregates adapter arrays (example-weighted mean for FedAvg, FedBiOT Eq. 11);
-the mixin adds to each outgoing message the emulator LoRA and, the first time a node is
-sampled, the compressed frozen weights; after aggregation it installs the new adapter in
-the server's models and runs ``distill_steps`` of emulator distillation.
+``FedBiOTMixin`` goes in front of any Flower message-API strategy whose arrays are the
+trained LoRA (``strategies/algorithms.py`` composes it with FedAvg, FedProx, FedAvgM,
+SCAFFOLD, FedAdam, FedYogi, FedAdagrad and the robust aggregators). The inner strategy
+samples nodes and aggregates the arrays (example-weighted mean for FedAvg, FedBiOT Eq. 11);
+the mixin adds to each outgoing message the emulator LoRA, the round's client learning rate
+and, the first time a node is sampled, the compressed frozen weights; after aggregation it
+installs the new adapter in the server's models and runs ``distill_steps`` of emulator
+distillation. The same mixin serves the methods without an emulator (FedIT, local, central):
+they have no emulator record and no distillation.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,9 @@ from flwr.serverapp.strategy import FedAvg
 from models.distillation import EmulatorDistiller
 from models.fedbiot_models import FedBiOTModels
 from models.wire import from_record, record_bytes, to_record
+
+# Client metrics that mean nothing once averaged over clients.
+_PER_CLIENT_KEYS = frozenset({"partition-id"})
 
 
 def audit_entry(server_round: int, message: Message) -> dict[str, Any]:
@@ -51,8 +57,9 @@ class FedBiOTMixin:
         self,
         *,
         models: FedBiOTModels,
-        distiller: EmulatorDistiller,
+        distiller: EmulatorDistiller | None,
         distill_steps: int,
+        learning_rate: Callable[[int], float] | None = None,
         audit_path: Path | None = None,
         **kwargs: Any,
     ) -> None:
@@ -60,7 +67,8 @@ class FedBiOTMixin:
         self.audit_path = audit_path
         self.models = models
         self.distiller = distiller
-        self.distill_steps = distill_steps
+        self.distill_steps = distill_steps if distiller is not None else 0
+        self.learning_rate = learning_rate
         self.served_nodes: set[int] = set()
         self.round_metrics: dict[int, dict[str, float]] = {}
         self._sent_at = 0.0
@@ -74,7 +82,7 @@ class FedBiOTMixin:
         self, server_round: int, messages: Iterable[Message]
     ) -> list[Message]:
         """Copy each message, adding emulator LoRA and, once per node, the frozen weights."""
-        emulator = to_record(self.models.emulator_state())
+        emulator = to_record(self.models.emulator_state()) if self.models.has_emulator else None
         metrics = self._metrics(server_round)
         out = []
         for message in messages:
@@ -83,13 +91,14 @@ class FedBiOTMixin:
             config = ConfigRecord(dict(content["config"].items()))
             config["model-digest"] = self.models.frozen_digest
             content["config"] = config
-            content["emulator"] = emulator
+            if emulator is not None:
+                content["emulator"] = emulator
+            metrics["bytes_down"] += sum(record_bytes(r) for r in content.array_records.values())
             if node not in self.served_nodes:
                 content["base"] = self.models.frozen
                 content["model-package"] = self.models.model_package()
                 metrics["bytes_model_download"] += record_bytes(self.models.frozen)
                 self.served_nodes.add(node)
-            metrics["bytes_down"] += record_bytes(content["arrays"]) + record_bytes(emulator)
             out.append(
                 Message(
                     content=content,
@@ -115,6 +124,9 @@ class FedBiOTMixin:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        if self.learning_rate is not None:
+            config = ConfigRecord(dict(config.items()))
+            config["learning-rate"] = self.learning_rate(server_round)
         messages = super().configure_train(server_round, arrays, config, grid)
         decorated = self._with_fedbiot_records(server_round, messages)
         self._metrics(server_round)["clients_sampled"] = len(decorated)
@@ -129,9 +141,10 @@ class FedBiOTMixin:
         metrics["time_client_train_s"] = time.perf_counter() - self._sent_at
         metrics["clients_failed"] = self._note_failures(replies)
         metrics["bytes_up"] += sum(
-            record_bytes(r.content.array_records.get("arrays"))
+            record_bytes(record)
             for r in replies
             if not r.has_error()
+            for record in r.content.array_records.values()
         )
         start = time.perf_counter()
         arrays, train_metrics = super().aggregate_train(server_round, replies)
@@ -139,10 +152,13 @@ class FedBiOTMixin:
         if arrays is not None:
             self.models.set_adapter(from_record(arrays))
         if train_metrics is not None:
-            metrics.update({k: float(v) for k, v in train_metrics.items()})
-        start = time.perf_counter()
-        metrics.update(self.distiller.run(self.distill_steps))
-        metrics["time_distill_s"] = time.perf_counter() - start
+            metrics.update(
+                {k: float(v) for k, v in train_metrics.items() if k not in _PER_CLIENT_KEYS}
+            )
+        if self.distiller is not None and self.distill_steps:
+            start = time.perf_counter()
+            metrics.update(self.distiller.run(self.distill_steps))
+            metrics["time_distill_s"] = time.perf_counter() - start
         log(
             INFO,
             "round %d: client loss %.4f, distill loss %s, bytes up %d, down %d "

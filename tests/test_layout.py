@@ -1,8 +1,10 @@
-"""FedBiOT layer extraction: block counts and indices."""
+"""Layer layouts: FedBiOT, FedOT/offsite-tuning and whole-model LoRA; each method's."""
 
 import pytest
 
-from models.layout import fedbiot_layout, uniform_keep
+from models.layout import fedbiot_layout, fedot_layout, full_layout, uniform_keep
+from server_app.methods import method_plan
+from server_app.run_config import RunConfig
 
 
 @pytest.mark.parametrize(
@@ -59,3 +61,44 @@ def test_decimal_drop_rates_are_exact() -> None:
 def test_invalid_values_are_rejected(n: int, s: int, beta: float, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         fedbiot_layout(n, s, beta)
+
+
+def test_fedot_layout_sandwiches_a_uniformly_dropped_middle() -> None:
+    layout = fedot_layout(8, drop_rate=0.5)
+    assert layout.adapter_blocks == (0, 1, 6, 7)
+    assert layout.emulator_blocks == (2, 5)  # 2 of the 4 middle blocks, first and last kept
+    assert layout.dropped_blocks == (3, 4)
+    assert layout.kept_blocks == (0, 1, 2, 5, 6, 7)
+    assert layout.distill_tap == 6  # the emulator's output is the input of block 6
+    big = fedot_layout(32, drop_rate=0.2)
+    assert len(big.emulator_blocks) == 22 and big.emulator_blocks[0] == 2
+    assert big.emulator_blocks[-1] == 29
+
+
+def test_fedot_layout_rejects_models_too_shallow_for_four_adapter_blocks() -> None:
+    with pytest.raises(ValueError, match="FedOT needs more than 4"):
+        fedot_layout(4, drop_rate=0.0)
+
+
+def test_full_layout_makes_every_block_adapter() -> None:
+    layout = full_layout(6)
+    assert layout.adapter_blocks == tuple(range(6))
+    assert layout.emulator_blocks == () and layout.dropped_blocks == ()
+
+
+@pytest.mark.parametrize(
+    ("method", "adapter", "emulator"),
+    [
+        ("fedbiot", (6, 7), (0, 2, 5)),
+        ("fedot", (0, 1, 6, 7), (2, 5)),
+        ("offsite", (0, 1, 6, 7), (2, 5)),
+        ("fedit", tuple(range(8)), ()),
+        ("local", tuple(range(8)), ()),
+        ("central", tuple(range(8)), ()),
+    ],
+)
+def test_each_method_has_its_layout(method: str, adapter: tuple, emulator: tuple) -> None:
+    config = RunConfig(method=method, adapter_layers=2, drop_rate=0.5)
+    layout = method_plan(config).layout(config, 8)
+    assert layout.adapter_blocks == adapter
+    assert layout.emulator_blocks == emulator

@@ -20,19 +20,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.blocks import block_path, get_blocks
 from models.loading import load_model
-from tests.flower_runtime import REPO, local_federation
+from tests.flower_runtime import REPO
 
 ROUNDS = 2
+# The tests of this module share two runs: keep them on one test worker.
+pytestmark = pytest.mark.xdist_group("simulation")
 
 
 def _digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(Array(np.ascontiguousarray(tensor.float().numpy())).data).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory):
-    with local_federation(tmp_path_factory.mktemp("flwr-home")) as fed:
-        yield fed
 
 
 @pytest.fixture(scope="module", params=[("tiny-llama", 3), ("tiny-gpt2", 2)], ids=lambda p: p[0])

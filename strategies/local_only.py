@@ -1,0 +1,62 @@
+"""The local-only baseline: every client trains its own model; nothing is aggregated.
+
+The server only relays: it samples every node each round, sends each node the LoRA that node
+returned last time (the common initial LoRA in round 1), and keeps each node's latest LoRA
+by partition id so that each client's model can be evaluated and saved. The global arrays
+never change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+
+class LocalOnly(FedAvg):
+    """FedAvg's sampling and metric averaging, with per-node models instead of a mean."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.node_arrays: dict[int, ArrayRecord] = {}
+        self.client_arrays: dict[int, ArrayRecord] = {}  # by partition id
+
+    def _own_arrays(self, messages: Iterable[Message]) -> list[Message]:
+        out = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            content = RecordDict(dict(message.content.items()))
+            if node in self.node_arrays:
+                content["arrays"] = self.node_arrays[node]
+            out.append(
+                Message(
+                    content=content, message_type=message.metadata.message_type, dst_node_id=node
+                )
+            )
+        return out
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._own_arrays(super().configure_train(server_round, arrays, config, grid))
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._own_arrays(super().configure_evaluate(server_round, arrays, config, grid))
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        for reply in replies:
+            if reply.has_error():
+                continue
+            self.node_arrays[reply.metadata.src_node_id] = reply.content["arrays"]
+            partition = int(reply.content["metrics"]["partition-id"])
+            self.client_arrays[partition] = reply.content["arrays"]
+        _, metrics = super().aggregate_train(server_round, replies)
+        return None, metrics

@@ -1,0 +1,117 @@
+"""SCAFFOLD's control-variate algebra on a toy quadratic, FedProx's gradient, and the
+cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from client_app.local_training import lora_proximal
+from strategies.lr_schedule import round_learning_rate
+from strategies.scaffold import (
+    client_control_update,
+    corrected_gradient,
+    server_control_update,
+)
+
+# Three clients with very different quadratics f_i(x) = 1/2 (x - b_i)^T A_i (x - b_i):
+# local steps drift each client towards its own optimum b_i.
+A = [torch.diag(torch.tensor(d)) for d in ([4.0, 0.2], [0.2, 4.0], [1.0, 1.0])]
+B = [torch.tensor(b) for b in ([3.0, -1.0], [-2.0, 2.0], [0.5, 4.0])]
+OPTIMUM = torch.linalg.solve(sum(A), sum(a @ b for a, b in zip(A, B, strict=True)))
+STEPS, LR = 10, 0.2
+
+
+def _grad(i: int, x: torch.Tensor) -> torch.Tensor:
+    return A[i] @ (x - B[i])
+
+
+def _local(i: int, x: torch.Tensor, c=None, c_i=None) -> torch.Tensor:
+    """K plain SGD steps; with control variates, SCAFFOLD's corrected steps."""
+    y = x.clone()
+    for _ in range(STEPS):
+        g = _grad(i, y)
+        y = y - LR * (g if c is None else corrected_gradient(g, c, c_i))
+    return y
+
+
+def _fedavg(rounds: int) -> torch.Tensor:
+    x = torch.zeros(2)
+    for _ in range(rounds):
+        x = sum(_local(i, x) for i in range(3)) / 3
+    return x
+
+
+def _scaffold(rounds: int) -> torch.Tensor:
+    x = torch.zeros(2)
+    c = {"x": torch.zeros(2)}
+    c_i = [{"x": torch.zeros(2)} for _ in range(3)]
+    for _ in range(rounds):
+        ys, deltas = [], []
+        for i in range(3):
+            y = _local(i, x, c["x"], c_i[i]["x"])
+            c_i[i], delta = client_control_update(c, c_i[i], {"x": x}, {"x": y}, STEPS, LR)
+            ys.append(y)
+            deltas.append(delta)
+        x = sum(ys) / 3
+        c = server_control_update(c, deltas, num_nodes=3)
+    return x
+
+
+def test_option_ii_control_variate_is_the_mean_local_gradient() -> None:
+    x = torch.tensor([1.0, 1.0])
+    c, c_i = {"x": torch.tensor([0.3, -0.2])}, {"x": torch.tensor([-0.1, 0.4])}
+    y = _local(0, x, c["x"], c_i["x"])
+    new, delta = client_control_update(c, c_i, {"x": x}, {"x": y}, STEPS, LR)
+    # With SGD, (x - y) / (K lr) = mean_k(g_k - c_i + c), so c_i+ = mean_k g_k.
+    grads = []
+    z = x.clone()
+    for _ in range(STEPS):
+        g = _grad(0, z)
+        grads.append(g)
+        z = z - LR * (g - c_i["x"] + c["x"])
+    torch.testing.assert_close(new["x"], torch.stack(grads).mean(0))
+    torch.testing.assert_close(delta["x"], new["x"] - c_i["x"])
+
+
+def test_server_control_variate_moves_by_sampled_share_of_the_mean_delta() -> None:
+    c = {"x": torch.tensor([1.0, 2.0])}
+    deltas = [{"x": torch.tensor([2.0, 0.0])}, {"x": torch.tensor([0.0, 4.0])}]
+    # |S| = 2 sampled of N = 4: c + 2/4 * mean = c + sum / 4.
+    new = server_control_update(c, deltas, num_nodes=4)
+    torch.testing.assert_close(new["x"], torch.tensor([1.5, 3.0]))
+
+
+def test_scaffold_ends_closer_to_the_global_optimum_than_fedavg() -> None:
+    fedavg = torch.linalg.norm(_fedavg(30) - OPTIMUM)
+    scaffold = torch.linalg.norm(_scaffold(30) - OPTIMUM)
+    assert fedavg > 0.3  # client drift leaves FedAvg visibly off the optimum
+    assert scaffold < 1e-3 < fedavg / 100
+
+
+def test_fedprox_term_has_gradient_mu_times_distance() -> None:
+    generator = torch.Generator().manual_seed(0)
+    anchor = {"a": torch.randn(3, 4, generator=generator), "b": torch.randn(5, generator=generator)}
+    params = {
+        k: (v + torch.randn(v.shape, generator=generator)).requires_grad_()
+        for k, v in anchor.items()
+    }
+    mu = 0.3
+    term = lora_proximal(params, anchor, mu)
+    term.backward()
+    expected = 0.5 * mu * sum(((params[k] - anchor[k]) ** 2).sum() for k in params)
+    assert term.item() == pytest.approx(expected.item())
+    for k, p in params.items():
+        torch.testing.assert_close(p.grad, mu * (p.detach() - anchor[k]))
+
+
+def test_cosine_schedule_goes_from_max_towards_min() -> None:
+    rates = [round_learning_rate(r, 10, 1e-3, 1e-5, "cosine") for r in range(1, 11)]
+    assert rates[0] == pytest.approx(1e-3)
+    assert all(a > b for a, b in itertools.pairwise(rates))
+    assert rates[5] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi / 2)))
+    assert rates[-1] > 1e-5
+    assert round_learning_rate(7, 10, 1e-3, 1e-5, "constant") == 1e-3
