@@ -11,7 +11,7 @@ returns the change of its own.
 from __future__ import annotations
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.client_data import client_data
@@ -27,6 +27,7 @@ from task_data import batch_iterator, collate
 app = ClientApp()
 
 CLIENT_C = "scaffold-c-i"
+CLIENT_C_UPDATES = "scaffold-c-i-updates"
 
 
 def _prepare(msg: Message, context: Context) -> tuple[RunConfig, ClientModel, int]:
@@ -111,6 +112,9 @@ def train(msg: Message, context: Context) -> Message:
             scaffold[0], scaffold[1], received, trained, config.local_steps, learning_rate
         )
         context.state[CLIENT_C] = to_record(c_new)
+        updates = int(context.state.get(CLIENT_C_UPDATES, ConfigRecord({"n": 0}))["n"]) + 1
+        context.state[CLIENT_C_UPDATES] = ConfigRecord({"n": updates})
+        metrics["scaffold_ci_updates"] = updates  # proves c_i survives between rounds
         content[DELTA_C] = to_record(delta)
     return Message(content, reply_to=msg)
 

@@ -65,6 +65,10 @@ def train_lora(
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     model = lora.peft
     model.train()
+    trained = set(blocks)
+    for module in lora.modules.values():
+        if module.block not in trained:
+            module.layer.eval()  # frozen LoRA (e.g. the emulator's) gets no dropout
     lm_total, prox_total, tokens = 0.0, 0.0, 0
     start = time.perf_counter()
     for _ in range(steps):

@@ -103,6 +103,10 @@ class EmulatorDistiller:
             return {}
         self.models.compressed.train_only(self.models.layout.emulator_blocks)
         self.models.compressed.peft.train()
+        emulator = set(self.models.layout.emulator_blocks)
+        for module in self.models.compressed.modules.values():
+            if module.block not in emulator:
+                module.layer.eval()  # the frozen adapter LoRA gets no dropout
         self.models.full.peft.eval()
         sums = {"distill_loss": 0.0, "distill_hidden": 0.0, "distill_kl": 0.0}
         for _ in range(steps):

@@ -102,5 +102,7 @@ def test_method_and_algorithm_run_end_to_end(
     train_sent = [e for e in sent if e["type"] == "train"]
     has_control = ["scaffold-c" in e["arrays"] for e in train_sent]
     assert all(has_control) if algorithm == "scaffold" else not any(has_control)
+    if algorithm == "scaffold":  # each client's control variate carried across rounds
+        assert [r["scaffold_ci_updates"] for r in rows[1:]] == [1.0, 2.0]
     config = json.loads((run_dir / "config.json").read_text())
     assert config["method"] == method and config["run_config"]["algorithm"] == algorithm
