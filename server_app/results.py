@@ -1,11 +1,13 @@
-"""A run's results folder: config.json (config, versions, layout) and metrics.jsonl."""
+"""A run's results folder: config.json (config, versions, layout), metrics.jsonl and .csv."""
 
 from __future__ import annotations
 
+import csv
 import importlib.metadata
 import json
 import math
 import platform
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ class RunRecorder:
             raise FileExistsError(f"{self.dir} already holds a run; pick another run-name")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = config
+        self.rows: list[dict[str, Any]] = []
 
     def write_config(self, layout: Layout, extra: dict[str, Any]) -> None:
         document = {
@@ -60,9 +63,22 @@ class RunRecorder:
         (self.dir / "config.json").write_text(json.dumps(document, indent=2))
 
     def append_round(self, record: dict[str, Any]) -> None:
+        """Append to ``metrics.jsonl`` and rewrite ``metrics.csv`` (one column per key seen)."""
+        record = {**record, "server_peak_rss_mb": _peak_rss_mb()}
         clean = {
             k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in record.items()
         }
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(clean, sort_keys=True) + "\n")
+        self.rows.append(clean)
+        columns = sorted({k for row in self.rows for k in row}, key=lambda k: (k != "round", k))
+        with open(self.dir / "metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this (server) process."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from server_app.evaluation.suite import parse_tasks
+
 METHODS = ("fedbiot", "fedit", "fedot", "offsite", "local", "central")
 ALGORITHMS = (
     "fedavg",
@@ -78,6 +80,10 @@ class RunConfig:
     krum_malicious: int = 0
     public_examples: int = 256
     eval_examples: int = 16
+    eval_tasks: str = "auto"
+    eval_every: int = 1
+    eval_generation_examples: int = 8
+    eval_max_new_tokens: int = 128
     test_fraction: float = 0.1
     seed: int = 42
     output_dir: str = "results"
@@ -165,6 +171,9 @@ class RunConfig:
             (self.prox_epsilon >= 0, "prox-epsilon must be >= 0"),
             (self.public_examples >= 1, "public-examples must be >= 1"),
             (self.eval_examples >= 0, "eval-examples must be >= 0"),
+            (self.eval_every >= 1, "eval-every must be >= 1"),
+            (self.eval_generation_examples >= 0, "eval-generation-examples must be >= 0"),
+            (self.eval_max_new_tokens >= 1, "eval-max-new-tokens must be >= 1"),
             (0.0 < self.test_fraction < 1.0, "test-fraction must be in (0, 1)"),
             (self.round_timeout > 0, "round-timeout must be > 0"),
             (self.num_threads >= 0, "num-threads must be >= 0 (0: all cores)"),
@@ -176,6 +185,10 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"run-config {message}")
+        try:
+            parse_tasks(self.eval_tasks, self.task)
+        except ValueError as error:
+            raise ConfigError(f"run-config eval-tasks={self.eval_tasks!r}: {error}") from None
 
     def torch_device(self) -> torch.device:
         """``auto`` picks the GPU when there is one."""

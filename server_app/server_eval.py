@@ -19,6 +19,7 @@ from flwr.common.logger import log
 from client_app.local_training import response_loss
 from models.fedbiot_models import FedBiOTModels
 from models.wire import from_record
+from server_app.evaluation.suite import EvalSettings, evaluate_tasks, metric_keys, parse_tasks
 from server_app.results import RunRecorder
 from server_app.run_config import RunConfig
 from strategies.fedbiot import FedBiOTMixin
@@ -47,7 +48,36 @@ class ServerEvaluator:
             collate(examples[i : i + config.batch_size], tokenizer.pad_token_id)
             for i in range(0, len(examples), config.batch_size)
         ]
+        self.every = config.eval_every
+        self.last_round = config.num_server_rounds
+        self.settings = EvalSettings(
+            tasks=parse_tasks(config.eval_tasks, config.task),
+            size=config.eval_generation_examples,
+            seed=config.seed,
+            max_new_tokens=config.eval_max_new_tokens,
+            perplexity_task=config.task,
+            data_dir=config.data_dir or None,
+        )
         self.started = time.perf_counter()
+
+    def _task_metrics(self, server_round: int) -> dict[str, float]:
+        """Task metrics (accuracy, ...) of the base model once, then of AdapEmu and AdapFu
+        every ``eval-every`` rounds and after the last one."""
+        due = server_round % self.every == 0 or server_round == self.last_round
+        if not self.settings.tasks or not due or hasattr(self.strategy, "client_arrays"):
+            return {}
+        tokenizer = self.models.tokenizer
+        out: dict[str, float] = {}
+        if server_round == 0:
+            with self.models.full.peft.disable_adapter():
+                results = evaluate_tasks(self.models.full.peft, tokenizer, self.settings)
+            out.update(metric_keys("base", results))
+        if self.models.has_emulator:
+            results = evaluate_tasks(self.models.compressed.peft, tokenizer, self.settings)
+            out.update(metric_keys("adapemu", results))
+        results = evaluate_tasks(self.models.full.peft, tokenizer, self.settings)
+        out.update(metric_keys("adapfu", results))
+        return out
 
     def _evaluate(self) -> dict[str, float]:
         """AdapEmu (when there is an emulator) and AdapFu; for the local-only baseline, each
@@ -79,6 +109,7 @@ class ServerEvaluator:
         start = time.perf_counter()
         if self.batches:
             record.update(self._evaluate())
+        record.update(self._task_metrics(server_round))
         record["time_eval_s"] = time.perf_counter() - start
         record.update(self.strategy.round_metrics.get(server_round, {}))
         record["elapsed_s"] = time.perf_counter() - self.started

@@ -55,6 +55,8 @@ def _run(federation: LocalFederation, out: Path, method: str, algorithm: str, ro
             "output-dir": str(out),
             "run-name": "run",
             "data-dir": str(REPO / "data"),
+            "eval-generation-examples": 2,
+            "eval-max-new-tokens": 8,
             "cache-dir": str(out / "node-cache"),
             "num-threads": 1,
         },

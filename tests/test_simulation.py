@@ -20,6 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.blocks import block_path, get_blocks
 from models.loading import load_model
+from server_app.evaluate import main as evaluate_main
+from server_app.report import write_report
 from tests.flower_runtime import REPO
 
 ROUNDS = 2
@@ -49,6 +51,8 @@ def finished_run(request, federation, tmp_path_factory) -> tuple[str, Path]:
             "output-dir": str(out),
             "run-name": "e2e",
             "data-dir": str(REPO / "data"),
+            "eval-generation-examples": 2,
+            "eval-max-new-tokens": 8,
             "cache-dir": str(out / "node-cache"),
             "num-threads": 1,
         },
@@ -67,6 +71,13 @@ def test_run_finishes_with_metrics_for_every_round(finished_run) -> None:
             assert math.isfinite(row[key]), key
         assert row["bytes_up"] > 0 and row["bytes_down"] > 0
         assert row["clients_failed"] == 0
+    # Task metrics: the untuned base model once, AdapEmu and AdapFu every round.
+    assert 0 <= rows[0]["eval_base_gsm8k_accuracy"] <= 1
+    assert all("eval_base_gsm8k_accuracy" not in r for r in rows[1:])
+    for row in rows:
+        assert row["eval_adapemu_gsm8k_examples"] == row["eval_adapfu_gsm8k_examples"] == 2
+    csv_lines = (run_dir / "metrics.csv").read_text().splitlines()
+    assert len(csv_lines) == len(rows) + 1 and csv_lines[0].startswith("round,")
     assert rows[1]["bytes_model_download"] > 0
     assert rows[2]["bytes_model_download"] == 0  # the frozen weights travel once
     config = json.loads((run_dir / "config.json").read_text())
@@ -148,3 +159,43 @@ def test_no_client_received_a_dropped_block_and_weights_went_once(finished_run) 
             assert len(positions) == len(config["adapter_blocks"]) + len(config["emulator_blocks"])
     assert base_per_node and all(count == 1 for count in base_per_node.values())
     assert len(base_per_node) == len({e["node"] for e in entries})
+
+
+def test_report_renders_tables_and_plots_from_the_run(finished_run, tmp_path: Path) -> None:
+    _, run_dir = finished_run
+    report = write_report([run_dir], tmp_path / "report")
+    text = report.read_text()
+    assert "| e2e (fedbiot/fedavg) | adapfu | gsm8k_accuracy |" in text
+    assert "| e2e (fedbiot/fedavg) | adapemu | gsm8k_loss |" in text
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    total_up = sum(r["bytes_up"] for r in rows)
+    assert f"{total_up:,}" in text  # the communication table sums the measured bytes
+    for plot in ("losses.png", "accuracy.png", "bytes.png"):
+        assert f"]({plot})" in text
+        assert (tmp_path / "report" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_standalone_evaluator_scores_a_saved_output(finished_run, tmp_path: Path) -> None:
+    _, run_dir = finished_run
+    target = tmp_path / "eval.json"
+    document = evaluate_main(
+        [
+            "--model",
+            str(run_dir / "adapemu"),
+            "--task",
+            "gsm8k",
+            "perplexity",
+            "--size",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--json",
+            str(target),
+        ]
+    )
+    saved = json.loads(target.read_text())
+    assert saved["results"] == document["results"]
+    assert saved["results"]["gsm8k"]["examples"] == 2
+    ppl = saved["results"]["perplexity"]
+    assert ppl["perplexity"] == pytest.approx(math.exp(ppl["loss"]))
+    assert saved["versions"]["transformers"]

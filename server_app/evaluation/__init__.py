@@ -1,0 +1,1 @@
+"""Task evaluators: GSM8K, Banking77, HumanEval and perplexity, on any causal LM."""

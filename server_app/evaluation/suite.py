@@ -1,0 +1,83 @@
+"""Which evaluators a run uses, with which settings, and their results as metric keys.
+
+Keys follow ``eval_<variant>_<task>_<metric>`` (variant: ``base``, ``adapemu``, ``adapfu``),
+e.g. ``eval_adapfu_gsm8k_accuracy``. ``auto`` evaluates the run's own task when it has a
+task metric (GSM8K, Banking77).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from server_app.evaluation import tasks
+
+EVAL_TASKS = ("gsm8k", "banking77", "humaneval", "perplexity")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What to evaluate and how much of it."""
+
+    tasks: tuple[str, ...]
+    size: int
+    seed: int
+    max_new_tokens: int = 256
+    perplexity_task: str = "gsm8k"
+    banking77_mode: str = "generate"
+    gsm8k_shots: int = 0
+    humaneval_samples: int = 1
+    humaneval_ks: tuple[int, ...] = (1,)
+    data_dir: str | None = None
+
+
+def parse_tasks(value: str, run_task: str) -> tuple[str, ...]:
+    """``"gsm8k,perplexity"`` -> tasks; ``"auto"`` -> the run's task if it has a metric."""
+    if value == "auto":
+        return (run_task,) if run_task in ("gsm8k", "banking77") else ()
+    names = tuple(t.strip() for t in value.split(",") if t.strip())
+    unknown = [t for t in names if t not in EVAL_TASKS]
+    if unknown:
+        raise ValueError(f"unknown evaluation task(s) {unknown}; choose from {EVAL_TASKS} or auto")
+    return names
+
+
+def evaluate_tasks(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: EvalSettings
+) -> dict[str, dict[str, float]]:
+    """``{task: {metric: value}}`` for every task of ``settings``."""
+    out: dict[str, dict[str, float]] = {}
+    common = {"size": settings.size, "seed": settings.seed, "data_dir": settings.data_dir}
+    for task in settings.tasks:
+        if task == "gsm8k":
+            out[task] = tasks.gsm8k(
+                model,
+                tokenizer,
+                shots=settings.gsm8k_shots,
+                max_new_tokens=settings.max_new_tokens,
+                **common,
+            )
+        elif task == "banking77":
+            out[task] = tasks.banking77(model, tokenizer, mode=settings.banking77_mode, **common)
+        elif task == "humaneval":
+            out[task] = tasks.humaneval(
+                model,
+                tokenizer,
+                samples=settings.humaneval_samples,
+                ks=settings.humaneval_ks,
+                max_new_tokens=settings.max_new_tokens,
+                **common,
+            )
+        else:
+            out[task] = tasks.perplexity(model, tokenizer, settings.perplexity_task, **common)
+    return out
+
+
+def metric_keys(variant: str, results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Flatten to ``eval_<variant>_<task>_<metric>`` keys."""
+    return {
+        f"eval_{variant}_{task}_{metric.replace('@', '_at_')}": float(value)
+        for task, metrics in results.items()
+        for metric, value in metrics.items()
+    }

@@ -1,0 +1,215 @@
+"""Task evaluators. Each takes a model, its tokenizer, a sample size and a seed, and returns
+``{metric: value}``; a per-round evaluation uses the same small fixed subset every time."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import random
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from models.response_logits import response_logits
+from server_app.evaluation.answers import extract_answer
+from server_app.evaluation.generation import chat_prompt, generate, progress
+from server_app.evaluation.passk import pass_at_k
+from server_app.evaluation.sandbox import run_program
+from task_data import collate, load_records, tokenize_records
+from task_data.sources import default_data_dir
+
+GSM8K_ZERO_SHOT = '{question}\nSolve it step by step and end with "The answer is N".'
+GSM8K_SHOT = "Question: {question}\nAnswer: {answer}\n\n"
+
+
+def subset(items: list, size: int, seed: int) -> list:
+    """A fixed random subset (all of it when ``size`` is 0 or larger than the list)."""
+    if not size or size >= len(items):
+        return list(items)
+    return random.Random(seed).sample(items, size)
+
+
+def gsm8k(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    size: int,
+    seed: int,
+    shots: int = 0,
+    max_new_tokens: int = 256,
+    data_dir: str | None = None,
+) -> dict[str, float]:
+    """Exact match of the extracted final answer, zero- or few-shot chain of thought."""
+    test = subset(load_records("gsm8k", "test", data_dir=data_dir), size, seed)
+    examples = random.Random(seed + 1).sample(
+        load_records("gsm8k", "train", data_dir=data_dir), shots
+    )
+    prefix = "".join(
+        GSM8K_SHOT.format(
+            question=e["instruction"], answer=e["output"].replace("####", "The answer is")
+        )
+        for e in examples
+    )
+    prompts = [
+        chat_prompt(tokenizer, prefix + GSM8K_ZERO_SHOT.format(question=r["instruction"]))
+        for r in test
+    ]
+    outputs = generate(model, tokenizer, prompts, max_new_tokens, description="gsm8k")
+    correct = [
+        extract_answer(out) is not None and extract_answer(out) == extract_answer(r["output"])
+        for out, r in zip(outputs, test, strict=True)
+    ]
+    return {"accuracy": sum(correct) / max(len(correct), 1), "examples": len(correct)}
+
+
+def macro_f1(gold: list[str], predicted: list[str]) -> float:
+    """Mean F1 over the labels that occur in ``gold``."""
+    scores = []
+    for label in sorted(set(gold)):
+        tp = sum(g == label and p == label for g, p in zip(gold, predicted, strict=True))
+        fp = sum(g != label and p == label for g, p in zip(gold, predicted, strict=True))
+        fn = sum(g == label and p != label for g, p in zip(gold, predicted, strict=True))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / max(len(scores), 1)
+
+
+def _normalize_label(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.strip().lower()).strip("_")
+
+
+@torch.no_grad()
+def _rank_labels(model, tokenizer, prompt: list[int], labels: list[str]) -> str:
+    """The label whose tokens have the highest total log-likelihood after the prompt."""
+    device = next(model.parameters()).device
+    label_ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
+    scores = []
+    for start in range(0, len(labels), 16):
+        chunk = label_ids[start : start + 16]
+        records = [
+            {
+                "input_ids": prompt + ids,
+                "labels": [-100] * len(prompt) + ids,
+                "attention_mask": [1] * (len(prompt) + len(ids)),
+            }
+            for ids in chunk
+        ]
+        batch = {k: v.to(device) for k, v in collate(records, tokenizer.pad_token_id).items()}
+        logits, targets = response_logits(model, batch)
+        token_scores = -F.cross_entropy(logits.float(), targets, reduction="none")
+        lengths = [len(ids) for ids in chunk]
+        scores += [part.sum().item() for part in torch.split(token_scores, lengths)]
+    return labels[max(range(len(labels)), key=scores.__getitem__)]
+
+
+def banking77(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    size: int,
+    seed: int,
+    mode: str = "generate",
+    data_dir: str | None = None,
+) -> dict[str, float]:
+    """Intent accuracy and macro-F1: the generated label, or the label ranked most likely."""
+    root = Path(data_dir) if data_dir else default_data_dir()
+    labels = json.loads((root / "banking77" / "categories.json").read_text())
+    test = subset(load_records("banking77", "test", data_dir=data_dir), size, seed)
+    prompts = [chat_prompt(tokenizer, f"{r['instruction']}\n\n{r['input']}") for r in test]
+    if mode == "rank":
+        predicted = [
+            _rank_labels(model, tokenizer, p, labels) for p in progress(prompts, "banking77")
+        ]
+    elif mode == "generate":
+        known = {_normalize_label(label): label for label in labels}
+        outputs = generate(model, tokenizer, prompts, 16, description="banking77")
+        predicted = [
+            known.get(_normalize_label(o.splitlines()[0] if o else ""), o) for o in outputs
+        ]
+    else:
+        raise ValueError(f"banking77 mode must be 'generate' or 'rank', not {mode!r}")
+    gold = [r["label"] for r in test]
+    accuracy = sum(g == p for g, p in zip(gold, predicted, strict=True)) / max(len(gold), 1)
+    return {"accuracy": accuracy, "macro_f1": macro_f1(gold, predicted), "examples": len(gold)}
+
+
+def perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: str,
+    size: int,
+    seed: int,
+    seq_length: int = 512,
+    batch_size: int = 4,
+    data_dir: str | None = None,
+) -> dict[str, float]:
+    """exp(mean cross-entropy per response token) on the task's held-out split."""
+    split = "test" if task in ("gsm8k", "banking77") else "train"
+    records = subset(load_records(task, split, data_dir=data_dir), size, seed)
+    examples = tokenize_records(tokenizer, records, seq_length)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start : start + batch_size], tokenizer.pad_token_id)
+            logits, targets = response_logits(model, {k: v.to(device) for k, v in batch.items()})
+            total += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+            count += targets.numel()
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+
+
+def _completion_code(prompt: str, generation: str) -> str:
+    """The program a HumanEval sample stands for: a fenced block if the model wrote one (a
+    whole function when it restates the signature), else the prompt plus the text."""
+    fenced = re.search(r"```(?:python)?\n(.*?)(?:```|$)", generation, re.DOTALL)
+    code = fenced.group(1) if fenced else generation
+    return code if re.search(r"^def |^from |^import ", code, re.MULTILINE) else prompt + code
+
+
+def humaneval(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    size: int,
+    seed: int,
+    samples: int = 1,
+    ks: tuple[int, ...] = (1,),
+    temperature: float = 0.8,
+    max_new_tokens: int = 384,
+    timeout: float = 10.0,
+    data_dir: str | None = None,
+) -> dict[str, float]:
+    """pass@k (unbiased estimator) over ``samples`` generations per problem; greedy for 1."""
+    root = Path(data_dir) if data_dir else default_data_dir()
+    with gzip.open(root / "humaneval" / "HumanEval.jsonl.gz", "rt", encoding="utf-8") as f:
+        problems = subset([json.loads(line) for line in f if line.strip()], size, seed)
+    ask = "Complete this Python function. Reply with the whole function in a code block.\n\n"
+    prompts = [chat_prompt(tokenizer, ask + p["prompt"]) for p in problems for _ in range(samples)]
+    torch.manual_seed(seed)
+    outputs = generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens,
+        temperature=temperature if samples > 1 else 0.0,
+        description="humaneval",
+    )
+    result: dict[str, float] = {"problems": len(problems)}
+    passed = []
+    for i, problem in enumerate(problems):
+        good = 0
+        for generation in outputs[i * samples : (i + 1) * samples]:
+            program = (
+                _completion_code(problem["prompt"], generation)
+                + "\n\n"
+                + problem["test"]
+                + f"\n\ncheck({problem['entry_point']})\n"
+            )
+            good += run_program(program, timeout=timeout).passed
+        passed.append(good)
+    for k in ks:
+        if k <= samples:
+            result[f"pass@{k}"] = sum(pass_at_k(samples, c, k) for c in passed) / len(passed)
+    return result

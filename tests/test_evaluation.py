@@ -1,0 +1,105 @@
+"""Evaluators: GSM8K answer extraction, pass@k, the code sandbox, Banking77 scoring and
+perplexity."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import pytest
+import torch
+
+from server_app.evaluation.answers import extract_answer
+from server_app.evaluation.passk import pass_at_k
+from server_app.evaluation.sandbox import run_program
+from server_app.evaluation.tasks import banking77, macro_f1, perplexity, subset
+from task_data import collate, load_records, tokenize_records
+from tests.tiny import tiny
+
+
+def test_answer_extraction_on_real_gsm8k_rows() -> None:
+    for row in load_records("gsm8k", "train")[:50]:
+        final = row["output"].rsplit("####", 1)[1].strip().replace(",", "")
+        assert extract_answer(row["output"]) == final
+
+
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        ("So she pays 3 + 4 = 7 dollars.\nThe answer is $1,234.", "1234"),
+        ("#### -5", "-5"),
+        ("He ends with 12.50 dollars and then 3 more", "3"),
+        ("The final answer is: 12.0", "12"),
+        ("It costs $0.75 each. The answer is 0.75.", "0.75"),
+        ("no numbers here", None),
+        ("#### 18\nThe answer is 20", "18"),  # '####' wins over a later sentence
+    ],
+)
+def test_answer_extraction_on_tricky_strings(text: str, answer: str | None) -> None:
+    assert extract_answer(text) == answer
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "k"), [(10, 3, 1), (10, 3, 5), (20, 0, 3), (5, 5, 2), (200, 17, 10)]
+)
+def test_pass_at_k_equals_the_closed_form(n: int, c: int, k: int) -> None:
+    closed = 1 - math.comb(n - c, k) / math.comb(n, k)
+    assert pass_at_k(n, c, k) == pytest.approx(closed)
+
+
+def test_pass_at_k_rejects_impossible_counts() -> None:
+    with pytest.raises(ValueError, match="pass@k"):
+        pass_at_k(3, 4, 1)
+
+
+def test_sandbox_kills_an_infinite_loop() -> None:
+    start = time.monotonic()
+    result = run_program("while True:\n    pass\n", timeout=2)
+    assert not result.passed and "timed out" in result.reason
+    assert time.monotonic() - start < 10
+
+
+def test_sandbox_survives_code_that_raises_exits_or_writes_files() -> None:
+    raised = run_program("raise ValueError('boom')\n")
+    assert not raised.passed and "ValueError: boom" in raised.reason
+    exited = run_program("import sys\nsys.exit(3)\n")
+    assert not exited.passed and "3" in exited.reason
+    before = set(os.listdir("."))
+    wrote = run_program(
+        "import os\nopen('junk.txt', 'w').write('x')\nassert os.path.exists('junk.txt')\n"
+    )
+    assert wrote.passed
+    assert set(os.listdir(".")) == before  # it wrote in its own temporary directory
+    assert run_program("assert 1 + 1 == 2\n").passed
+
+
+def test_sandbox_has_no_network() -> None:
+    result = run_program("import socket\nsocket.create_connection(('127.0.0.1', 80))\n")
+    assert not result.passed and "network access is disabled" in result.reason
+
+
+def test_macro_f1_by_hand() -> None:
+    gold = ["a", "a", "b", "c"]
+    predicted = ["a", "b", "b", "b"]
+    # a: tp 1 fp 0 fn 1 -> 2/3; b: tp 1 fp 2 fn 0 -> 1/2; c: tp 0 -> 0
+    assert macro_f1(gold, predicted) == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
+
+
+def test_banking77_scores_a_real_model_in_both_modes() -> None:
+    model, tokenizer = tiny("tiny-llama")
+    for mode in ("generate", "rank"):
+        result = banking77(model, tokenizer, size=3, seed=0, mode=mode)
+        assert result["examples"] == 3
+        assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["macro_f1"] <= 1.0
+
+
+def test_perplexity_is_exp_of_the_mean_response_loss() -> None:
+    model, tokenizer = tiny("tiny-llama")
+    result = perplexity(model, tokenizer, "gsm8k", size=3, seed=0, seq_length=64, batch_size=2)
+    records = load_records("gsm8k", "test")
+    examples = tokenize_records(tokenizer, subset(records, 3, 0), 64)
+    batch = collate(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        mean_loss = model(**batch).loss.item()  # transformers' own mean over response tokens
+    assert result["perplexity"] == pytest.approx(math.exp(mean_loss), rel=1e-4)
