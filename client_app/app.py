@@ -10,6 +10,8 @@ returns the change of its own.
 
 from __future__ import annotations
 
+import resource
+
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -102,6 +104,7 @@ def train(msg: Message, context: Context) -> Message:
             "train_tokens": result.tokens,
             "train_seconds": result.seconds,
             "partition-id": partition_id,
+            "client_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "num-examples": len(data.train),
         }
     )

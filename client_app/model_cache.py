@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from models.layout import Layout
+from models.loading import quiet_progress_off_terminal
 from models.lora import LoraModel, LoraSpec
 from models.wire import from_record
 
@@ -83,6 +84,7 @@ def load_client_model(cache: Path, digest: str, spec: LoraSpec) -> ClientModel:
         adapter_blocks=tuple(raw["adapter_blocks"]),
         emulator_blocks=tuple(raw["emulator_blocks"]),
     )
+    quiet_progress_off_terminal()
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if tokenizer.pad_token is None:

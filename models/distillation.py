@@ -22,6 +22,7 @@ from torch import nn
 
 from models.blocks import get_blocks
 from models.fedbiot_models import FedBiOTModels
+from models.progress import progress
 from models.response_logits import response_logits
 
 
@@ -109,7 +110,7 @@ class EmulatorDistiller:
                 module.layer.eval()  # the frozen adapter LoRA gets no dropout
         self.models.full.peft.eval()
         sums = {"distill_loss": 0.0, "distill_hidden": 0.0, "distill_kl": 0.0}
-        for _ in range(steps):
+        for _ in progress(range(steps), "distillation"):
             parts = self.losses(next(self.batches))
             parts.total.backward()
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)

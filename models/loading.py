@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +159,17 @@ def resolve_model_dir(model: str) -> str:
     return model
 
 
+def quiet_progress_off_terminal() -> None:
+    """Keep transformers' progress bars (conversion, weight loading) out of logs and pipes."""
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+
+
 def load_model(
     model: str, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the causal LM and its tokenizer, with a pad token set."""
+    quiet_progress_off_terminal()
     source = resolve_model_dir(model)
     config = AutoConfig.from_pretrained(source)
     if getattr(config, "is_encoder_decoder", False):

@@ -165,4 +165,9 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     else:
         outputs = export_client_models(models, strategy.client_arrays, recorder.dir)
     log(INFO, "Saved %s", ", ".join(f"{k} to {v}" for k, v in outputs.items()))
+    side_by_side = evaluator.open_ended(
+        recorder.dir, config.open_ended_examples, config.eval_max_new_tokens
+    )
+    if side_by_side is not None:
+        log(INFO, "Open-ended answers side by side in %s", side_by_side)
     return recorder.dir

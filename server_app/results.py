@@ -78,6 +78,26 @@ class RunRecorder:
             writer.writeheader()
             writer.writerows(self.rows)
 
+    def append_communication(self, server_round: int, per_node: dict[int, dict[str, int]]) -> None:
+        """One row per node and round in ``communication.csv``: the bytes each client got
+        and sent, measured from the actual ArrayRecords."""
+        path = self.dir / "communication.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["round", "node", "bytes_down", "bytes_up", "bytes_model_download"])
+            for node, counts in sorted(per_node.items()):
+                writer.writerow(
+                    [
+                        server_round,
+                        node,
+                        counts["bytes_down"],
+                        counts["bytes_up"],
+                        counts["bytes_model_download"],
+                    ]
+                )
+
 
 def _peak_rss_mb() -> float:
     """Peak resident memory of this (server) process."""

@@ -84,6 +84,7 @@ class RunConfig:
     eval_every: int = 1
     eval_generation_examples: int = 8
     eval_max_new_tokens: int = 128
+    open_ended_examples: int = 4
     test_fraction: float = 0.1
     seed: int = 42
     output_dir: str = "results"
@@ -174,6 +175,7 @@ class RunConfig:
             (self.eval_every >= 1, "eval-every must be >= 1"),
             (self.eval_generation_examples >= 0, "eval-generation-examples must be >= 0"),
             (self.eval_max_new_tokens >= 1, "eval-max-new-tokens must be >= 1"),
+            (0 <= self.open_ended_examples <= 80, "open-ended-examples must be in [0, 80]"),
             (0.0 < self.test_fraction < 1.0, "test-fraction must be in (0, 1)"),
             (self.round_timeout > 0, "round-timeout must be > 0"),
             (self.num_threads >= 0, "num-threads must be >= 0 (0: all cores)"),

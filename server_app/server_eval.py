@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from logging import INFO
+from pathlib import Path
 
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
@@ -19,6 +21,8 @@ from flwr.common.logger import log
 from client_app.local_training import response_loss
 from models.fedbiot_models import FedBiOTModels
 from models.wire import from_record
+from server_app.evaluation.generation import generate
+from server_app.evaluation.open_ended import side_by_side
 from server_app.evaluation.suite import EvalSettings, evaluate_tasks, metric_keys, parse_tasks
 from server_app.results import RunRecorder
 from server_app.run_config import RunConfig
@@ -114,5 +118,29 @@ class ServerEvaluator:
         record.update(self.strategy.round_metrics.get(server_round, {}))
         record["elapsed_s"] = time.perf_counter() - self.started
         self.recorder.append_round(record)
+        self.recorder.append_communication(
+            server_round, self.strategy.node_bytes.get(server_round, {})
+        )
         log(INFO, "round %d metrics: %s", server_round, record)
         return MetricRecord({k: float(v) for k, v in record.items() if k.startswith("eval_")})
+
+    def open_ended(self, out_dir: Path, size: int, max_new_tokens: int) -> Path | None:
+        """Base, AdapEmu and AdapFu answers to ``size`` open-ended questions, side by side."""
+        if not size or hasattr(self.strategy, "client_arrays"):
+            return None
+        tokenizer = self.models.tokenizer
+
+        def answers(model) -> Callable[[list[list[int]]], list[str]]:
+            return lambda prompts: generate(model, tokenizer, prompts, max_new_tokens)
+
+        def base(prompts: list[list[int]]) -> list[str]:
+            with self.models.full.peft.disable_adapter():
+                return generate(self.models.full.peft, tokenizer, prompts, max_new_tokens)
+
+        variants = {"base": base}
+        if self.models.has_emulator:
+            variants["adapemu"] = answers(self.models.compressed.peft)
+        variants["adapfu"] = answers(self.models.full.peft)
+        return side_by_side(
+            variants, tokenizer, size, self.settings.seed, out_dir, self.settings.data_dir
+        )

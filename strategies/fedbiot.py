@@ -71,12 +71,31 @@ class FedBiOTMixin:
         self.learning_rate = learning_rate
         self.served_nodes: set[int] = set()
         self.round_metrics: dict[int, dict[str, float]] = {}
+        # Per round, per node: bytes down, up and of the one-time model download.
+        self.node_bytes: dict[int, dict[int, dict[str, int]]] = {}
         self._sent_at = 0.0
 
     def _metrics(self, server_round: int) -> dict[str, float]:
         return self.round_metrics.setdefault(
             server_round, {"bytes_down": 0, "bytes_up": 0, "bytes_model_download": 0}
         )
+
+    def _count(self, server_round: int, node: int, key: str, value: int) -> None:
+        per_node = self.node_bytes.setdefault(server_round, {}).setdefault(
+            node, {"bytes_down": 0, "bytes_up": 0, "bytes_model_download": 0}
+        )
+        per_node[key] += value
+
+    def _count_replies(self, server_round: int, replies: list[Message]) -> int:
+        """Bytes of every ArrayRecord in the valid replies, per node; returns the total."""
+        total = 0
+        for reply in replies:
+            if reply.has_error():
+                continue
+            size = sum(record_bytes(r) for r in reply.content.array_records.values())
+            self._count(server_round, reply.metadata.src_node_id, "bytes_up", size)
+            total += size
+        return total
 
     def _with_fedbiot_records(
         self, server_round: int, messages: Iterable[Message]
@@ -93,11 +112,15 @@ class FedBiOTMixin:
             content["config"] = config
             if emulator is not None:
                 content["emulator"] = emulator
-            metrics["bytes_down"] += sum(record_bytes(r) for r in content.array_records.values())
+            down = sum(record_bytes(r) for r in content.array_records.values())
+            metrics["bytes_down"] += down
+            self._count(server_round, node, "bytes_down", down)
             if node not in self.served_nodes:
                 content["base"] = self.models.frozen
                 content["model-package"] = self.models.model_package()
-                metrics["bytes_model_download"] += record_bytes(self.models.frozen)
+                download = record_bytes(self.models.frozen)
+                metrics["bytes_model_download"] += download
+                self._count(server_round, node, "bytes_model_download", download)
                 self.served_nodes.add(node)
             out.append(
                 Message(
@@ -140,12 +163,7 @@ class FedBiOTMixin:
         metrics = self._metrics(server_round)
         metrics["time_client_train_s"] = time.perf_counter() - self._sent_at
         metrics["clients_failed"] = self._note_failures(replies)
-        metrics["bytes_up"] += sum(
-            record_bytes(record)
-            for r in replies
-            if not r.has_error()
-            for record in r.content.array_records.values()
-        )
+        metrics["bytes_up"] += self._count_replies(server_round, replies)
         start = time.perf_counter()
         arrays, train_metrics = super().aggregate_train(server_round, replies)
         metrics["time_aggregate_s"] = time.perf_counter() - start
@@ -183,6 +201,7 @@ class FedBiOTMixin:
     ) -> MetricRecord | None:
         replies = list(replies)
         self._note_failures(replies)
+        self._metrics(server_round)["bytes_up"] += self._count_replies(server_round, replies)
         result = super().aggregate_evaluate(server_round, replies)
         if result is not None:
             self._metrics(server_round).update({f"client_{k}": float(v) for k, v in result.items()})

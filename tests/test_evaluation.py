@@ -13,7 +13,15 @@ import torch
 from server_app.evaluation.answers import extract_answer
 from server_app.evaluation.passk import pass_at_k
 from server_app.evaluation.sandbox import run_program
-from server_app.evaluation.tasks import banking77, macro_f1, perplexity, subset
+from server_app.evaluation.tasks import (
+    banking77,
+    humaneval,
+    humaneval_program,
+    load_humaneval,
+    macro_f1,
+    perplexity,
+    subset,
+)
 from task_data import collate, load_records, tokenize_records
 from tests.tiny import tiny
 
@@ -103,3 +111,21 @@ def test_perplexity_is_exp_of_the_mean_response_loss() -> None:
     with torch.no_grad():
         mean_loss = model(**batch).loss.item()  # transformers' own mean over response tokens
     assert result["perplexity"] == pytest.approx(math.exp(mean_loss), rel=1e-4)
+
+
+def test_humaneval_harness_passes_canonical_solutions_and_fails_wrong_ones() -> None:
+    problems = load_humaneval()[:3]
+    for problem in problems:
+        # A model that continues the prompt with the reference body passes ...
+        assert run_program(humaneval_program(problem, problem["canonical_solution"])).passed
+        # ... and so does one that restates the whole function in a fenced block.
+        fenced = f"Sure:\n```python\n{problem['prompt']}{problem['canonical_solution']}```\n"
+        assert run_program(humaneval_program(problem, fenced)).passed
+        assert not run_program(humaneval_program(problem, "    return None\n")).passed
+
+
+def test_humaneval_scores_a_real_model() -> None:
+    model, tokenizer = tiny("tiny-llama")
+    result = humaneval(model, tokenizer, size=2, seed=0, samples=2, ks=(1, 2), max_new_tokens=4)
+    assert result["problems"] == 2
+    assert result["pass@1"] == 0.0 and result["pass@2"] == 0.0  # random weights pass nothing

@@ -7,6 +7,7 @@ dropped block and that the frozen weights went to each node once.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -78,6 +79,13 @@ def test_run_finishes_with_metrics_for_every_round(finished_run) -> None:
         assert row["eval_adapemu_gsm8k_examples"] == row["eval_adapfu_gsm8k_examples"] == 2
     csv_lines = (run_dir / "metrics.csv").read_text().splitlines()
     assert len(csv_lines) == len(rows) + 1 and csv_lines[0].startswith("round,")
+    # Per-node bytes add up to the round totals.
+    with open(run_dir / "communication.csv", newline="") as f:
+        per_node = list(csv.DictReader(f))
+    for row in rows:
+        mine = [r for r in per_node if int(r["round"]) == row["round"]]
+        for key in ("bytes_up", "bytes_down", "bytes_model_download"):
+            assert sum(int(r[key]) for r in mine) == row.get(key, 0), key
     assert rows[1]["bytes_model_download"] > 0
     assert rows[2]["bytes_model_download"] == 0  # the frozen weights travel once
     config = json.loads((run_dir / "config.json").read_text())

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from models.progress import progress
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, user: str) -> list[int]:
@@ -20,11 +20,6 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, user: str) -> list[int]:
             ids = ids["input_ids"]
         return list(ids)
     return tokenizer(f"{user}\n", add_special_tokens=True)["input_ids"]
-
-
-def progress(iterable, description: str, total: int | None = None):
-    """A progress bar on a terminal, nothing in logs and pipes."""
-    return tqdm(iterable, desc=description, total=total, disable=not sys.stderr.isatty())
 
 
 @torch.no_grad()

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from models.progress import progress
 from models.response_logits import response_logits
 from server_app.evaluation.answers import extract_answer
-from server_app.evaluation.generation import chat_prompt, generate, progress
+from server_app.evaluation.generation import chat_prompt, generate
 from server_app.evaluation.passk import pass_at_k
 from server_app.evaluation.sandbox import run_program
 from task_data import collate, load_records, tokenize_records
@@ -169,6 +170,19 @@ def _completion_code(prompt: str, generation: str) -> str:
     return code if re.search(r"^def |^from |^import ", code, re.MULTILINE) else prompt + code
 
 
+def load_humaneval(data_dir: str | None = None) -> list[dict]:
+    """The 164 HumanEval problems (``prompt``, ``test``, ``entry_point``, ...)."""
+    root = Path(data_dir) if data_dir else default_data_dir()
+    with gzip.open(root / "humaneval" / "HumanEval.jsonl.gz", "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def humaneval_program(problem: dict, generation: str) -> str:
+    """The whole program that decides a sample: the code, the tests, the check call."""
+    code = _completion_code(problem["prompt"], generation)
+    return f"{code}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
 def humaneval(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -182,9 +196,7 @@ def humaneval(
     data_dir: str | None = None,
 ) -> dict[str, float]:
     """pass@k (unbiased estimator) over ``samples`` generations per problem; greedy for 1."""
-    root = Path(data_dir) if data_dir else default_data_dir()
-    with gzip.open(root / "humaneval" / "HumanEval.jsonl.gz", "rt", encoding="utf-8") as f:
-        problems = subset([json.loads(line) for line in f if line.strip()], size, seed)
+    problems = subset(load_humaneval(data_dir), size, seed)
     ask = "Complete this Python function. Reply with the whole function in a code block.\n\n"
     prompts = [chat_prompt(tokenizer, ask + p["prompt"]) for p in problems for _ in range(samples)]
     torch.manual_seed(seed)
@@ -201,13 +213,7 @@ def humaneval(
     for i, problem in enumerate(problems):
         good = 0
         for generation in outputs[i * samples : (i + 1) * samples]:
-            program = (
-                _completion_code(problem["prompt"], generation)
-                + "\n\n"
-                + problem["test"]
-                + f"\n\ncheck({problem['entry_point']})\n"
-            )
-            good += run_program(program, timeout=timeout).passed
+            good += run_program(humaneval_program(problem, generation), timeout=timeout).passed
         passed.append(good)
     for k in ks:
         if k <= samples:
