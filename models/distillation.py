@@ -69,6 +69,7 @@ class EmulatorDistiller:
         emulator = models.layout.emulator_blocks
         self.params = list(models.compressed.params(emulator).values())
         self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=0.0)
+        self.batches_used = 0  # a checkpoint records it; a resumed run skips as many
         if not emulator:
             raise ValueError("this layout has no emulator to distil")
         # Compare the inputs of the first adapter block above the emulator: its position in
@@ -98,6 +99,12 @@ class EmulatorDistiller:
         kl = kl_per_token(teacher_logits, student_logits)
         return DistillLosses(total=hidden + self.kd_lambda * kl, hidden=hidden, kl=kl)
 
+    def skip_batches(self, count: int) -> None:
+        """Advance the public-data stream to where a checkpointed run left it."""
+        for _ in range(count - self.batches_used):
+            next(self.batches)
+        self.batches_used = max(count, self.batches_used)
+
     def run(self, steps: int) -> dict[str, float]:
         """``steps`` AdamW steps on emulator LoRA; mean losses (empty dict for 0 steps)."""
         if steps <= 0:
@@ -112,6 +119,7 @@ class EmulatorDistiller:
         sums = {"distill_loss": 0.0, "distill_hidden": 0.0, "distill_kl": 0.0}
         for _ in progress(range(steps), "distillation"):
             parts = self.losses(next(self.batches))
+            self.batches_used += 1
             parts.total.backward()
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             self.optimizer.step()

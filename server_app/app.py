@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -20,9 +20,10 @@ from models.fedbiot_models import FedBiOTModels
 from models.loading import load_model
 from models.lora import LoraSpec
 from models.wire import to_record
+from server_app.checkpoint import load_checkpoint, restore, save_checkpoint
 from server_app.methods import MethodPlan, method_plan
 from server_app.results import RunRecorder
-from server_app.run_config import RunConfig
+from server_app.run_config import ConfigError, RunConfig
 from server_app.server_eval import ServerEvaluator
 from strategies.algorithms import strategy_class
 from strategies.lr_schedule import round_learning_rate
@@ -90,7 +91,17 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         torch.set_num_threads(config.num_threads)
     seed_everything(config.seed)
     plan = method_plan(config)
-    recorder = RunRecorder(config)
+    checkpoint, resume_dir = (
+        load_checkpoint(config.resume_from) if config.resume_from else ({}, None)
+    )
+    if checkpoint and not plan.aggregates:
+        raise ConfigError("resume-from: the local-only baseline keeps per-node state; rerun it")
+    if checkpoint and checkpoint["round"] >= config.num_server_rounds:
+        raise ConfigError(
+            f"resume-from: the checkpoint is of round {checkpoint['round']}; "
+            f"num-server-rounds={config.num_server_rounds} leaves nothing to do"
+        )
+    recorder = RunRecorder(config, resume_dir, checkpoint.get("round"))
     log(INFO, "Results go to %s", recorder.dir)
 
     base, tokenizer = load_model(config.model)
@@ -123,8 +134,9 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         distiller = EmulatorDistiller(
             models, public_batches(config, tokenizer), config.distill_lr, config.kd_lambda
         )
-        prealign = distiller.run(config.prealign_steps)
-        log(INFO, "Pre-alignment (%d steps): %s", config.prealign_steps, prealign)
+        if not checkpoint:
+            prealign = distiller.run(config.prealign_steps)
+            log(INFO, "Pre-alignment (%d steps): %s", config.prealign_steps, prealign)
 
     cls, algorithm_params = strategy_class(config, plan.aggregates)
     strategy = cls(
@@ -139,9 +151,13 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             config.lr_scheduler,
         ),
         audit_path=recorder.dir / "sent_arrays.jsonl",
+        max_norm_ratio=config.max_update_norm_ratio,
         **_sampling(config, plan),
         **algorithm_params,
     )
+    if checkpoint:
+        strategy.round_offset = restore(checkpoint, models, strategy, distiller)
+        log(INFO, "Resumed after round %d from %s", strategy.round_offset, config.resume_from)
     strategy.round_metrics[0] = {
         "train_loss": float("nan"),
         "distill_loss": prealign.get("distill_loss", float("nan")),
@@ -151,14 +167,29 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         **{f"prealign_{k}": v for k, v in prealign.items()},
     }
     evaluator = ServerEvaluator(config, models, strategy, recorder)
+
+    def evaluate_and_checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round += strategy.round_offset
+        if checkpoint and server_round == strategy.round_offset:
+            return None  # evaluated before the server stopped
+        result = evaluator(server_round, arrays)
+        every = config.checkpoint_every
+        if (
+            server_round
+            and every
+            and (server_round % every == 0 or server_round == config.num_server_rounds)
+        ):
+            save_checkpoint(recorder.dir / "checkpoints", server_round, models, strategy, distiller)
+        return result
+
     strategy.start(
         grid=grid,
         initial_arrays=to_record(models.adapter_state()),
-        num_rounds=config.num_server_rounds,
+        num_rounds=config.num_server_rounds - strategy.round_offset,
         timeout=config.round_timeout,
         train_config=ConfigRecord(),
         evaluate_config=ConfigRecord(),
-        evaluate_fn=evaluator,
+        evaluate_fn=evaluate_and_checkpoint,
     )
     if plan.aggregates:
         outputs = export_outputs(models, recorder.dir)

@@ -42,14 +42,35 @@ def package_versions() -> dict[str, str]:
 class RunRecorder:
     """Creates ``<output-dir>/<run-name>/`` and appends one JSON object per round."""
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(
+        self, config: RunConfig, resume_dir: Path | None = None, resume_round: int | None = None
+    ) -> None:
+        """A new run folder; or, when resuming, the old one with rows after the checkpoint's
+        round dropped (the server may have logged a round it did not checkpoint)."""
+        self.config = config
+        self.rows: list[dict[str, Any]] = []
+        if resume_dir is not None:
+            self.dir = resume_dir
+            self.resumed_at = resume_round
+            self._truncate(resume_round or 0)
+            return
+        self.resumed_at = None
         name = config.run_name or time.strftime(f"{config.method}-%Y%m%d-%H%M%S")
         self.dir = Path(config.output_dir).expanduser().resolve() / name
         if (self.dir / "metrics.jsonl").exists():
             raise FileExistsError(f"{self.dir} already holds a run; pick another run-name")
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.config = config
-        self.rows: list[dict[str, Any]] = []
+
+    def _truncate(self, last_round: int) -> None:
+        path = self.dir / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        self.rows = [r for r in rows if r["round"] <= last_round]
+        path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows))
+        comm = self.dir / "communication.csv"
+        if comm.exists():
+            lines = comm.read_text().splitlines(keepends=True)
+            kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split(",")[0]) <= last_round]
+            comm.write_text("".join(kept))
 
     def write_config(self, layout: Layout, extra: dict[str, Any]) -> None:
         document = {
@@ -60,7 +81,8 @@ class RunRecorder:
             "emulator_blocks": list(layout.emulator_blocks),
             **extra,
         }
-        (self.dir / "config.json").write_text(json.dumps(document, indent=2))
+        name = f"config-resumed-{self.resumed_at}.json" if self.resumed_at else "config.json"
+        (self.dir / name).write_text(json.dumps(document, indent=2))
 
     def append_round(self, record: dict[str, Any]) -> None:
         """Append to ``metrics.jsonl`` and rewrite ``metrics.csv`` (one column per key seen)."""

@@ -78,10 +78,11 @@ class RunConfig:
     fedopt_tau: float = 1e-3
     trimmed_beta: float = 0.2
     krum_malicious: int = 0
+    max_update_norm_ratio: float = 10.0
     public_examples: int = 256
     eval_examples: int = 16
     eval_tasks: str = "auto"
-    eval_every: int = 1
+    eval_every: int = 2
     eval_generation_examples: int = 8
     eval_max_new_tokens: int = 128
     open_ended_examples: int = 4
@@ -92,6 +93,8 @@ class RunConfig:
     data_dir: str = ""
     cache_dir: str = ""
     round_timeout: float = 7200.0
+    checkpoint_every: int = 1
+    resume_from: str = ""
     num_threads: int = 0
     device: str = "auto"
 
@@ -147,6 +150,7 @@ class RunConfig:
             (self.fedopt_tau > 0, "fedopt-tau must be > 0"),
             (0.0 <= self.trimmed_beta < 0.5, "trimmed-beta must be in [0, 0.5)"),
             (self.krum_malicious >= 0, "krum-malicious must be >= 0"),
+            (self.max_update_norm_ratio >= 0, "max-update-norm-ratio must be >= 0 (0: off)"),
             (
                 self.partitioner in PARTITIONERS,
                 f"partitioner={self.partitioner!r} must be one of {PARTITIONERS}",
@@ -178,6 +182,7 @@ class RunConfig:
             (0 <= self.open_ended_examples <= 80, "open-ended-examples must be in [0, 80]"),
             (0.0 < self.test_fraction < 1.0, "test-fraction must be in (0, 1)"),
             (self.round_timeout > 0, "round-timeout must be > 0"),
+            (self.checkpoint_every >= 0, "checkpoint-every must be >= 0 (0: never)"),
             (self.num_threads >= 0, "num-threads must be >= 0 (0: all cores)"),
             (
                 self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),

@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import FedAvg
 from models.distillation import EmulatorDistiller
 from models.fedbiot_models import FedBiOTModels
 from models.wire import from_record, record_bytes, to_record
+from strategies.update_checks import screen_replies
 
 # Client metrics that mean nothing once averaged over clients.
 _PER_CLIENT_KEYS = frozenset({"partition-id"})
@@ -61,9 +62,14 @@ class FedBiOTMixin:
         distill_steps: int,
         learning_rate: Callable[[int], float] | None = None,
         audit_path: Path | None = None,
+        max_norm_ratio: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.max_norm_ratio = max_norm_ratio
+        # A resumed run restarts Flower's round counter at 1; this shifts it back.
+        self.round_offset = 0
+        self._round_arrays: ArrayRecord | None = None
         self.audit_path = audit_path
         self.models = models
         self.distiller = distiller
@@ -147,9 +153,11 @@ class FedBiOTMixin:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         if self.learning_rate is not None:
             config = ConfigRecord(dict(config.items()))
             config["learning-rate"] = self.learning_rate(server_round)
+        self._round_arrays = arrays
         messages = super().configure_train(server_round, arrays, config, grid)
         decorated = self._with_fedbiot_records(server_round, messages)
         self._metrics(server_round)["clients_sampled"] = len(decorated)
@@ -159,11 +167,15 @@ class FedBiOTMixin:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         replies = list(replies)
         metrics = self._metrics(server_round)
         metrics["time_client_train_s"] = time.perf_counter() - self._sent_at
         metrics["clients_failed"] = self._note_failures(replies)
         metrics["bytes_up"] += self._count_replies(server_round, replies)
+        if self._round_arrays is not None:
+            replies, rejected = screen_replies(replies, self._round_arrays, self.max_norm_ratio)
+            metrics["clients_rejected"] = len(rejected)
         start = time.perf_counter()
         arrays, train_metrics = super().aggregate_train(server_round, replies)
         metrics["time_aggregate_s"] = time.perf_counter() - start
@@ -193,12 +205,14 @@ class FedBiOTMixin:
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         messages = super().configure_evaluate(server_round, arrays, config, grid)
         return self._with_fedbiot_records(server_round, messages)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        server_round += self.round_offset
         replies = list(replies)
         self._note_failures(replies)
         self._metrics(server_round)["bytes_up"] += self._count_replies(server_round, replies)

@@ -1,6 +1,9 @@
 """Server aggregation of adapter LoRA: the example-weighted mean (FedBiOT Eq. 11)."""
 
 import itertools
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -86,3 +89,52 @@ def test_a_failed_client_is_left_out_and_sent_the_weights_again(strategy: FedBiO
     assert arrays is not None
     assert strategy.served_nodes == {1}
     assert strategy.round_metrics[1]["clients_failed"] == 1
+
+
+@contextmanager
+def caplog_records() -> Iterator[list[str]]:
+    """Messages Flower's logger emits inside the block (it does not propagate to root)."""
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("flwr")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "reason"),
+    [
+        (lambda s: {**s, next(iter(s)): s[next(iter(s))] * float("nan")}, "NaN or Inf"),
+        (lambda s: dict(list(s.items())[1:]), "missing keys"),
+        (lambda s: {**s, "blocks.0.extra.lora_A": torch.zeros(2)}, "unexpected keys"),
+        (lambda s: {**s, next(iter(s)): torch.zeros(3, 3)}, "shape"),
+        (lambda s: {**s, next(iter(s)): s[next(iter(s))].to(torch.int32)}, "dtype"),
+        (lambda s: {k: v + 1e4 for k, v in s.items()}, "update norm"),
+    ],
+)
+def test_a_bad_update_is_rejected_and_the_others_aggregated(
+    strategy: FedBiOT, corrupt, reason
+) -> None:
+    template = strategy.models.adapter_state()
+    strategy._round_arrays = to_record(template)
+    strategy.max_norm_ratio = 10.0
+    generator = torch.Generator().manual_seed(1)
+    good = [
+        {k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in template.items()}
+        for _ in range(3)
+    ]
+    bad = corrupt({k: v + 0.01 for k, v in template.items()})
+    replies = [_reply(i + 1, s, 10, 1.0) for i, s in enumerate(good)] + [_reply(9, bad, 10, 1.0)]
+
+    with caplog_records() as records:
+        arrays, _ = strategy.aggregate_train(1, replies)
+
+    assert arrays is not None and strategy.round_metrics[1]["clients_rejected"] == 1
+    for name in template:
+        expected = sum(s[name].numpy() for s in good) / 3
+        np.testing.assert_allclose(arrays[name].numpy(), expected, rtol=1e-5, atol=1e-7)
+    assert any("node 9" in r and reason in r for r in records)

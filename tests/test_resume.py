@@ -1,0 +1,80 @@
+"""A server that stops after round 1 and is resumed ends where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.flower_runtime import REPO, LocalFederation
+
+pytestmark = pytest.mark.xdist_group("resume")
+
+
+def _config(out: Path, name: str, rounds: int, **extra: object) -> dict[str, object]:
+    return {
+        "model": "tiny-llama",
+        "algorithm": "fedadam",  # server optimizer state must survive the restart too
+        "fedopt-eta": 0.01,
+        "num-partitions": 2,
+        "num-server-rounds": rounds,
+        "local-steps": 2,
+        "seq-length": 48,
+        "public-examples": 8,
+        "eval-examples": 2,
+        "eval-tasks": "",
+        "open-ended-examples": 0,
+        "prealign-steps": 2,
+        "distill-steps": 2,
+        "output-dir": str(out),
+        "run-name": name,
+        "data-dir": str(REPO / "data"),
+        "cache-dir": str(out / f"{name}-cache"),
+        "num-threads": 1,
+        **extra,
+    }
+
+
+def _run(federation: LocalFederation, config: dict[str, object]) -> None:
+    result = federation.run(config, supernodes=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_resumed_run_matches_the_uninterrupted_one(
+    federation: LocalFederation, tmp_path: Path
+) -> None:
+    _run(federation, _config(tmp_path, "whole", 3))
+    _run(federation, _config(tmp_path, "stopped", 1))  # the server is gone after round 1
+    stopped = tmp_path / "stopped"
+    assert (stopped / "checkpoints" / "round-1.pt").is_file()
+    _run(federation, _config(tmp_path, "ignored", 3, **{"resume-from": str(stopped)}))
+
+    rows = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert (stopped / "config-resumed-1.json").is_file()
+    assert not (tmp_path / "ignored").exists()  # a resumed run writes into its own folder
+
+    whole = torch.load(tmp_path / "whole" / "checkpoints" / "latest.pt", weights_only=False)
+    resumed = torch.load(stopped / "checkpoints" / "latest.pt", weights_only=False)
+    assert whole["round"] == resumed["round"] == 3
+    for part in ("adapter", "emulator"):
+        assert whole[part].keys() == resumed[part].keys()
+        for name, value in whole[part].items():
+            torch.testing.assert_close(resumed[part][name], value, rtol=1e-5, atol=1e-6)
+    # The FedAdam moments were carried over, not restarted.
+    for name, value in whole["strategy"]["v_t"].items():
+        torch.testing.assert_close(
+            torch.as_tensor(resumed["strategy"]["v_t"][name]), torch.as_tensor(value)
+        )
+
+
+def test_resume_refuses_a_finished_run(federation: LocalFederation, tmp_path: Path) -> None:
+    _run(federation, _config(tmp_path, "done", 1))
+    result = federation.run(
+        _config(tmp_path, "again", 1, **{"resume-from": str(tmp_path / "done")}), supernodes=2
+    )
+    assert "leaves nothing to do" in result.stdout + result.stderr
+    rows = (tmp_path / "done" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2  # nothing lost, nothing added
