@@ -22,6 +22,8 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 LOSS_KEYS = ("train_loss", "distill_loss", "client_eval_loss")
+# Sample sizes, not results: left out of the metrics table.
+_COUNT_SUFFIXES = ("_examples", "_problems", "_tokens")
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
@@ -66,8 +68,9 @@ def _format(value: float | None) -> str:
 def final_metrics_table(runs: list[dict]) -> list[str]:
     """One row per run and evaluation key (``eval_<variant>_<task>_<metric>``), last value."""
     keys = sorted(
-        {k for run in runs for row in run["rows"] for k in row if k.startswith("eval_")}
-        - {k for run in runs for row in run["rows"] for k in row if "_client" in k}
+        k
+        for k in {k for run in runs for row in run["rows"] for k in row}
+        if k.startswith("eval_") and "_client" not in k and not k.endswith(_COUNT_SUFFIXES)
     )
     lines = ["| run | variant | metric | first | final |", "| --- | --- | --- | --- | --- |"]
     for run in runs:

@@ -38,6 +38,32 @@ def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60) ->
     raise TimeoutError(f"SuperLink on port {port} did not open")
 
 
+def tiny_run_config(out: Path, run_name: str, **overrides: object) -> dict[str, object]:
+    """A short run on the tiny Llama-style model writing ``out/<run_name>``; keys given as
+    ``overrides`` (Python names, ``_`` for ``-``) replace the defaults."""
+    config: dict[str, object] = {
+        "model": "tiny-llama",
+        "num-partitions": 2,
+        "num-server-rounds": 1,
+        "local-steps": 2,
+        "seq-length": 48,
+        "public-examples": 8,
+        "eval-examples": 2,
+        "eval-generation-examples": 2,
+        "eval-max-new-tokens": 8,
+        "open-ended-examples": 0,
+        "prealign-steps": 2,
+        "distill-steps": 1,
+        "output-dir": str(out),
+        "run-name": run_name,
+        "data-dir": str(REPO / "data"),
+        "cache-dir": str(out / f"{run_name}-node-cache"),
+        "num-threads": 1,
+    }
+    config.update({key.replace("_", "-"): value for key, value in overrides.items()})
+    return config
+
+
 class LocalFederation:
     """Handle on a running SuperLink: ``run()`` submits this repo's app with ``flwr run``."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.flower_runtime import REPO, LocalFederation
+from tests.flower_runtime import LocalFederation, tiny_run_config
 
 # (method, algorithm, rounds); FedBiOT with FedAvg is covered by test_simulation.py.
 CASES = [
@@ -35,31 +35,19 @@ CASES = [
 
 
 def _run(federation: LocalFederation, out: Path, method: str, algorithm: str, rounds: int):
+    config = tiny_run_config(
+        out,
+        "run",
+        method=method,
+        algorithm=algorithm,
+        num_server_rounds=rounds,
+        # FedProx's own term must show in prox_loss, without FedBiOT's.
+        prox_epsilon=0.0 if algorithm == "fedprox" else 0.01,
+        proximal_mu=1.0,
+        lr_scheduler="cosine",
+    )
     result = federation.run(
-        {
-            "model": "tiny-llama",
-            "method": method,
-            "algorithm": algorithm,
-            "num-partitions": 2,
-            "num-server-rounds": rounds,
-            "local-steps": 2,
-            "seq-length": 48,
-            "public-examples": 8,
-            "eval-examples": 2,
-            "prealign-steps": 2,
-            "distill-steps": 1,
-            # FedProx's own term must show in prox_loss, without FedBiOT's.
-            "prox-epsilon": 0.0 if algorithm == "fedprox" else 0.01,
-            "proximal-mu": 1.0,
-            "lr-scheduler": "cosine",
-            "output-dir": str(out),
-            "run-name": "run",
-            "data-dir": str(REPO / "data"),
-            "eval-generation-examples": 2,
-            "eval-max-new-tokens": 8,
-            "cache-dir": str(out / "node-cache"),
-            "num-threads": 1,
-        },
+        config,
         supernodes=2,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

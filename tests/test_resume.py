@@ -8,33 +8,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.flower_runtime import REPO, LocalFederation
+from tests.flower_runtime import LocalFederation, tiny_run_config
 
 pytestmark = pytest.mark.xdist_group("resume")
 
 
 def _config(out: Path, name: str, rounds: int, **extra: object) -> dict[str, object]:
-    return {
-        "model": "tiny-llama",
-        "algorithm": "fedadam",  # server optimizer state must survive the restart too
-        "fedopt-eta": 0.01,
-        "num-partitions": 2,
-        "num-server-rounds": rounds,
-        "local-steps": 2,
-        "seq-length": 48,
-        "public-examples": 8,
-        "eval-examples": 2,
-        "eval-tasks": "",
-        "open-ended-examples": 0,
-        "prealign-steps": 2,
-        "distill-steps": 2,
-        "output-dir": str(out),
-        "run-name": name,
-        "data-dir": str(REPO / "data"),
-        "cache-dir": str(out / f"{name}-cache"),
-        "num-threads": 1,
-        **extra,
-    }
+    # FedAdam: the server optimizer's state must survive the restart too.
+    config = tiny_run_config(
+        out,
+        name,
+        algorithm="fedadam",
+        fedopt_eta=0.01,
+        num_server_rounds=rounds,
+        eval_tasks="",
+        distill_steps=2,
+    )
+    return {**config, **extra}
 
 
 def _run(federation: LocalFederation, config: dict[str, object]) -> None:

@@ -23,7 +23,7 @@ from models.blocks import block_path, get_blocks
 from models.loading import load_model
 from server_app.evaluate import main as evaluate_main
 from server_app.report import write_report
-from tests.flower_runtime import REPO
+from tests.flower_runtime import tiny_run_config
 
 ROUNDS = 2
 # The tests of this module share two runs: keep them on one test worker.
@@ -38,25 +38,22 @@ def _digest(tensor: torch.Tensor) -> str:
 def finished_run(request, federation, tmp_path_factory) -> tuple[str, Path]:
     model, clients = request.param
     out = tmp_path_factory.mktemp("results")
+    config = tiny_run_config(
+        out,
+        "e2e",
+        model=model,
+        num_partitions=clients,
+        num_server_rounds=ROUNDS,
+        seq_length=64,
+        public_examples=16,
+        eval_examples=4,
+        eval_every=1,
+        open_ended_examples=2,
+        prealign_steps=3,
+        distill_steps=2,
+    )
     result = federation.run(
-        {
-            "model": model,
-            "num-partitions": clients,
-            "num-server-rounds": ROUNDS,
-            "local-steps": 2,
-            "seq-length": 64,
-            "public-examples": 16,
-            "eval-examples": 4,
-            "prealign-steps": 3,
-            "distill-steps": 2,
-            "output-dir": str(out),
-            "run-name": "e2e",
-            "data-dir": str(REPO / "data"),
-            "eval-generation-examples": 2,
-            "eval-max-new-tokens": 8,
-            "cache-dir": str(out / "node-cache"),
-            "num-threads": 1,
-        },
+        config,
         supernodes=clients,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -207,3 +204,13 @@ def test_standalone_evaluator_scores_a_saved_output(finished_run, tmp_path: Path
     ppl = saved["results"]["perplexity"]
     assert ppl["perplexity"] == pytest.approx(math.exp(ppl["loss"]))
     assert saved["versions"]["transformers"]
+
+
+def test_open_ended_answers_are_saved_side_by_side(finished_run) -> None:
+    _, run_dir = finished_run
+    rows = [json.loads(line) for line in (run_dir / "open_ended.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["text"] and {"base", "adapemu", "adapfu"} <= set(row)
+    text = (run_dir / "open_ended.md").read_text()
+    assert text.count("**adapfu**") == 2 and rows[0]["text"] in text
