@@ -27,7 +27,7 @@ from server_app.run_config import ConfigError, RunConfig
 from server_app.server_eval import ServerEvaluator
 from strategies.algorithms import strategy_class
 from strategies.lr_schedule import round_learning_rate
-from task_data import batch_iterator, load_records, tokenize_records
+from task_data import batch_iterator, load_records, partition_records, tokenize_records
 
 app = ServerApp()
 
@@ -45,6 +45,22 @@ def public_batches(config: RunConfig, tokenizer) -> object:
     random.Random(config.seed).shuffle(records)
     examples = tokenize_records(tokenizer, records[: config.public_examples], config.seq_length)
     return batch_iterator(examples, config.batch_size, config.seed, tokenizer.pad_token_id)
+
+
+def check_task_data(config: RunConfig, plan: MethodPlan) -> None:
+    """Fail before any model is loaded if the task's data cannot be split as configured."""
+    records = load_records(config.task, "train", data_dir=config.data_dir or None)
+    try:
+        partition_records(
+            records,
+            num_partitions=1 if plan.single_client else config.num_partitions,
+            partition_id=0,
+            partitioner=config.partitioner,
+            seed=config.seed,
+            alpha=config.dirichlet_alpha,
+        )
+    except ValueError as error:
+        raise ConfigError(f"run-config task={config.task!r}: {error}") from None
 
 
 @app.main()
@@ -101,6 +117,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             f"resume-from: the checkpoint is of round {checkpoint['round']}; "
             f"num-server-rounds={config.num_server_rounds} leaves nothing to do"
         )
+    check_task_data(config, plan)
     recorder = RunRecorder(config, resume_dir, checkpoint.get("round"))
     log(INFO, "Results go to %s", recorder.dir)
 

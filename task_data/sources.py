@@ -73,15 +73,20 @@ def _field(path: Path, number: int, row: object, name: str, optional: bool = Fal
 
 
 def load_alpaca_file(path: Path) -> list[Record]:
-    """A JSON list or JSONL file of instruction/input/output records (input optional)."""
-    return [
-        {
+    """A JSON list or JSONL file of instruction/input/output records (input optional; an
+    optional ``label`` feeds the Dirichlet and natural partitioners)."""
+    records = []
+    for n, row in _json_rows(path):
+        record = {
             "instruction": _field(path, n, row, "instruction"),
             "input": _field(path, n, row, "input", optional=True),
             "output": _field(path, n, row, "output"),
         }
-        for n, row in _json_rows(path)
-    ]
+        label = _field(path, n, row, "label", optional=True)
+        if label:
+            record["label"] = label
+        records.append(record)
+    return records
 
 
 def _gsm8k(root: Path, split: str) -> list[Record]:
