@@ -10,6 +10,7 @@ random states. ``resume-from`` loads one and the run continues with the next rou
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ def save_checkpoint(
     strategy: Any,
     distiller: EmulatorDistiller | None,
 ) -> Path:
-    """Write ``round-<r>.pt`` and point ``latest.pt`` at the same content (atomically)."""
+    """Write ``round-<r>.pt`` and ``latest.pt`` with the same content, each atomically."""
     directory.mkdir(parents=True, exist_ok=True)
     state = {
         "round": server_round,
@@ -72,10 +73,11 @@ def save_checkpoint(
         },
     }
     target = directory / f"round-{server_round}.pt"
-    for path in (target, directory / "latest.pt"):
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
+    tmp = directory / "checkpoint.tmp"
+    torch.save(state, tmp)  # serialised once; latest.pt is a copy of the same bytes
+    shutil.copyfile(tmp, directory / "latest.tmp")
+    tmp.replace(target)
+    (directory / "latest.tmp").replace(directory / "latest.pt")
     return target
 
 

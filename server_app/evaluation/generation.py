@@ -8,18 +8,12 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models.progress import progress
+from task_data.formatting import prompt_ids
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, user: str) -> list[int]:
-    """Token ids of a one-turn chat prompt (plain text for tokenizers without a template)."""
-    if tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
-    return tokenizer(f"{user}\n", add_special_tokens=True)["input_ids"]
+    """Token ids of a one-turn prompt, formatted exactly as in training (``prompt_ids``)."""
+    return prompt_ids(tokenizer, {"instruction": user, "input": ""})
 
 
 @torch.no_grad()

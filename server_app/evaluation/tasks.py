@@ -59,9 +59,10 @@ def gsm8k(
         for r in test
     ]
     outputs = generate(model, tokenizer, prompts, max_new_tokens, description="gsm8k")
+    predicted = [extract_answer(out) for out in outputs]
     correct = [
-        extract_answer(out) is not None and extract_answer(out) == extract_answer(r["output"])
-        for out, r in zip(outputs, test, strict=True)
+        guess is not None and guess == extract_answer(r["output"])
+        for guess, r in zip(predicted, test, strict=True)
     ]
     return {"accuracy": sum(correct) / max(len(correct), 1), "examples": len(correct)}
 
