@@ -16,10 +16,11 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client_app.client_data import client_data
+from client_app.client_data import ClientData, client_data
 from client_app.local_training import response_loss, train_lora
 from client_app.model_cache import ClientModel, load_client_model, node_cache_dir, store_package
 from models.lora import LoraSpec
+from models.quantization import check_mode
 from models.wire import from_record, to_record
 from server_app.methods import method_plan
 from server_app.run_config import RunConfig
@@ -32,7 +33,7 @@ CLIENT_C = "scaffold-c-i"
 CLIENT_C_UPDATES = "scaffold-c-i-updates"
 
 
-def _prepare(msg: Message, context: Context) -> tuple[RunConfig, ClientModel, int]:
+def _prepare(msg: Message, context: Context) -> tuple[RunConfig, ClientModel, int, ClientData]:
     """Parse the config, get the compressed model and load this round's LoRA into it."""
     config = RunConfig.from_flower(context.run_config)
     if config.num_threads:
@@ -43,14 +44,20 @@ def _prepare(msg: Message, context: Context) -> tuple[RunConfig, ClientModel, in
     if "base" in content:
         store_package(cache, content["base"], content["model-package"])
     spec = LoraSpec(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
-    model = load_client_model(cache, str(content["config"]["model-digest"]), spec)
-    model.lora.peft.to(config.torch_device())
+    quantization = str(context.node_config.get("quantization", config.quantization))
+    model = load_client_model(
+        cache, str(content["config"]["model-digest"]), spec, check_mode(quantization)
+    )
+    if model.quantization == "none":  # bitsandbytes placed a quantized model already
+        model.lora.peft.to(config.torch_device())
     state = from_record(content["arrays"])
     if "emulator" in content:
         state.update(from_record(content["emulator"]))
     model.lora.load_state(state)
     partition_id = int(context.node_config.get("partition-id", 0))
-    return config, model, partition_id
+    data_file = str(context.node_config.get("data-file", ""))
+    data = client_data(config, partition_id, model.tokenizer, data_file)
+    return config, model, partition_id, data
 
 
 def _scaffold_correction(
@@ -70,9 +77,8 @@ def _scaffold_correction(
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """K local steps on the trained LoRA; reply with that LoRA only."""
-    config, model, partition_id = _prepare(msg, context)
+    config, model, partition_id, data = _prepare(msg, context)
     plan = method_plan(config)
-    data = client_data(config, partition_id, model.tokenizer)
     train_config = msg.content["config"]
     server_round = int(train_config["server-round"])
     learning_rate = float(train_config.get("learning-rate", config.learning_rate))
@@ -105,6 +111,7 @@ def train(msg: Message, context: Context) -> Message:
             "train_seconds": result.seconds,
             "partition-id": partition_id,
             "client_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "client_quantized_bits": {"none": 32, "8bit": 8, "4bit": 4}[model.quantization],
             "num-examples": len(data.train),
         }
     )
@@ -126,8 +133,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Response-token loss of the node's model (AdapEmu with an emulator) on its held-out
     split (the union's, for the single-client baselines)."""
-    config, model, partition_id = _prepare(msg, context)
-    data = client_data(config, partition_id, model.tokenizer)
+    config, model, _, data = _prepare(msg, context)
     pad = model.tokenizer.pad_token_id
     batches = [
         collate(list(data.test[i : i + config.batch_size]), pad)

@@ -1,7 +1,8 @@
 """A client's own data: its partition of the task, split into train and held-out parts.
 
 The single-client baselines (central, offsite-tuning) hold the union of all partitions:
-partition 0 of 1.
+partition 0 of 1. A SuperNode whose node config names a ``data-file`` (its own JSON/JSONL
+instruction file: the realistic deployment) trains on that file instead of a partition.
 """
 
 from __future__ import annotations
@@ -26,18 +27,20 @@ class ClientData:
 
 @lru_cache(maxsize=4)
 def _client_data(
-    config: RunConfig, partition_id: int, tokenizer: PreTrainedTokenizerBase
+    config: RunConfig, partition_id: int, tokenizer: PreTrainedTokenizerBase, data_file: str
 ) -> ClientData:
-    records = load_records(config.task, "train", data_dir=config.data_dir or None)
-    single = method_plan(config).single_client
-    part = partition_records(
-        records,
-        num_partitions=1 if single else config.num_partitions,
-        partition_id=partition_id,
-        partitioner=config.partitioner,
-        seed=config.seed,
-        alpha=config.dirichlet_alpha,
-    )
+    if data_file:
+        part = load_records(data_file)
+    else:
+        records = load_records(config.task, "train", data_dir=config.data_dir or None)
+        part = partition_records(
+            records,
+            num_partitions=1 if method_plan(config).single_client else config.num_partitions,
+            partition_id=partition_id,
+            partitioner=config.partitioner,
+            seed=config.seed,
+            alpha=config.dirichlet_alpha,
+        )
     train, test = train_test_split(part, config.test_fraction, config.seed)
     return ClientData(
         train=tuple(tokenize_records(tokenizer, train, config.seq_length)),
@@ -46,9 +49,19 @@ def _client_data(
 
 
 def client_data(
-    config: RunConfig, partition_id: int, tokenizer: PreTrainedTokenizerBase
+    config: RunConfig,
+    partition_id: int,
+    tokenizer: PreTrainedTokenizerBase,
+    data_file: str = "",
 ) -> ClientData:
     """Memoized per process: simulated clients are called once per round."""
+    if data_file:
+        if not data_file.endswith((".json", ".jsonl")):
+            raise ValueError(
+                f"node config data-file={data_file!r}: expected a .json or .jsonl file of "
+                "instruction/input/output records"
+            )
+        return _client_data(config, partition_id, tokenizer, data_file)
     if not 0 <= partition_id < config.num_partitions:
         raise ValueError(
             f"node partition-id={partition_id} but run-config num-partitions="
@@ -57,4 +70,4 @@ def client_data(
         )
     if method_plan(config).single_client:
         partition_id = 0
-    return _client_data(config, partition_id, tokenizer)
+    return _client_data(config, partition_id, tokenizer, "")

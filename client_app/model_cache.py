@@ -16,7 +16,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -24,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from models.layout import Layout
 from models.loading import quiet_progress_off_terminal
 from models.lora import LoraModel, LoraSpec
+from models.quantization import load_plan
 from models.wire import from_record
 
 
@@ -38,9 +38,11 @@ class ClientModel:
     lora: LoraModel
     tokenizer: PreTrainedTokenizerBase
     layout: Layout
+    quantization: str = "none"
+    quantization_note: str = ""
 
 
-_MEMO: dict[tuple[str, LoraSpec], ClientModel] = {}
+_MEMO: dict[tuple[str, LoraSpec, str], ClientModel] = {}
 
 
 def node_cache_dir(root: str, node_id: int) -> Path:
@@ -70,9 +72,12 @@ def store_package(cache: Path, base: ArrayRecord, package: ConfigRecord) -> Path
     return target
 
 
-def load_client_model(cache: Path, digest: str, spec: LoraSpec) -> ClientModel:
-    """The compressed model of ``digest`` with LoRA on all its blocks."""
-    key = (digest, spec)
+def load_client_model(
+    cache: Path, digest: str, spec: LoraSpec, quantization: str = "none"
+) -> ClientModel:
+    """The compressed model of ``digest`` with LoRA on all its blocks; its frozen weights
+    in 4 or 8 bits where ``quantization`` asks and the node can (see models/quantization)."""
+    key = (digest, spec, quantization)
     if key in _MEMO:
         return _MEMO[key]
     directory = cache / digest
@@ -85,11 +90,18 @@ def load_client_model(cache: Path, digest: str, spec: LoraSpec) -> ClientModel:
         emulator_blocks=tuple(raw["emulator_blocks"]),
     )
     quiet_progress_off_terminal()
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    plan = load_plan(quantization)
+    model = AutoModelForCausalLM.from_pretrained(directory, **plan.kwargs)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     lora = LoraModel(model, layout.kept_blocks, layout.kept_blocks, spec)
     _MEMO.clear()
-    _MEMO[key] = ClientModel(lora=lora, tokenizer=tokenizer, layout=layout)
+    _MEMO[key] = ClientModel(
+        lora=lora,
+        tokenizer=tokenizer,
+        layout=layout,
+        quantization=plan.mode,
+        quantization_note=plan.note,
+    )
     return _MEMO[key]

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from models.quantization import QUANTIZATION_MODES
 from server_app.evaluation.suite import parse_tasks
 
 METHODS = ("fedbiot", "fedit", "fedot", "offsite", "local", "central")
@@ -97,6 +98,7 @@ class RunConfig:
     resume_from: str = ""
     num_threads: int = 0
     device: str = "auto"
+    quantization: str = "none"
 
     @staticmethod
     def key(name: str) -> str:
@@ -187,6 +189,10 @@ class RunConfig:
             (
                 self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                 f"device={self.device!r} must be auto, cpu, cuda or cuda:N",
+            ),
+            (
+                self.quantization in QUANTIZATION_MODES,
+                f"quantization={self.quantization!r} must be one of {QUANTIZATION_MODES}",
             ),
         ]
         for ok, message in checks:

@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import FedAvg
 from models.distillation import EmulatorDistiller
 from models.fedbiot_models import FedBiOTModels
 from models.wire import from_record, record_bytes, to_record
-from strategies.update_checks import screen_replies
+from strategies.update_checks import Rejection, screen_replies
 
 # Client metrics that mean nothing once averaged over clients.
 _PER_CLIENT_KEYS = frozenset({"partition-id"})
@@ -76,6 +76,7 @@ class FedBiOTMixin:
         self.distill_steps = distill_steps if distiller is not None else 0
         self.learning_rate = learning_rate
         self.served_nodes: set[int] = set()
+        self._awaited: set[int] = set()  # nodes sent a message this phase
         self.round_metrics: dict[int, dict[str, float]] = {}
         # Per round, per node: bytes down, up and of the one-time model download.
         self.node_bytes: dict[int, dict[int, dict[str, int]]] = {}
@@ -135,6 +136,7 @@ class FedBiOTMixin:
                     dst_node_id=node,
                 )
             )
+        self._awaited = {m.metadata.dst_node_id for m in out}
         if self.audit_path is not None:
             with open(self.audit_path, "a") as f:
                 for message in out:
@@ -142,13 +144,20 @@ class FedBiOTMixin:
         return out
 
     def _note_failures(self, replies: list[Message]) -> int:
-        """Nodes whose reply is an error may have missed the weights: send them again."""
-        failed = 0
-        for reply in replies:
-            if reply.has_error():
-                failed += 1
-                self.served_nodes.discard(reply.metadata.src_node_id)
-        return failed
+        """Nodes sent a message that did not answer it successfully (an error reply, or
+        none before the timeout) may have missed the weights: send them again. Counted by
+        destination, since the SuperLink's error reply for a dead node names no source."""
+        answered = {r.metadata.src_node_id for r in replies if not r.has_error()}
+        failed = self._awaited - answered
+        self.served_nodes -= failed
+        return len(failed)
+
+    def screen_train_replies(
+        self, replies: list[Message], reference: ArrayRecord, max_norm_ratio: float
+    ) -> tuple[list[Message], list[Rejection]]:
+        """Valid replies and rejected ones; strategies whose clients return a subset of the
+        arrays (per-client adapter depth) screen differently."""
+        return screen_replies(replies, reference, max_norm_ratio)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -174,7 +183,9 @@ class FedBiOTMixin:
         metrics["clients_failed"] = self._note_failures(replies)
         metrics["bytes_up"] += self._count_replies(server_round, replies)
         if self._round_arrays is not None:
-            replies, rejected = screen_replies(replies, self._round_arrays, self.max_norm_ratio)
+            replies, rejected = self.screen_train_replies(
+                replies, self._round_arrays, self.max_norm_ratio
+            )
             metrics["clients_rejected"] = len(rejected)
         start = time.perf_counter()
         arrays, train_metrics = super().aggregate_train(server_round, replies)

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-from flwr.app import Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from models.blocks import get_blocks
@@ -18,6 +18,7 @@ from models.layout import fedbiot_layout
 from models.lora import LoraSpec
 from models.wire import to_record
 from strategies.fedbiot import FedBiOT
+from tests.test_algorithms import NodeDirectory
 from tests.tiny import chat_batch, tiny
 
 
@@ -78,17 +79,24 @@ def test_adapter_aggregation_is_the_example_weighted_mean(strategy: FedBiOT) -> 
     assert bytes_up == sum(to_record(s).count_bytes() for s in states)
 
 
-def test_a_failed_client_is_left_out_and_sent_the_weights_again(strategy: FedBiOT) -> None:
+def test_failed_and_silent_clients_are_left_out_and_sent_the_weights_again(
+    strategy: FedBiOT,
+) -> None:
+    """Node 12 replies with an error, node 13 not at all (a dead node: the SuperLink's error
+    reply names no source node). Both count as failed and get the frozen weights again."""
     template = strategy.models.adapter_state()
-    good = _reply(1, template, 5, 1.0)
-    sent = Message(content=RecordDict(), message_type=MessageType.TRAIN, dst_node_id=2)
-
-    failed = Message(Error(code=0, reason="out of memory"), reply_to=sent)
-    strategy.served_nodes.update({1, 2})
-    arrays, _ = strategy.aggregate_train(1, [good, failed])
-    assert arrays is not None
-    assert strategy.served_nodes == {1}
-    assert strategy.round_metrics[1]["clients_failed"] == 1
+    arrays = to_record(template)
+    sent = list(strategy.configure_train(1, arrays, ConfigRecord(), NodeDirectory()))
+    assert all("base" in m.content for m in sent)
+    to_node_12 = next(m for m in sent if m.metadata.dst_node_id == 12)
+    failed = Message(Error(code=0, reason="out of memory"), reply_to=to_node_12)
+    good = _reply(11, template, 5, 1.0)
+    aggregated, _ = strategy.aggregate_train(1, [good, failed])
+    assert aggregated is not None
+    assert strategy.served_nodes == {11}
+    assert strategy.round_metrics[1]["clients_failed"] == 2
+    again = list(strategy.configure_train(2, aggregated, ConfigRecord(), NodeDirectory()))
+    assert {m.metadata.dst_node_id for m in again if "base" in m.content} == {12, 13}
 
 
 @contextmanager

@@ -9,7 +9,9 @@ from models.blocks import get_blocks
 from models.fedbiot_models import FedBiOTModels
 from models.layout import fedbiot_layout
 from models.lora import LoraSpec
+from models.quantization import check_mode
 from models.wire import from_record, record_bytes, to_record
+from server_app.run_config import ConfigError, RunConfig
 from tests.tiny import TINY, tiny
 
 
@@ -53,3 +55,22 @@ def test_wire_round_trip_bytes_and_bad_values() -> None:
     with pytest.raises(ValueError, match="'x' holds NaN"):
         from_record(bad)
     assert np.array_equal(record["blocks.1.q.lora_B"].numpy(), np.zeros((8, 4), np.float32))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-CUDA fallback path")
+def test_quantized_request_without_cuda_falls_back_to_float32_and_says_why(tmp_path) -> None:
+    model, tokenizer = tiny("tiny-llama")
+    layout = fedbiot_layout(len(get_blocks(model)), 2, 0.5)
+    spec = LoraSpec(r=4, alpha=8, dropout=0.0)
+    pair = FedBiOTModels(model, tokenizer, layout, spec)
+    store_package(tmp_path, pair.frozen, pair.model_package())
+    client = load_client_model(tmp_path, pair.frozen_digest, spec, "4bit")
+    assert client.quantization == "none"
+    assert "no CUDA device" in client.quantization_note
+    assert all(p.dtype == torch.float32 for p in client.lora.peft.parameters())
+    ids = torch.randint(5, 1000, (1, 8))
+    assert torch.isfinite(client.lora.peft(ids).logits).all()
+    with pytest.raises(ValueError, match="quantization='3bit'"):
+        check_mode("3bit")
+    with pytest.raises(ConfigError, match="quantization='int4'"):
+        RunConfig.from_flower({"quantization": "int4"})

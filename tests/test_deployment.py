@@ -3,11 +3,13 @@ authentication on, an unregistered SuperNode refused, FedBiOT run through `flwr 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,13 +28,36 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_tls_authenticated_deployment_runs_fedbiot_and_refuses_a_stranger(tmp_path: Path) -> None:
+def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def _rounds_recorded(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_tls_authenticated_deployment_survives_a_killed_client(tmp_path: Path) -> None:
+    """Three registered SuperNodes (node 0 on its own data file) and a stranger. Node 2 is
+    killed after the round-1 messages went out: round 1 completes with the other two and
+    counts the failure; node 2 restarts with its key, gets the weights again and trains in
+    the later rounds."""
     root = tmp_path / "deploy"
-    command = [sys.executable, str(SCRIPT)]
-    subprocess.run(
-        [*command, "start", "--dir", str(root), "--nodes", "4", "--unregistered", "1"], check=True
+    own_data = tmp_path / "node0.jsonl"
+    own_data.write_text(
+        "".join(
+            json.dumps({"instruction": f"Add {i} and {i}.", "output": f"{i} + {i} = {2 * i}"})
+            + "\n"
+            for i in range(12)
+        )
     )
+    command = [sys.executable, str(SCRIPT)]
+    start = ["start", "--dir", str(root), "--nodes", "4", "--unregistered", "1"]
+    subprocess.run([*command, *start, "--node", f"0:data-file='{own_data}'"], check=True)
     pids = [int(p) for p in (root / "pids").read_text().split()]
+    run_dir = tmp_path / "deployed"
     try:
         env = {
             **os.environ,
@@ -45,34 +70,50 @@ def test_tls_authenticated_deployment_runs_fedbiot_and_refuses_a_stranger(tmp_pa
             "deployed",
             num_partitions=3,
             min_train_nodes=3,
-            num_server_rounds=2,
+            num_server_rounds=3,
             fraction_evaluate=0.0,
+            eval_every=3,
+            round_timeout=300.0,
         )
         overrides = " ".join(
             f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in config.items()
         )
-        result = subprocess.run(
+        run = subprocess.Popen(
             [str(BIN / "flwr"), "run", str(REPO), "local", "--stream", "--run-config", overrides],
             env=env,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
-            timeout=600,
-            check=False,
         )
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        rows = [
-            json.loads(line)
-            for line in (tmp_path / "deployed" / "metrics.jsonl").read_text().splitlines()
-        ]
-        assert [r["round"] for r in rows] == [0, 1, 2]
-        assert all(r["clients_sampled"] == 3 and r["clients_failed"] == 0 for r in rows[1:])
-        assert (tmp_path / "deployed" / "adapfu" / "config.json").is_file()
+        audit = run_dir / "sent_arrays.jsonl"
+        _wait_for(lambda: _rounds_recorded(audit) >= 3, 300, "the round-1 train messages")
+        subprocess.run([*command, "kill-node", "--dir", str(root), "--node", "2"], check=True)
+        metrics = run_dir / "metrics.jsonl"
+        _wait_for(lambda: _rounds_recorded(metrics) >= 2, 300, "round 1 to complete")
+        subprocess.run([*command, "start-node", "--dir", str(root), "--node", "2"], check=True)
+        output, _ = run.communicate(timeout=600)
+        assert run.returncode == 0, output[-3000:]
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        assert [r["round"] for r in rows] == [0, 1, 2, 3]
+        assert rows[1]["clients_sampled"] == 3 and rows[1]["clients_failed"] == 1
+        assert all(r["clients_sampled"] == 3 and r["clients_failed"] == 0 for r in rows[2:])
+        with open(run_dir / "communication.csv", newline="") as f:
+            traffic = [{k: int(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        failed = [r["node"] for r in traffic if r["round"] == 1 and r["bytes_up"] == 0]
+        assert len(failed) == 1, traffic
+        again = [r for r in traffic if r["round"] == 2 and r["node"] == failed[0]]
+        assert again and again[0]["bytes_up"] > 0, "the killed node trains again"
+        assert again[0]["bytes_model_download"] > 0, "and gets the frozen weights again"
+        assert (run_dir / "adapfu" / "config.json").is_file()
         link_log = (root / "logs" / "superlink.log").read_text()
         assert "No SuperNode found with the given public key" in link_log  # the stranger
         assert "--insecure" not in link_log  # TLS on: no insecure-mode warning
         assert "root-certificates" in (root / "flwr-home" / "config.toml").read_text()
+        node0 = (root / "nodes" / "0.json").read_text()
+        assert "data-file" in node0 and str(own_data) in node0
     finally:
         subprocess.run([*command, "stop", "--dir", str(root)], check=True)
+    pids += [int(f.read_text()) for f in (root / "nodes").glob("*.pid")]
     deadline = time.monotonic() + 20
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.5)

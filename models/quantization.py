@@ -1,0 +1,71 @@
+"""4-bit and 8-bit (bitsandbytes) loading of a client's frozen weights, for GPU nodes.
+
+Only the frozen base is quantized; LoRA stays in full precision (QLoRA). bitsandbytes'
+kernels need CUDA, so a node that asks for quantization without a CUDA device (or without
+the ``bitsandbytes`` package) logs why and loads float32 weights instead: the federation
+goes on, that node just uses more memory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from logging import WARNING
+from typing import Any
+
+import torch
+from flwr.common.logger import log
+
+QUANTIZATION_MODES = ("none", "8bit", "4bit")
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How to load the frozen weights: ``from_pretrained`` arguments and the mode used."""
+
+    mode: str
+    kwargs: dict[str, Any]
+    note: str = ""
+
+
+def check_mode(mode: str, where: str = "quantization") -> str:
+    """The mode, or a clear error naming the config key."""
+    if mode not in QUANTIZATION_MODES:
+        raise ValueError(f"{where}={mode!r}: expected one of {', '.join(QUANTIZATION_MODES)}")
+    return mode
+
+
+def _missing_requirement() -> str:
+    if not torch.cuda.is_available():
+        return "this node has no CUDA device"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "the bitsandbytes package is not installed (pip install bitsandbytes)"
+    return ""
+
+
+def load_plan(mode: str) -> LoadPlan:
+    """``from_pretrained`` arguments for ``mode``, falling back to float32 where the node
+    cannot quantize (the fallback is logged and reported in the plan's ``note``)."""
+    check_mode(mode)
+    if mode == "none":
+        return LoadPlan("none", {"dtype": torch.float32})
+    missing = _missing_requirement()
+    if missing:
+        note = f"quantization={mode} needs CUDA and bitsandbytes: {missing}; loading float32"
+        log(WARNING, note)
+        return LoadPlan("none", {"dtype": torch.float32}, note)
+    from transformers import BitsAndBytesConfig
+
+    if mode == "4bit":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return LoadPlan(
+        mode,
+        {"quantization_config": config, "dtype": torch.bfloat16, "device_map": {"": 0}},
+    )
