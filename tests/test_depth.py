@@ -1,0 +1,422 @@
+"""FedBiAlign's heterogeneous adapter depth: per-block aggregation, depth choice from memory
+budgets, measured training memory and the per-client update history."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from models.blocks import get_blocks
+from models.depth_memory import (
+    GB,
+    MemoryBudgetError,
+    _peak_extra_bytes,
+    choose_depths,
+    measure_training_memory,
+    module_bytes,
+    node_budget_gb,
+    parse_budget_map,
+    parse_depth_table,
+)
+from models.fedbiot_models import FedBiOTModels
+from models.layout import fedbiot_layout
+from models.lora import LoraSpec
+from models.wire import from_record, state_bytes, to_record
+from strategies.depth_aggregation import (
+    BUDGET_QUERY,
+    DEPTH_KEY,
+    FedBiAlign,
+    HeterogeneousDepthFedAvg,
+    block_of,
+    budget_reply,
+    per_block_weighted_mean,
+)
+from strategies.update_history import UpdateHistory, UpdateRow, update_stats
+from tests.tiny import tiny
+
+REGION = (2, 3, 4, 5, 6, 7)  # the adapter region: the last 6 of the tiny model's 8 blocks
+
+
+def _key(block: int) -> str:
+    return f"blocks.{block}.mlp.down_proj.lora_A"
+
+
+def _t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+# --- per-block aggregation, by hand ----------------------------------------------------------
+
+CURRENT = {_key(b): _t(b, -b) for b in REGION}
+DEPTH_2 = ({_key(6): _t(1, 2), _key(7): _t(3, 4)}, 1)
+DEPTH_4 = ({_key(4): _t(2, 0), _key(5): _t(4, 4), _key(6): _t(5, 6), _key(7): _t(7, 8)}, 3)
+DEPTH_6 = (
+    {
+        _key(2): _t(8, 8),
+        _key(3): _t(0, 4),
+        _key(4): _t(6, 4),
+        _key(5): _t(0, 8),
+        _key(6): _t(1, 2),
+        _key(7): _t(11, 0),
+    },
+    4,
+)
+
+
+def _assert_state(got: dict[str, torch.Tensor], expected: dict[int, tuple[float, float]]) -> None:
+    assert set(got) == {_key(b) for b in expected}
+    for block, values in expected.items():
+        np.testing.assert_allclose(got[_key(block)].numpy(), values, rtol=1e-6)
+
+
+def test_per_block_mean_of_depths_2_4_and_6_by_hand() -> None:
+    new = per_block_weighted_mean(CURRENT, [DEPTH_2, DEPTH_4, DEPTH_6])
+    _assert_state(
+        new,
+        {
+            2: (8, 8),  # only the depth-6 client trained blocks 2 and 3
+            3: (0, 4),
+            4: (30 / 7, 16 / 7),  # (3 * (2, 0) + 4 * (6, 4)) / 7
+            5: (12 / 7, 44 / 7),  # (3 * (4, 4) + 4 * (0, 8)) / 7
+            6: (2.5, 3.5),  # (1 * (1, 2) + 3 * (5, 6) + 4 * (1, 2)) / 8
+            7: (8.5, 3.5),  # (1 * (3, 4) + 3 * (7, 8) + 4 * (11, 0)) / 8
+        },
+    )
+
+
+def test_a_block_nobody_trained_keeps_its_value() -> None:
+    new = per_block_weighted_mean(CURRENT, [DEPTH_2, DEPTH_4])
+    _assert_state(
+        new,
+        {
+            2: (2, -2),
+            3: (3, -3),
+            4: (2, 0),
+            5: (4, 4),
+            6: (4, 5),  # (1 * (1, 2) + 3 * (5, 6)) / 4
+            7: (6, 7),  # (1 * (3, 4) + 3 * (7, 8)) / 4
+        },
+    )
+    assert new[_key(2)] is not CURRENT[_key(2)]  # a copy, not the caller's tensor
+
+
+def test_an_update_key_outside_the_arrays_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"blocks\.1\.mlp"):
+        per_block_weighted_mean(CURRENT, [({_key(1): _t(0, 0)}, 1)])
+
+
+def test_block_of_parses_the_original_block_index() -> None:
+    assert block_of("blocks.28.self_attn.q_proj.lora_B") == 28
+    for bad in ("layers.2.q.lora_A", "blocks.x.q.lora_A", "blocks.2"):
+        with pytest.raises(ValueError, match="not a LoRA name"):
+            block_of(bad)
+
+
+# --- the strategy on real Flower messages ----------------------------------------------------
+
+
+class FakeGrid:
+    """The two Grid calls the strategy makes; budget queries answered from a table."""
+
+    def __init__(self, budgets: dict[int, float | None]) -> None:
+        self.budgets = budgets
+        self.queried: list[int] = []
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.budgets)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None) -> list:
+        replies = []
+        for message in messages:
+            assert message.metadata.message_type == BUDGET_QUERY
+            node = message.metadata.dst_node_id
+            self.queried.append(node)
+            budget = self.budgets[node]
+            if budget is None:
+                replies.append(Message(Error(code=0, reason="no query handler"), reply_to=message))
+            else:
+                replies.append(budget_reply(message, budget))
+        return replies
+
+
+@pytest.fixture
+def models() -> FedBiOTModels:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    model, tokenizer = tiny("tiny-llama")
+    layout = fedbiot_layout(len(get_blocks(model)), len(REGION), 0.5)
+    assert layout.adapter_blocks == REGION
+    return FedBiOTModels(model, tokenizer, layout, LoraSpec(r=4, alpha=8))
+
+
+def _sampling(nodes: int) -> dict[str, float | int]:
+    return {"min_train_nodes": nodes, "min_available_nodes": nodes, "fraction_evaluate": 0.0}
+
+
+def _train_reply(message: Message, shift: float, examples: int) -> Message:
+    """What a client of the message's depth returns: its top blocks' LoRA, shifted."""
+    depth = int(message.content["config"][DEPTH_KEY])
+    sent = from_record(message.content["arrays"])
+    blocks = REGION[-depth:]
+    state = {k: v + shift for k, v in sent.items() if block_of(k) in blocks}
+    metrics = MetricRecord({"train_loss": shift, "num-examples": examples})
+    return Message(RecordDict({"arrays": to_record(state), "metrics": metrics}), reply_to=message)
+
+
+# node -> (depth, shift of its returned LoRA, examples)
+PLAN = {1: (2, 1.0, 10), 2: (4, 2.0, 30), 3: (6, 4.0, 60)}
+
+
+def _expected_shift(block: int) -> float:
+    """The aggregate's shift of a block: the example-weighted mean over its trainers."""
+    trainers = [(s, n) for d, s, n in PLAN.values() if block in REGION[-d:]]
+    return sum(s * n for s, n in trainers) / sum(n for _, n in trainers)
+
+
+def test_each_node_gets_its_depth_and_the_whole_region_and_blocks_are_averaged(
+    models: FedBiOTModels,
+) -> None:
+    strategy = HeterogeneousDepthFedAvg(
+        node_depths={n: d for n, (d, _, _) in PLAN.items()}, **_sampling(3)
+    )
+    arrays = to_record(models.adapter_state())
+    grid = FakeGrid(dict.fromkeys(PLAN))
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord({"lr": 0.1}), grid))
+
+    assert grid.queried == []  # every depth was known
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 3]
+    for message in messages:
+        config = message.content["config"]
+        assert config[DEPTH_KEY] == PLAN[message.metadata.dst_node_id][0]
+        assert config["lr"] == 0.1 and config["server-round"] == 1
+        assert set(message.content["arrays"]) == set(arrays)  # frozen region blocks need it
+    replies = [_train_reply(m, *PLAN[m.metadata.dst_node_id][1:]) for m in messages]
+    kept, rejected = strategy.screen_train_replies(replies, arrays, 10.0)
+    assert len(kept) == 3 and rejected == []
+
+    new, metrics = strategy.aggregate_train(1, replies)
+
+    assert new is not None and metrics is not None and set(new) == set(arrays)
+    # Blocks 2-3: node 3 only (shift 4); 4-5: nodes 2, 3 ((30*2 + 60*4) / 90);
+    # 6-7: all ((10*1 + 30*2 + 60*4) / 100).
+    assert [_expected_shift(b) for b in REGION] == pytest.approx([4, 4, 10 / 3, 10 / 3, 3.1, 3.1])
+    for name in arrays:
+        expected = arrays[name].numpy() + _expected_shift(block_of(name))
+        np.testing.assert_allclose(new[name].numpy(), expected, rtol=1e-6, atol=1e-6)
+    assert metrics["train_loss"] == pytest.approx((10 * 1 + 30 * 2 + 60 * 4) / 100)
+    assert (
+        metrics["clients_depth_2"] == metrics["clients_depth_4"] == metrics["clients_depth_6"] == 1
+    )
+    assert {r["node"]: r["depth"] for r in strategy.history.rows(1)} == {1: 2, 2: 4, 3: 6}
+
+
+def test_unknown_nodes_are_asked_for_their_budget(models: FedBiOTModels) -> None:
+    strategy = HeterogeneousDepthFedAvg(
+        measured_gb={2: 1.0, 4: 2.0, 6: 3.0}, node_depths={1: 2}, **_sampling(4)
+    )
+    arrays = to_record(models.adapter_state())
+    grid = FakeGrid({1: 99.0, 2: 2.5, 3: 3.0, 4: None})  # node 4 does not answer
+
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+
+    assert sorted(grid.queried) == [2, 3, 4]  # node 1's depth was known
+    depths = {m.metadata.dst_node_id: m.content["config"][DEPTH_KEY] for m in messages}
+    assert depths == {1: 2, 2: 4, 3: 6}  # node 4 sits the round out
+    assert strategy.node_depths == {1: 2, 2: 4, 3: 6}
+
+
+def test_a_budget_below_the_shallowest_depth_stops_the_run(models: FedBiOTModels) -> None:
+    strategy = HeterogeneousDepthFedAvg(measured_gb={2: 1.0, 4: 2.0}, **_sampling(2))
+    grid = FakeGrid({1: 4.0, 2: 0.5})
+    with pytest.raises(MemoryBudgetError, match=r"client 2: memory budget 0\.5 GB .* depth 2"):
+        strategy.configure_train(1, to_record(models.adapter_state()), ConfigRecord(), grid)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "reason"),
+    [
+        (lambda s: {k: v for k, v in s.items() if not k.endswith("lora_B")}, "incomplete blocks"),
+        (lambda s: {**s, _key(2): torch.zeros(4, 64)}, "outside its assigned blocks"),
+        (lambda s: {k: v * float("nan") for k, v in s.items()}, "NaN or Inf"),
+        (lambda s: {k: v + 1e4 for k, v in s.items()}, "update norm"),
+    ],
+)
+def test_fedbialign_composes_with_the_fedbiot_mixin(models: FedBiOTModels, corrupt, reason) -> None:
+    strategy = FedBiAlign(
+        models=models,
+        distiller=None,
+        distill_steps=0,
+        node_depths={1: 2, 2: 4, 3: 6, 4: 2},
+        max_norm_ratio=10.0,
+        **_sampling(4),
+    )
+    arrays = to_record(models.adapter_state())
+    messages = list(
+        strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid({1: 0, 2: 0, 3: 0, 4: 0}))
+    )
+    assert all("emulator" in m.content and "base" in m.content for m in messages)
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    assert {n: int(m.content["config"][DEPTH_KEY]) for n, m in by_node.items()} == {
+        1: 2,
+        2: 4,
+        3: 6,
+        4: 2,
+    }
+    replies = [_train_reply(by_node[n], *PLAN[n][1:]) for n in PLAN]
+    bad = _train_reply(by_node[4], 1.5, 10)
+    state = corrupt(from_record(bad.content["arrays"]))
+    bad.content["arrays"] = to_record(state)
+
+    new, _ = strategy.aggregate_train(1, [*replies, bad])
+
+    assert new is not None
+    round_metrics = strategy.round_metrics[1]
+    assert round_metrics["clients_rejected"] == 1 and round_metrics["clients_depth_2"] == 1
+    for name, value in models.adapter_state().items():  # installed in the server's models
+        expected = arrays[name].numpy() + _expected_shift(block_of(name))
+        np.testing.assert_allclose(value.numpy(), expected, rtol=1e-6, atol=1e-6)
+    assert "update_cosine_mean" in round_metrics
+
+
+# --- depth from budgets, and parsing ---------------------------------------------------------
+
+
+def test_each_client_gets_the_deepest_depth_that_fits_its_budget() -> None:
+    measured = {2: 1.0, 4: 2.0, 6: 3.0}
+    budgets = {10: 1.0, 11: 2.5, 12: 3.0, 13: 64.0}
+    assert choose_depths(budgets, measured) == {10: 2, 11: 4, 12: 6, 13: 6}
+    with pytest.raises(MemoryBudgetError) as error:
+        choose_depths({7: 0.9}, measured)
+    message = str(error.value)
+    assert "client 7" in message and "0.9 GB" in message and "1 GB" in message
+    assert "depth 2" in message
+
+
+def test_depth_table_parsing() -> None:
+    assert parse_depth_table("2,4,6", adapter_layers=6) == (2, 4, 6)
+    assert parse_depth_table(" 1, 3", adapter_layers=6, num_blocks=8) == (1, 3)
+    for text, reason in [
+        ("2,x", "integers"),
+        ("", "integers"),
+        ("0,2", ">= 1"),
+        ("4,2", "increasing"),
+        ("2,2", "increasing"),
+        ("2,8", "exceeds the adapter region"),
+    ]:
+        with pytest.raises(ValueError, match=reason):
+            parse_depth_table(text, adapter_layers=6)
+    with pytest.raises(ValueError, match="exceeds the model's 4 blocks"):
+        parse_depth_table("2", adapter_layers=6, num_blocks=4)
+
+
+def test_budget_map_parsing() -> None:
+    assert parse_budget_map("0:2.0, 1:4,2:8.5") == {0: 2.0, 1: 4.0, 2: 8.5}
+    assert parse_budget_map("") == {}
+    for text, reason in [
+        ("0=2", "entry '0=2' must be <partition>:<GB>"),
+        ("a:2", "entry 'a:2' must be"),
+        ("0:abc", "entry '0:abc': 'abc' is not a number"),
+        ("0:-1", "must be a positive"),
+        ("0:inf", "must be a positive"),
+        ("0:1,0:2", "partition 0 is given twice"),
+    ]:
+        with pytest.raises(MemoryBudgetError, match=f"run-config memory-budgets.*{reason}"):
+            parse_budget_map(text)
+
+
+def test_a_node_budget_comes_from_its_node_config_or_its_partition() -> None:
+    budgets = {0: 2.0, 1: 4.0}
+    assert node_budget_gb({"memory-budget-gb": 8, "partition-id": 0}, budgets) == 8.0
+    assert node_budget_gb({"partition-id": 1}, budgets) == 4.0
+    with pytest.raises(MemoryBudgetError, match="node config memory-budget-gb: 'lots'"):
+        node_budget_gb({"memory-budget-gb": "lots"}, budgets)
+    with pytest.raises(MemoryBudgetError, match="memory-budgets an entry for partition 5"):
+        node_budget_gb({"partition-id": 5}, budgets)
+
+
+# --- measured memory -------------------------------------------------------------------------
+
+
+def test_the_cpu_tracker_counts_backward_and_the_optimizer_step() -> None:
+    linear = torch.nn.Linear(256, 256, bias=False)
+    weight_bytes = 256 * 256 * 4
+
+    def step() -> None:
+        optimizer = torch.optim.AdamW(linear.parameters(), lr=1e-3)
+        linear(torch.randn(4, 256)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    once = _peak_extra_bytes(step, torch.device("cpu"))
+    assert once >= 3 * weight_bytes  # gradient + AdamW's two moments
+    # Freed storages are uncounted: two steps in a row peak no higher than one.
+    assert _peak_extra_bytes(lambda: (step(), step()), torch.device("cpu")) == once
+
+
+def test_measured_training_memory_grows_with_depth(models: FedBiOTModels) -> None:
+    lora = models.compressed
+    before = models.adapter_state()
+    rng = torch.get_rng_state()
+
+    measured = measure_training_memory(lora, REGION, (2, 4, 6), batch_size=2, seq_length=32)
+
+    assert list(measured) == [2, 4, 6]
+    assert measured[2] < measured[4] < measured[6]
+    weights = module_bytes(lora.peft)
+    for depth, gb in measured.items():
+        trained = state_bytes(lora.state(REGION[-depth:]))
+        # A real step holds the weights, plus the LoRA's gradients and AdamW moments.
+        assert gb * GB >= weights + 3 * trained
+    after = models.adapter_state()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # LoRA restored
+    assert torch.equal(torch.get_rng_state(), rng)
+    with pytest.raises(ValueError, match=r"outside 1\.\.6"):
+        measure_training_memory(lora, REGION, (7,), batch_size=1, seq_length=16)
+
+
+# --- update history --------------------------------------------------------------------------
+
+
+def test_update_norms_and_cosines_by_hand() -> None:
+    sent = {"a": _t(0, 0), "b": _t(1, 1)}
+    aggregate = {"a": _t(1, 0), "b": _t(1, 2)}
+    # Update (3, 4) on a; the aggregate's is (1, 0): norm 5, cosine 3 / 5.
+    assert update_stats(sent, aggregate, {"a": _t(3, 4)}) == pytest.approx((5.0, 0.6))
+    # Update (1, 1, 0, -1) against (1, 0, 0, 1): norm sqrt(3), cosine 0.
+    norm, cosine = update_stats(sent, aggregate, {"a": _t(1, 1), "b": _t(1, 0)})
+    assert norm == pytest.approx(math.sqrt(3)) and cosine == pytest.approx(0.0)
+    norm, cosine = update_stats(sent, aggregate, {"a": _t(0, 0)})
+    assert norm == 0.0 and math.isnan(cosine)
+
+
+def test_history_summary_rows_and_bound() -> None:
+    history = UpdateHistory(max_rounds=2)
+    history.add(1, UpdateRow(node=1, depth=2, num_examples=5, norm=1.0, cosine=0.5))
+    history.add(1, UpdateRow(node=2, depth=6, num_examples=7, norm=3.0, cosine=math.nan))
+    history.add(1, UpdateRow(node=3, depth=6, num_examples=9, norm=2.0, cosine=-0.5))
+    assert history.round_summary(1) == {
+        "update_norm_mean": 2.0,
+        "update_norm_max": 3.0,
+        "update_cosine_mean": 0.0,  # NaN (a zero update) left out
+        "update_cosine_min": -0.5,
+        "clients_depth_2": 1.0,
+        "clients_depth_6": 2.0,
+    }
+    assert history.rows(1)[0] == {
+        "round": 1,
+        "node": 1,
+        "depth": 2,
+        "num_examples": 5,
+        "norm": 1.0,
+        "cosine": 0.5,
+    }
+    history.add(2, UpdateRow(1, 2, 5, 1.0, 1.0))
+    history.add(3, UpdateRow(1, 2, 5, 1.0, 1.0))
+    assert history.rounds == [2, 3]
+    with pytest.raises(KeyError, match="round 1 is not in the update history"):
+        history.round_summary(1)
