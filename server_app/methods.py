@@ -27,7 +27,7 @@ class MethodPlan:
 
     def layout(self, config: RunConfig, num_blocks: int) -> Layout:
         """Adapter, emulator and dropped blocks for a model of ``num_blocks`` blocks."""
-        if self.name == "fedbiot":
+        if self.name in ("fedbiot", "fedbialign"):
             return fedbiot_layout(num_blocks, config.adapter_layers, config.drop_rate)
         if self.name in ("fedot", "offsite"):
             return fedot_layout(num_blocks, config.drop_rate)
@@ -36,11 +36,17 @@ class MethodPlan:
 
 _PLANS = {
     "fedbiot": MethodPlan("fedbiot", True, True, True, False, True),
+    # FedBiOT plus DPO after SFT, per-client adapter depth and optional client-level DP.
+    "fedbialign": MethodPlan("fedbialign", True, True, True, False, True),
     "fedot": MethodPlan("fedot", True, False, False, False, True),
     "offsite": MethodPlan("offsite", True, False, False, True, True),
     "fedit": MethodPlan("fedit", False, False, False, False, True),
     "local": MethodPlan("local", False, False, False, False, False),
     "central": MethodPlan("central", False, False, False, True, True),
+    # Logit exchange and split learning: LoRA on the full model, their own server loops
+    # (server_app/kdfed.py, server_app/split_learning.py).
+    "kdfed": MethodPlan("kdfed", False, False, False, False, True),
+    "split": MethodPlan("split", False, False, False, False, True),
 }
 
 

@@ -16,7 +16,18 @@ import torch
 from models.quantization import QUANTIZATION_MODES
 from server_app.evaluation.suite import parse_tasks
 
-METHODS = ("fedbiot", "fedit", "fedot", "offsite", "local", "central")
+METHODS = (
+    "fedbiot",
+    "fedit",
+    "fedot",
+    "offsite",
+    "local",
+    "central",
+    "fedbialign",
+    "kdfed",
+    "split",
+)
+SPLIT_DTYPES = ("fp32", "fp16", "bf16-as-fp16")
 ALGORITHMS = (
     "fedavg",
     "fedprox",
@@ -31,6 +42,7 @@ ALGORITHMS = (
 )
 PARTITIONERS = ("iid", "dirichlet", "natural")
 LR_SCHEDULERS = ("constant", "cosine")
+STAGES = ("auto", "sft", "dpo", "sft+dpo")
 
 
 class ConfigError(ValueError):
@@ -80,6 +92,25 @@ class RunConfig:
     trimmed_beta: float = 0.2
     krum_malicious: int = 0
     max_update_norm_ratio: float = 10.0
+    stage: str = "auto"
+    dpo_rounds: int = 1
+    dpo_beta: float = 0.1
+    preference_data: str = "hh-rlhf"
+    preference_clients: str = "all"
+    preference_eval_pairs: int = 32
+    depth_table: str = ""
+    memory_budgets: str = ""
+    update_history_rounds: int = 100
+    dp_clipping_norm: float = 0.0
+    dp_noise_multiplier: float = 1.0
+    dp_delta: float = 1e-5
+    split_point: int = 0
+    split_dtype: str = "fp16"
+    kd_topk: int = 8
+    kd_weight: float = 0.5
+    kd_temperature: float = 1.0
+    kd_public_examples: int = 64
+    kd_distill_steps: int = 5
     public_examples: int = 256
     eval_examples: int = 16
     eval_tasks: str = "auto"
@@ -195,13 +226,77 @@ class RunConfig:
                 f"quantization={self.quantization!r} must be one of {QUANTIZATION_MODES}",
             ),
         ]
-        for ok, message in checks:
+        for ok, message in checks + self._alignment_checks():
             if not ok:
                 raise ConfigError(f"run-config {message}")
         try:
             parse_tasks(self.eval_tasks, self.task)
         except ValueError as error:
             raise ConfigError(f"run-config eval-tasks={self.eval_tasks!r}: {error}") from None
+
+    def _alignment_checks(self) -> list[tuple[bool, str]]:
+        """DPO stages, per-client adapter depth and client-level DP."""
+        stage = self.resolved_stage
+        dp = self.dp_clipping_norm > 0
+        return [
+            (self.stage in STAGES, f"stage={self.stage!r} must be one of {STAGES}"),
+            (self.dpo_beta > 0, "dpo-beta must be > 0"),
+            (
+                stage != "sft+dpo" or 1 <= self.dpo_rounds < self.num_server_rounds,
+                f"dpo-rounds={self.dpo_rounds} must be in [1, num-server-rounds) with "
+                "stage sft+dpo (some SFT rounds, then DPO rounds)",
+            ),
+            (self.preference_eval_pairs >= 0, "preference-eval-pairs must be >= 0"),
+            (
+                self.method != "fedbialign" or bool(self.depth_table),
+                "method=fedbialign needs depth-table, e.g. depth-table='1,2'",
+            ),
+            (
+                not self.depth_table or self.method == "fedbialign",
+                "depth-table is for method=fedbialign (per-client adapter depth)",
+            ),
+            (
+                self.method != "fedbialign" or self.algorithm == "fedavg",
+                "method=fedbialign aggregates per block with FedAvg: use algorithm=fedavg",
+            ),
+            (self.update_history_rounds >= 1, "update-history-rounds must be >= 1"),
+            (self.split_point >= 0, "split-point must be >= 0 (0: half of the blocks)"),
+            (
+                self.split_dtype in SPLIT_DTYPES,
+                f"split-dtype={self.split_dtype!r} must be one of {SPLIT_DTYPES}",
+            ),
+            (self.kd_topk >= 1, "kd-topk must be >= 1"),
+            (0.0 <= self.kd_weight <= 1.0, "kd-weight must be in [0, 1]"),
+            (self.kd_temperature > 0, "kd-temperature must be > 0"),
+            (self.kd_public_examples >= 1, "kd-public-examples must be >= 1"),
+            (self.kd_distill_steps >= 0, "kd-distill-steps must be >= 0"),
+            (self.dp_clipping_norm >= 0, "dp-clipping-norm must be >= 0 (0: off)"),
+            (self.dp_noise_multiplier >= 0, "dp-noise-multiplier must be >= 0"),
+            (0.0 < self.dp_delta < 1.0, "dp-delta must be in (0, 1)"),
+            (
+                not dp or self.max_update_norm_ratio == 0,
+                "dp-clipping-norm > 0 needs max-update-norm-ratio=0 (clipping bounds every "
+                "update; the median screen would let one client get another rejected)",
+            ),
+            (
+                not dp or self.method != "local",
+                "dp-clipping-norm > 0 needs a method that aggregates",
+            ),
+        ]
+
+    @property
+    def resolved_stage(self) -> str:
+        """``auto``: DPO after SFT for FedBiAlign, SFT for every other method."""
+        if self.stage != "auto":
+            return self.stage
+        return "sft+dpo" if self.method == "fedbialign" else "sft"
+
+    def stage_of(self, server_round: int) -> str:
+        """``sft`` or ``dpo`` for round ``server_round`` (1-based)."""
+        stage = self.resolved_stage
+        if stage == "sft+dpo":
+            return "dpo" if server_round > self.num_server_rounds - self.dpo_rounds else "sft"
+        return stage
 
     def torch_device(self) -> torch.device:
         """``auto`` picks the GPU when there is one."""

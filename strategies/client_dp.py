@@ -221,8 +221,11 @@ class ClientDPLayer:
         clipped = 0
         for reply in replies:
             arrays = reply.content["arrays"]
+            # A client of a shallower adapter depth (FedBiAlign) returns only the blocks it
+            # trained: the others are a zero update.
             update = [
-                arrays[key].numpy() - value.astype(np.float64) for key, value in reference.items()
+                arrays[key].numpy() - value.astype(np.float64) if key in arrays else 0.0 * value
+                for key, value in reference.items()
             ]
             norm = get_norm(update)
             scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
