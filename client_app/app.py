@@ -5,7 +5,9 @@ cache): the compressed model for FedBiOT, FedOT and offsite-tuning, the full mod
 methods that put LoRA on all of it. Each round it receives the LoRA it trains (and, with an
 emulator, the emulator LoRA) and returns only the trained LoRA and its example count. With
 SCAFFOLD it also receives the server control variate, keeps its own in the node state and
-returns the change of its own.
+returns the change of its own. In a DPO round (``stage`` in the round's config) it trains
+the same LoRA with DPO on its preference pairs, or, without any, skips the round and says
+so. FedBiAlign asks each node for its memory budget once and sends it an adapter depth.
 """
 
 from __future__ import annotations
@@ -17,15 +19,19 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.client_data import ClientData, client_data
+from client_app.client_preferences import client_preferences
+from client_app.dpo_training import train_dpo
 from client_app.local_training import response_loss, train_lora
 from client_app.model_cache import ClientModel, load_client_model, node_cache_dir, store_package
+from models.depth_memory import node_budget_gb, parse_budget_map
 from models.lora import LoraSpec
 from models.quantization import check_mode
 from models.wire import from_record, to_record
 from server_app.methods import method_plan
 from server_app.run_config import RunConfig
+from strategies.depth_aggregation import BUDGET_ACTION, DEPTH_KEY, budget_reply
 from strategies.scaffold import DELTA_C, SERVER_C, client_control_update
-from task_data import batch_iterator, collate
+from task_data import batch_iterator, collate, pair_batch_iterator
 
 app = ClientApp()
 
@@ -74,9 +80,23 @@ def _scaffold_correction(
     return c, c_i
 
 
+def _skip_reply(msg: Message, partition_id: int) -> Message:
+    """A DPO round on a node without preference pairs: no update, and the metrics say so."""
+    metrics = MetricRecord({"dpo_skipped": 1, "partition-id": partition_id, "num-examples": 0})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _common_metrics(model: ClientModel, partition_id: int) -> dict[str, float]:
+    return {
+        "partition-id": partition_id,
+        "client_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "client_quantized_bits": {"none": 32, "8bit": 8, "4bit": 4}[model.quantization],
+    }
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """K local steps on the trained LoRA; reply with that LoRA only."""
+    """K local steps (SFT, or DPO in a DPO round) on the trained LoRA; reply with it only."""
     config, model, partition_id, data = _prepare(msg, context)
     plan = method_plan(config)
     train_config = msg.content["config"]
@@ -84,16 +104,44 @@ def train(msg: Message, context: Context) -> Message:
     learning_rate = float(train_config.get("learning-rate", config.learning_rate))
     seed = config.seed + 1009 * server_round + partition_id
     torch.manual_seed(seed)
-    batches = batch_iterator(
-        list(data.train), config.batch_size, seed, model.tokenizer.pad_token_id
-    )
-    adapter = model.layout.adapter_blocks
+    pad = model.tokenizer.pad_token_id
+    # FedBiAlign: a node trains the top ``adapter-depth`` blocks its memory allows.
+    depth = int(train_config.get(DEPTH_KEY, len(model.layout.adapter_blocks)))
+    adapter = model.layout.adapter_blocks[-depth:]
+    if str(train_config.get("stage", "sft")) == "dpo":
+        preference_file = str(context.node_config.get("preference-file", ""))
+        pairs = client_preferences(config, partition_id, model.tokenizer, preference_file)
+        if not pairs:
+            return _skip_reply(msg, partition_id)
+        dpo = train_dpo(
+            model.lora,
+            adapter,
+            pair_batch_iterator(list(pairs), config.batch_size, seed, pad),
+            steps=config.local_steps,
+            learning_rate=learning_rate,
+            beta=config.dpo_beta,
+            weight_decay=config.weight_decay,
+        )
+        metrics = MetricRecord(
+            {
+                "dpo_loss": dpo.loss,
+                "dpo_reward_accuracy": dpo.accuracy,
+                "dpo_reward_margin": dpo.margin,
+                "dpo_skipped": 0,
+                "train_tokens": dpo.tokens,
+                "train_seconds": dpo.seconds,
+                **_common_metrics(model, partition_id),
+                "num-examples": len(pairs),
+            }
+        )
+        content = RecordDict({"arrays": to_record(model.lora.state(adapter)), "metrics": metrics})
+        return Message(content, reply_to=msg)
     received = model.lora.state(adapter)
     scaffold = _scaffold_correction(msg, context, received)
     result = train_lora(
         model.lora,
         adapter,
-        batches,
+        batch_iterator(list(data.train), config.batch_size, seed, pad),
         steps=config.local_steps,
         learning_rate=learning_rate,
         prox_epsilon=config.prox_epsilon if plan.uses_prox_epsilon else 0.0,
@@ -109,9 +157,7 @@ def train(msg: Message, context: Context) -> Message:
             "prox_loss": result.prox,
             "train_tokens": result.tokens,
             "train_seconds": result.seconds,
-            "partition-id": partition_id,
-            "client_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "client_quantized_bits": {"none": 32, "8bit": 8, "4bit": 4}[model.quantization],
+            **_common_metrics(model, partition_id),
             "num-examples": len(data.train),
         }
     )
@@ -142,3 +188,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     loss = response_loss(model.lora, batches)
     metrics = MetricRecord({"eval_loss": loss, "num-examples": len(data.test)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.query(BUDGET_ACTION)
+def memory_budget(msg: Message, context: Context) -> Message:
+    """FedBiAlign asks each node once for its memory budget: node config
+    ``memory-budget-gb``, else (simulation) the run config's entry for its partition."""
+    config = RunConfig.from_flower(context.run_config)
+    budgets = parse_budget_map(config.memory_budgets)
+    return budget_reply(msg, node_budget_gb(context.node_config, budgets))

@@ -14,6 +14,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from models.blocks import get_blocks
+from models.depth_memory import measure_training_memory, parse_depth_table
 from models.distillation import EmulatorDistiller
 from models.export import export_client_models, export_outputs
 from models.fedbiot_models import FedBiOTModels
@@ -26,6 +27,8 @@ from server_app.results import RunRecorder
 from server_app.run_config import ConfigError, RunConfig
 from server_app.server_eval import ServerEvaluator
 from strategies.algorithms import strategy_class
+from strategies.client_dp import ClientDP, with_client_dp
+from strategies.depth_aggregation import FedBiAlign
 from strategies.lr_schedule import round_learning_rate
 from task_data import batch_iterator, load_records, partition_records, tokenize_records
 
@@ -45,6 +48,30 @@ def public_batches(config: RunConfig, tokenizer) -> object:
     random.Random(config.seed).shuffle(records)
     examples = tokenize_records(tokenizer, records[: config.public_examples], config.seq_length)
     return batch_iterator(examples, config.batch_size, config.seed, tokenizer.pad_token_id)
+
+
+def depth_parameters(
+    config: RunConfig, models: FedBiOTModels, recorder: RunRecorder
+) -> dict[str, object]:
+    """FedBiAlign's strategy arguments: the training memory of each adapter depth of the
+    table, measured on the server's compressed model, from which each node's budget picks."""
+    layout = models.layout
+    table = parse_depth_table(config.depth_table, config.adapter_layers, layout.num_blocks)
+    measured = measure_training_memory(
+        models.compressed,
+        layout.adapter_blocks,
+        table,
+        config.batch_size,
+        config.seq_length,
+        prox_epsilon=config.prox_epsilon,
+    )
+    recorder.write_json("depth_memory.json", {str(d): gb for d, gb in measured.items()})
+    log(INFO, "Training memory per adapter depth (GB): %s", measured)
+    return {
+        "measured_gb": measured,
+        "budget_timeout": config.round_timeout,
+        "history_rounds": config.update_history_rounds,
+    }
 
 
 def check_task_data(config: RunConfig, plan: MethodPlan) -> None:
@@ -156,6 +183,18 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             log(INFO, "Pre-alignment (%d steps): %s", config.prealign_steps, prealign)
 
     cls, algorithm_params = strategy_class(config, plan.aggregates)
+    if plan.name == "fedbialign":
+        cls, algorithm_params = FedBiAlign, depth_parameters(config, models, recorder)
+    if config.dp_clipping_norm > 0:
+        cls = with_client_dp(
+            cls,
+            ClientDP(
+                config.dp_clipping_norm,
+                config.dp_noise_multiplier,
+                config.dp_delta,
+                population=config.num_partitions,
+            ),
+        )
     strategy = cls(
         models=models,
         distiller=distiller,
@@ -167,6 +206,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             config.learning_rate_min,
             config.lr_scheduler,
         ),
+        stage=config.stage_of,
         audit_path=recorder.dir / "sent_arrays.jsonl",
         max_norm_ratio=config.max_update_norm_ratio,
         **_sampling(config, plan),

@@ -22,7 +22,15 @@ from models.distillation import EmulatorDistiller
 from models.fedbiot_models import FedBiOTModels
 
 # Attributes of Flower's strategies (and ours) that carry state from round to round.
-_STRATEGY_STATE = ("m_t", "v_t", "current_arrays", "momentum_vector", "control", "client_arrays")
+_STRATEGY_STATE = (
+    "m_t",
+    "v_t",
+    "current_arrays",
+    "momentum_vector",
+    "control",
+    "client_arrays",
+    "dp_accountant_state",
+)
 
 
 def _plain(value: Any) -> Any:

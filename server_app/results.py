@@ -84,13 +84,19 @@ class RunRecorder:
         name = f"config-resumed-{self.resumed_at}.json" if self.resumed_at else "config.json"
         (self.dir / name).write_text(json.dumps(document, indent=2))
 
+    def write_json(self, name: str, document: object) -> None:
+        """A JSON side file of the run (e.g. ``depth_memory.json``)."""
+        (self.dir / name).write_text(json.dumps(document, indent=2, sort_keys=True))
+
+    def append_jsonl(self, name: str, rows: list[dict[str, Any]]) -> None:
+        """Rows appended to a JSON-lines side file (e.g. ``update_history.jsonl``)."""
+        with open(self.dir / name, "a") as f:
+            for row in rows:
+                f.write(json.dumps(_finite(row), sort_keys=True) + "\n")
+
     def append_round(self, record: dict[str, Any]) -> None:
         """Append to ``metrics.jsonl`` and rewrite ``metrics.csv`` (one column per key seen)."""
-        record = {**record, "server_peak_rss_mb": _peak_rss_mb()}
-        clean = {
-            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in record.items()
-        }
+        clean = _finite({**record, "server_peak_rss_mb": _peak_rss_mb()})
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(clean, sort_keys=True) + "\n")
         self.rows.append(clean)
@@ -119,6 +125,13 @@ class RunRecorder:
                         counts["bytes_model_download"],
                     ]
                 )
+
+
+def _finite(record: dict[str, Any]) -> dict[str, Any]:
+    """NaN and infinities as null: JSON has no literal for them."""
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
+    }
 
 
 def _peak_rss_mb() -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -247,6 +248,12 @@ class RunConfig:
                 "stage sft+dpo (some SFT rounds, then DPO rounds)",
             ),
             (self.preference_eval_pairs >= 0, "preference-eval-pairs must be >= 0"),
+            (
+                re.fullmatch(r"all|\d+(,\d+)*", self.preference_clients.replace(" ", ""))
+                is not None,
+                f"preference-clients={self.preference_clients!r} must be 'all' or partition "
+                "ids like '0,2'",
+            ),
             (
                 self.method != "fedbialign" or bool(self.depth_table),
                 "method=fedbialign needs depth-table, e.g. depth-table='1,2'",

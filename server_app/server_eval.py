@@ -24,6 +24,7 @@ from models.wire import from_record
 from server_app.evaluation.generation import generate
 from server_app.evaluation.open_ended import side_by_side
 from server_app.evaluation.suite import EvalSettings, evaluate_tasks, metric_keys, parse_tasks
+from server_app.preference_eval import PreferenceEvaluator
 from server_app.results import RunRecorder
 from server_app.run_config import RunConfig
 from strategies.fedbiot import FedBiOTMixin
@@ -61,6 +62,17 @@ class ServerEvaluator:
             max_new_tokens=config.eval_max_new_tokens,
             perplexity_task=config.task,
             data_dir=config.data_dir or None,
+        )
+        self.preferences = (
+            PreferenceEvaluator(config, models)
+            if config.resolved_stage != "sft" and config.preference_eval_pairs
+            else None
+        )
+        # Preference metrics when task metrics are due, and on the last SFT round ("before").
+        self.last_sft_round = (
+            config.num_server_rounds - config.dpo_rounds
+            if config.resolved_stage == "sft+dpo"
+            else 0
         )
         self.started = time.perf_counter()
 
@@ -114,6 +126,12 @@ class ServerEvaluator:
         if self.batches:
             record.update(self._evaluate())
         record.update(self._task_metrics(server_round))
+        due = server_round % self.every == 0 or server_round in (
+            self.last_round,
+            self.last_sft_round,
+        )
+        if self.preferences is not None and due:
+            record.update(self.preferences())
         record["time_eval_s"] = time.perf_counter() - start
         record.update(self.strategy.round_metrics.get(server_round, {}))
         record["elapsed_s"] = time.perf_counter() - self.started
@@ -121,6 +139,9 @@ class ServerEvaluator:
         self.recorder.append_communication(
             server_round, self.strategy.node_bytes.get(server_round, {})
         )
+        history = getattr(self.strategy, "history", None)
+        if history is not None and server_round in history.rounds:
+            self.recorder.append_jsonl("update_history.jsonl", history.rows(server_round))
         log(INFO, "round %d metrics: %s", server_round, record)
         return MetricRecord({k: float(v) for k, v in record.items() if k.startswith("eval_")})
 

@@ -255,4 +255,6 @@ def with_client_dp(cls: type, settings: ClientDP) -> type:
     if not issubclass(cls, FedAvg):
         raise ValueError(f"dp-clipping-norm > 0 needs a FedAvg-based algorithm, not {cls.__name__}")
     bases = (FedBiOTMixin, ClientDPLayer, *cls.__bases__[1:])
-    return type(f"{cls.__name__}ClientDP", bases, {"client_dp": settings})
+    # The composed class's own attributes (FedBiAlign's per-block screening) stay in front.
+    own = {k: v for k, v in vars(cls).items() if not k.startswith("__")}
+    return type(f"{cls.__name__}ClientDP", bases, {**own, "client_dp": settings})

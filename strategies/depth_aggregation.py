@@ -32,7 +32,8 @@ from strategies.update_history import UpdateHistory, UpdateRow, update_stats
 
 DEPTH_KEY = "adapter-depth"
 # A ClientApp answers this with ``@app.query("memory_budget")`` (see ``budget_reply``).
-BUDGET_QUERY = f"{MessageType.QUERY}.memory_budget"
+BUDGET_ACTION = "memory_budget"  # the ClientApp's @app.query handler
+BUDGET_QUERY = f"{MessageType.QUERY}.{BUDGET_ACTION}"
 BUDGET_RECORD = "budget"
 
 
@@ -207,6 +208,7 @@ class HeterogeneousDepthFedAvg(FedAvg):
         # This round's: keys each node may return, and the tensors sent.
         self.allowed_keys: dict[int, frozenset[str]] = {}
         self._sent: dict[str, torch.Tensor] = {}
+        self._received: dict[int, dict[str, torch.Tensor]] = {}
 
     def _learn_depths(self, grid: Grid, nodes: list[int]) -> None:
         """Ask nodes without a depth for their budgets and choose their depths."""
@@ -239,6 +241,7 @@ class HeterogeneousDepthFedAvg(FedAvg):
         ]
         self._learn_depths(grid, sampled)
         self._sent = from_record(arrays)
+        self._received = {}
         self.allowed_keys = {
             node: top_block_keys(arrays, self.node_depths[node])
             for node in sampled
@@ -263,8 +266,18 @@ class HeterogeneousDepthFedAvg(FedAvg):
     def screen_train_replies(
         self, replies: list[Message], reference: ArrayRecord, max_norm_ratio: float
     ) -> tuple[list[Message], list[Rejection]]:
-        """Drop replies that are not whole blocks among those the node was asked to train."""
-        return screen_depth_replies(replies, reference, max_norm_ratio, self.allowed_keys)
+        """Drop replies that are not whole blocks among those the node was asked to train.
+
+        The kept updates are remembered as received: a client-level DP layer between the
+        mixin and this class replaces them by the private mean before aggregation, and the
+        update history describes each client's own update."""
+        kept, rejected = screen_depth_replies(replies, reference, max_norm_ratio, self.allowed_keys)
+        self._received = {
+            r.metadata.src_node_id: from_record(r.content[self.arrayrecord_key])
+            for r in kept
+            if not r.has_error()
+        }
+        return kept, rejected
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -285,8 +298,9 @@ class HeterogeneousDepthFedAvg(FedAvg):
         ]
         new = per_block_weighted_mean(self._sent, [(state, n) for _, state, n in received])
         for node, state, n in received:
-            norm, cosine = update_stats(self._sent, new, state)
-            depth = len(keys_by_block(state))
+            own = self._received.get(node, state)
+            norm, cosine = update_stats(self._sent, new, own)
+            depth = self.node_depths.get(node, len(keys_by_block(own)))
             self.history.add(server_round, UpdateRow(node, depth, int(n), norm, cosine))
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         metrics.update(self.history.round_summary(server_round))

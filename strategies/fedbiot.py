@@ -51,6 +51,11 @@ def audit_entry(server_round: int, message: Message) -> dict[str, Any]:
     }
 
 
+def _skipped(reply: Message) -> bool:
+    metrics = reply.content.metric_records.get("metrics")
+    return metrics is not None and bool(metrics.get("dpo_skipped", 0))
+
+
 class FedBiOTMixin:
     """Emulator transport, one-time model download, distillation and byte accounting."""
 
@@ -61,6 +66,7 @@ class FedBiOTMixin:
         distiller: EmulatorDistiller | None,
         distill_steps: int,
         learning_rate: Callable[[int], float] | None = None,
+        stage: Callable[[int], str] | None = None,
         audit_path: Path | None = None,
         max_norm_ratio: float = 0.0,
         **kwargs: Any,
@@ -75,6 +81,7 @@ class FedBiOTMixin:
         self.distiller = distiller
         self.distill_steps = distill_steps if distiller is not None else 0
         self.learning_rate = learning_rate
+        self.stage = stage
         self.served_nodes: set[int] = set()
         self._awaited: set[int] = set()  # nodes sent a message this phase
         self.round_metrics: dict[int, dict[str, float]] = {}
@@ -163,9 +170,11 @@ class FedBiOTMixin:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
+        config = ConfigRecord(dict(config.items()))
         if self.learning_rate is not None:
-            config = ConfigRecord(dict(config.items()))
             config["learning-rate"] = self.learning_rate(server_round)
+        if self.stage is not None:
+            config["stage"] = self.stage(server_round)
         self._round_arrays = arrays
         messages = super().configure_train(server_round, arrays, config, grid)
         decorated = self._with_fedbiot_records(server_round, messages)
@@ -182,6 +191,10 @@ class FedBiOTMixin:
         metrics["time_client_train_s"] = time.perf_counter() - self._sent_at
         metrics["clients_failed"] = self._note_failures(replies)
         metrics["bytes_up"] += self._count_replies(server_round, replies)
+        # Selective alignment: a node without preference data skips a DPO round.
+        skipped = [r for r in replies if not r.has_error() and _skipped(r)]
+        replies = [r for r in replies if r not in skipped]
+        metrics["clients_skipped"] = len(skipped)
         if self._round_arrays is not None:
             replies, rejected = self.screen_train_replies(
                 replies, self._round_arrays, self.max_norm_ratio

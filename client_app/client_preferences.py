@@ -1,0 +1,69 @@
+"""A client's preference pairs for DPO rounds, and the server's held-out pairs.
+
+The preference set (``preference-data``) is split once, with the run's seed, into a
+held-out part the server scores (reward accuracy) and a training part that is partitioned
+IID across the clients named by ``preference-clients``. A SuperNode may instead name its
+own file with node config ``preference-file``. A client with neither has no preference
+data: it skips DPO rounds (selective alignment).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from transformers import PreTrainedTokenizerBase
+
+from server_app.run_config import RunConfig
+from task_data import (
+    PreferencePair,
+    load_preferences,
+    partition_records,
+    split_preferences,
+    tokenize_pairs,
+)
+
+
+def preference_clients(text: str) -> frozenset[int] | None:
+    """``all`` (None: every partition) or comma-separated partition ids."""
+    if text.strip() == "all":
+        return None
+    try:
+        ids = frozenset(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(
+            f"run-config preference-clients={text!r}: use 'all' or partition ids like '0,2'"
+        ) from None
+    if any(i < 0 for i in ids):
+        raise ValueError(f"run-config preference-clients={text!r}: ids must be >= 0")
+    return ids
+
+
+def split_shared(config: RunConfig) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(training pairs, held-out pairs) of the run's preference data set."""
+    pairs = load_preferences(config.preference_data, config.data_dir or None)
+    return split_preferences(pairs, config.test_fraction, config.seed)
+
+
+@lru_cache(maxsize=4)
+def client_preferences(
+    config: RunConfig,
+    partition_id: int,
+    tokenizer: PreTrainedTokenizerBase,
+    preference_file: str = "",
+) -> tuple[dict, ...]:
+    """Tokenized pairs this client trains DPO on; empty when it has none."""
+    if preference_file:
+        pairs = load_preferences(preference_file)
+    else:
+        chosen = preference_clients(config.preference_clients)
+        if chosen is not None and partition_id not in chosen:
+            return ()
+        train, _ = split_shared(config)
+        pairs = partition_records(
+            train,
+            num_partitions=config.num_partitions,
+            partition_id=partition_id,
+            partitioner="iid",
+            seed=config.seed,
+        )
+    return tuple(tokenize_pairs(tokenizer, pairs, config.seq_length))

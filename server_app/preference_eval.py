@@ -1,0 +1,57 @@
+"""Held-out preference metrics of AdapEmu and AdapFu: DPO loss, reward accuracy, margin.
+
+The implicit reward ``beta * log(pi(y|x) / pi_ref(y|x))`` needs a fixed reference; here it
+is the model before any federated training, the frozen network with every LoRA disabled
+(the base model for AdapFu, the compressed model for AdapEmu). That keeps "SFT only" and
+"SFT then DPO" comparable on one scale, and is the same after a resumed run. Reward
+accuracy is the share of held-out pairs whose reward ranks the chosen answer above the
+rejected one (ties count half).
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import PeftModel
+
+from client_app.client_preferences import split_shared
+from client_app.dpo_training import preference_metrics, reference_logps
+from models.fedbiot_models import FedBiOTModels
+from server_app.run_config import RunConfig
+from task_data import collate_pairs, tokenize_pairs
+
+
+class PreferenceEvaluator:
+    """Scores the server's models on ``preference-eval-pairs`` held-out pairs."""
+
+    def __init__(self, config: RunConfig, models: FedBiOTModels) -> None:
+        self.models = models
+        self.beta = config.dpo_beta
+        _, held_out = split_shared(config)
+        pairs = held_out[: config.preference_eval_pairs]
+        examples = tokenize_pairs(models.tokenizer, pairs, config.seq_length)
+        pad = models.tokenizer.pad_token_id
+        self.batches = [
+            collate_pairs(examples[i : i + config.batch_size], pad)
+            for i in range(0, len(examples), config.batch_size)
+        ]
+        self._reference: dict[str, list[torch.Tensor]] = {}
+
+    def _variants(self) -> dict[str, PeftModel]:
+        out = {"adapfu": self.models.full.peft}
+        if self.models.has_emulator:
+            out["adapemu"] = self.models.compressed.peft
+        return out
+
+    def __call__(self) -> dict[str, float]:
+        """``eval_<variant>_pref_{loss,reward_accuracy,reward_margin}`` of the current models."""
+        out: dict[str, float] = {}
+        for name, model in self._variants().items():
+            if name not in self._reference:
+                with model.disable_adapter(), torch.no_grad():
+                    self._reference[name] = reference_logps(model, self.batches)
+            with torch.no_grad():
+                result = preference_metrics(model, self.batches, self._reference[name], self.beta)
+            out[f"eval_{name}_pref_loss"] = result.loss
+            out[f"eval_{name}_pref_reward_accuracy"] = result.accuracy
+            out[f"eval_{name}_pref_reward_margin"] = result.margin
+        return out

@@ -1,0 +1,82 @@
+"""FedBiAlign through `flwr run`: SFT then DPO, adapter depths chosen from memory budgets,
+client-level DP, a client without preference data skipping the DPO round."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from models.blocks import get_blocks
+from models.depth_memory import measure_training_memory
+from models.fedbiot_models import FedBiOTModels
+from models.layout import fedbiot_layout
+from models.lora import LoraSpec
+from tests.flower_runtime import LocalFederation, tiny_run_config
+from tests.tiny import tiny
+
+
+def _measured() -> dict[int, float]:
+    """What the server will measure for depths 1 and 2 (same model, layout and sizes)."""
+    model, tokenizer = tiny("tiny-llama")
+    layout = fedbiot_layout(len(get_blocks(model)), 2, 0.5)
+    models = FedBiOTModels(model, tokenizer, layout, LoraSpec(r=8, alpha=16, dropout=0.05))
+    return measure_training_memory(
+        models.compressed, layout.adapter_blocks, (1, 2), 2, 48, prox_epsilon=0.01
+    )
+
+
+def test_fedbialign_mixed_depths_dp_and_selective_dpo(
+    federation: LocalFederation, tmp_path: Path
+) -> None:
+    measured = _measured()
+    assert measured[1] < measured[2]
+    between = (measured[1] + measured[2]) / 2  # partition 0 fits depth 1 only
+    config = tiny_run_config(
+        tmp_path,
+        "align",
+        method="fedbialign",
+        num_partitions=3,
+        min_train_nodes=3,
+        num_server_rounds=2,
+        dpo_rounds=1,
+        depth_table="1,2",
+        adapter_layers=2,
+        memory_budgets=f"0:{between},1:1.0,2:1.0",
+        preference_clients="0,1",
+        preference_eval_pairs=4,
+        dp_clipping_norm=1.0,
+        dp_noise_multiplier=0.5,
+        max_update_norm_ratio=0.0,
+        eval_every=1,
+    )
+    result = federation.run(config, supernodes=3)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = tmp_path / "align"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    sft, dpo = rows[1], rows[2]
+    # Depths from the budgets: one node at depth 1, two at depth 2.
+    assert sft["clients_depth_1"] == 1 and sft["clients_depth_2"] == 2
+    assert math.isfinite(sft["train_loss"]) and sft["clients_failed"] == 0
+    # Round 2 is DPO; partition 2 has no preference pairs and skips it.
+    assert dpo["clients_skipped"] == 1 and math.isfinite(dpo["dpo_loss"])
+    assert 0.0 <= dpo["dpo_reward_accuracy"] <= 1.0
+    # Client-level DP: epsilon reported after every round, growing.
+    assert 0 < sft["dp_epsilon"] < dpo["dp_epsilon"] < math.inf
+    assert sft["dp_noise_std"] == pytest.approx(0.5 * 1.0 / 3)
+    # Preference metrics before (last SFT round) and after DPO, for AdapEmu and AdapFu.
+    for row in (sft, dpo):
+        for variant in ("adapemu", "adapfu"):
+            assert 0.0 <= row[f"eval_{variant}_pref_reward_accuracy"] <= 1.0
+            assert math.isfinite(row[f"eval_{variant}_pref_reward_margin"])
+    history = [
+        json.loads(line) for line in (run_dir / "update_history.jsonl").read_text().splitlines()
+    ]
+    assert sorted(r["depth"] for r in history if r["round"] == 1) == [1, 2, 2]
+    assert json.loads((run_dir / "depth_memory.json").read_text()) == pytest.approx(
+        {str(k): v for k, v in measured.items()}
+    )
+    assert (run_dir / "adapfu" / "config.json").is_file()
