@@ -61,8 +61,32 @@ def test_integers_are_accepted_for_float_keys() -> None:
         ({"fraction-train": 0.0}, "fraction-train"),
         ({"seq-length": 8}, "seq-length"),
         ({"lora-r": True}, "lora-r=True must be of type int"),
+        ({"stage": "rlhf"}, "stage='rlhf'"),
+        ({"stage": "sft+dpo", "num-server-rounds": 2, "dpo-rounds": 2}, "dpo-rounds=2"),
+        ({"preference-clients": "first"}, "preference-clients='first'"),
+        ({"method": "fedbialign"}, "fedbialign needs depth-table"),
+        ({"depth-table": "1,2"}, "depth-table is for method=fedbialign"),
+        (
+            {"method": "fedbialign", "depth-table": "1,2", "algorithm": "krum"},
+            "fedbialign aggregates per block",
+        ),
+        ({"dp-clipping-norm": 1.0}, "needs max-update-norm-ratio=0"),
+        ({"dp-delta": 1.0}, "dp-delta must be in"),
+        ({"split-dtype": "int8"}, "split-dtype='int8'"),
+        ({"kd-weight": 1.5}, "kd-weight must be in"),
+        ({"quantization": "2bit"}, "quantization='2bit'"),
     ],
 )
 def test_bad_values_name_the_key(override: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         RunConfig.from_flower({**_pyproject_config(), **override})
+
+
+def test_stage_schedule_puts_dpo_rounds_last() -> None:
+    config = RunConfig.from_flower(
+        {"method": "fedbialign", "depth-table": "1,2", "num-server-rounds": 4, "dpo-rounds": 2}
+    )
+    assert config.resolved_stage == "sft+dpo"
+    assert [config.stage_of(r) for r in range(1, 5)] == ["sft", "sft", "dpo", "dpo"]
+    assert RunConfig.from_flower({"stage": "dpo"}).stage_of(1) == "dpo"
+    assert RunConfig().stage_of(3) == "sft"
