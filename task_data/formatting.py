@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 MIN_RESPONSE_TOKENS = 8
-_PLAIN_PROMPT = "### Instruction:\n{}\n\n### Response:\n"
+PLAIN_PROMPT = "### Instruction:\n{}\n\n### Response:\n"
 
 
 def user_text(record: dict[str, str]) -> str:
@@ -30,7 +31,7 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, record: dict[str, str]) -> li
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)
-    return tokenizer(_PLAIN_PROMPT.format(user_text(record)), add_special_tokens=True)["input_ids"]
+    return tokenizer(PLAIN_PROMPT.format(user_text(record)), add_special_tokens=True)["input_ids"]
 
 
 def tokenize_record(
@@ -76,7 +77,11 @@ def collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str
 
 
 def batch_iterator(
-    examples: list[dict[str, list[int]]], batch_size: int, seed: int, pad_token_id: int
+    examples: list[Any],
+    batch_size: int,
+    seed: int,
+    pad_token_id: int,
+    collate_fn: Callable[[list[Any], int], dict[str, torch.Tensor]] = collate,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless shuffled batches: clients run a number of steps, not epochs."""
     if not examples:
@@ -89,4 +94,4 @@ def batch_iterator(
             rng.shuffle(fresh)
             order += fresh
         chosen, order = order[:batch_size], order[batch_size:]
-        yield collate([examples[i] for i in chosen], pad_token_id)
+        yield collate_fn([examples[i] for i in chosen], pad_token_id)

@@ -21,8 +21,14 @@ from typing import TypedDict
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from task_data.formatting import _PLAIN_PROMPT, IGNORE_INDEX, MIN_RESPONSE_TOKENS, collate
-from task_data.sources import DataError, _field, _json_rows, _require, default_data_dir
+from task_data.formatting import (
+    IGNORE_INDEX,
+    MIN_RESPONSE_TOKENS,
+    PLAIN_PROMPT,
+    batch_iterator,
+    collate,
+)
+from task_data.sources import DataError, default_data_dir, json_rows, read_field, require_file
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +85,9 @@ def _where(path: Path, number: int) -> str:
 def _rows(path: Path) -> Iterator[tuple[int, object]]:
     """(line, row) of a JSON list, a JSONL file, or a gzipped JSONL file."""
     if path.suffix != ".gz":
-        yield from _json_rows(path)
+        yield from json_rows(path)
         return
-    with gzip.open(_require(path), "rt", encoding="utf-8") as f:
+    with gzip.open(require_file(path), "rt", encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -115,7 +121,7 @@ def load_hh_rlhf(path: Path) -> tuple[list[PreferencePair], Counter[str]]:
         sides = {}
         for side in ("chosen", "rejected"):
             where = f"{_where(path, n)} field {side!r}"
-            messages = parse_hh_dialogue(_field(path, n, row, side), where)
+            messages = parse_hh_dialogue(read_field(path, n, row, side), where)
             if messages[-1]["role"] != "assistant":
                 raise DataError(f"{where}: the dialogue must end with an 'Assistant:' turn")
             sides[side] = messages
@@ -167,8 +173,8 @@ def load_preference_file(path: Path) -> tuple[list[PreferencePair], Counter[str]
     for n, row in _rows(path):
         pair: PreferencePair = {
             "prompt": _prompt(path, n, row),
-            "chosen": _field(path, n, row, "chosen"),
-            "rejected": _field(path, n, row, "rejected"),
+            "chosen": read_field(path, n, row, "chosen"),
+            "rejected": read_field(path, n, row, "rejected"),
         }
         if _keep(pair, skipped):
             pairs.append(pair)
@@ -242,7 +248,7 @@ def prompt_message_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Messag
         text = messages[0]["content"]
     else:
         text = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
-    return tokenizer(_PLAIN_PROMPT.format(text), add_special_tokens=True)["input_ids"]
+    return tokenizer(PLAIN_PROMPT.format(text), add_special_tokens=True)["input_ids"]
 
 
 def tokenize_pair(
@@ -302,12 +308,4 @@ def pair_batch_iterator(
     """Endless shuffled pair batches (``batch_size`` pairs, 2x rows): clients run steps."""
     if not examples:
         raise ValueError("no preference pairs to batch")
-    rng = random.Random(seed)
-    order: list[int] = []
-    while True:
-        if len(order) < batch_size:
-            fresh = list(range(len(examples)))
-            rng.shuffle(fresh)
-            order += fresh
-        chosen, order = order[:batch_size], order[batch_size:]
-        yield collate_pairs([examples[i] for i in chosen], pad_token_id)
+    return batch_iterator(examples, batch_size, seed, pad_token_id, collate_pairs)

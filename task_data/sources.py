@@ -30,15 +30,15 @@ def default_data_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[1] / "data"
 
 
-def _require(path: Path) -> Path:
+def require_file(path: Path) -> Path:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     return path
 
 
-def _json_rows(path: Path) -> Iterator[tuple[int, object]]:
+def json_rows(path: Path) -> Iterator[tuple[int, object]]:
     """(line number, row) for a JSON list or a JSONL file."""
-    _require(path)
+    require_file(path)
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         try:
@@ -58,7 +58,7 @@ def _json_rows(path: Path) -> Iterator[tuple[int, object]]:
             raise DataError(f"{path} line {number}: invalid JSON ({err.msg})") from err
 
 
-def _field(path: Path, number: int, row: object, name: str, optional: bool = False) -> str:
+def read_field(path: Path, number: int, row: object, name: str, optional: bool = False) -> str:
     where = f"{path} {'record' if path.suffix == '.json' else 'line'} {number}"
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object, got {type(row).__name__}")
@@ -76,13 +76,13 @@ def load_alpaca_file(path: Path) -> list[Record]:
     """A JSON list or JSONL file of instruction/input/output records (input optional; an
     optional ``label`` feeds the Dirichlet and natural partitioners)."""
     records = []
-    for n, row in _json_rows(path):
+    for n, row in json_rows(path):
         record = {
-            "instruction": _field(path, n, row, "instruction"),
-            "input": _field(path, n, row, "input", optional=True),
-            "output": _field(path, n, row, "output"),
+            "instruction": read_field(path, n, row, "instruction"),
+            "input": read_field(path, n, row, "input", optional=True),
+            "output": read_field(path, n, row, "output"),
         }
-        label = _field(path, n, row, "label", optional=True)
+        label = read_field(path, n, row, "label", optional=True)
         if label:
             record["label"] = label
         records.append(record)
@@ -93,16 +93,16 @@ def _gsm8k(root: Path, split: str) -> list[Record]:
     path = root / "gsm8k" / f"{split}.jsonl"
     return [
         {
-            "instruction": _field(path, n, r, "question"),
+            "instruction": read_field(path, n, r, "question"),
             "input": "",
-            "output": _field(path, n, r, "answer"),
+            "output": read_field(path, n, r, "answer"),
         }
-        for n, r in _json_rows(path)
+        for n, r in json_rows(path)
     ]
 
 
 def _banking77(root: Path, split: str) -> list[Record]:
-    path = _require(root / "banking77" / f"{split}.csv")
+    path = require_file(root / "banking77" / f"{split}.csv")
     records = []
     with open(path, newline="", encoding="utf-8") as f:
         for number, row in enumerate(csv.DictReader(f), start=2):
@@ -124,8 +124,8 @@ def _instances(root: Path, relative: str) -> list[Record]:
     """Self-Instruct style files: one instruction with several input/output instances."""
     path = root / relative
     records = []
-    for number, row in _json_rows(path):
-        instruction = _field(path, number, row, "instruction")
+    for number, row in json_rows(path):
+        instruction = read_field(path, number, row, "instruction")
         instances = row.get("instances") if isinstance(row, dict) else None
         if not isinstance(instances, list) or not instances:
             raise DataError(f"{path} line {number}: missing field 'instances'")
@@ -133,8 +133,8 @@ def _instances(root: Path, relative: str) -> list[Record]:
             records.append(
                 {
                     "instruction": instruction,
-                    "input": _field(path, number, instance, "input", optional=True),
-                    "output": _field(path, number, instance, "output"),
+                    "input": read_field(path, number, instance, "input", optional=True),
+                    "output": read_field(path, number, instance, "output"),
                 }
             )
     return records
