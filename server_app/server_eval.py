@@ -80,7 +80,8 @@ class ServerEvaluator:
         """Task metrics (accuracy, ...) of the base model once, then of AdapEmu and AdapFu
         every ``eval-every`` rounds and after the last one."""
         due = server_round % self.every == 0 or server_round == self.last_round
-        if not self.settings.tasks or not due or hasattr(self.strategy, "client_arrays"):
+        off = not self.settings.tasks or not self.settings.size  # size 0: no task metrics
+        if off or not due or hasattr(self.strategy, "client_arrays"):
             return {}
         tokenizer = self.models.tokenizer
         out: dict[str, float] = {}
