@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from client_app.client_data import ClientData, client_data
 from client_app.client_preferences import client_preferences
 from client_app.dpo_training import train_dpo
+from client_app.exchange import kdfed_train, split_step
 from client_app.local_training import response_loss, train_lora
 from client_app.model_cache import ClientModel, load_client_model, node_cache_dir, store_package
 from models.depth_memory import node_budget_gb, parse_budget_map
@@ -197,3 +198,8 @@ def memory_budget(msg: Message, context: Context) -> Message:
     config = RunConfig.from_flower(context.run_config)
     budgets = parse_budget_map(config.memory_budgets)
     return budget_reply(msg, node_budget_gb(context.node_config, budgets))
+
+
+# KD-FedLLM and split learning (message types "train.kdfed" and "train.split").
+app.train("kdfed")(kdfed_train)
+app.train("split")(split_step)

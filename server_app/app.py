@@ -93,7 +93,20 @@ def check_task_data(config: RunConfig, plan: MethodPlan) -> None:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured method for `num-server-rounds` rounds; write the run folder."""
-    run_federation(grid, RunConfig.from_flower(context.run_config))
+    config = RunConfig.from_flower(context.run_config)
+    # KD-FedLLM and split learning run their own loops; imported here because their
+    # modules reuse this one's helpers.
+    if config.method == "kdfed":
+        from server_app.kdfed import run_kdfed
+
+        run_kdfed(grid, config)
+        return
+    if config.method == "split":
+        from server_app.split_learning import run_split
+
+        run_split(grid, config)
+        return
+    run_federation(grid, config)
 
 
 def _sampling(config: RunConfig, plan: MethodPlan) -> dict[str, float | int]:

@@ -1,0 +1,176 @@
+"""The three-framework case study on Banking77, reproduced at a reduced size in one command.
+
+Seed: "Federated Fine-Tuning of LLMs: Framework Comparison and Research Directions" (parameter
+averaging vs knowledge distillation vs split learning, Banking77, 3 clients of 1,667 training
+examples, GPT-2). Here the embedded SmolLM2-135M-Instruct replaces GPT-2, and FedBiOT is a
+fourth row. Every run goes through `flwr run` on a local simulation SuperLink with three
+SuperNodes, exactly as a user would start it:
+
+    python -m bench.case_study                                  # the reduced table
+    python -m bench.case_study --model tiny-llama --quick --out /tmp/case-study   # smoke test
+
+Rows: ``fedit-r4/r8/r16`` (parameter averaging, FedAvg, LoRA rank sweep), ``kdfed``,
+``split-q1/q2/q3`` (split after a quarter, half, three quarters of the blocks), ``fedbiot``;
+each for seeds 0, 1 and 42. Runs land in ``<out>/runs/<row>-s<seed>/``; a finished run is
+not run again, so an interrupted study resumes. ``<out>/report.md`` (table, sweeps, the
+comparison with the seed's ranking), its PNG plots and ``case_study.json`` come from
+``bench/case_study_report.py``.
+
+Clients: ``num-partitions = 6`` with three SuperNodes gives each client one sixth of the
+10,003 training texts (1,667; 1% of them held out for client-side evaluation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from transformers import AutoConfig
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("FEDBIOT_CACHE", str(REPO / ".cache" / "fedbiot"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench.case_study_report import write_report  # noqa: E402
+from models.loading import resolve_model_dir  # noqa: E402
+from tests.flower_runtime import local_federation  # noqa: E402
+
+SEEDS = (0, 1, 42)
+CLIENTS = 3
+ROWS = ("fedit-r4", "fedit-r8", "fedit-r16", "kdfed", "split-q1", "split-q2", "split-q3", "fedbiot")
+
+# The reduced size (the seed trains for epochs over 5,000 examples and tests on all 3,080).
+REDUCED = {
+    "num-server-rounds": 2,
+    "local-steps": 6,
+    "batch-size": 4,
+    "seq-length": 96,
+    "learning-rate": 1e-3,
+    "eval-examples": 8,
+    "eval-generation-examples": 32,
+    "eval-max-new-tokens": 16,
+    "kd-public-examples": 8,
+    "kd-distill-steps": 4,
+    "public-examples": 16,
+    "prealign-steps": 4,
+    "distill-steps": 2,
+}
+# The smoke test: the whole pipeline in minutes on a tiny model.
+QUICK = {
+    "num-server-rounds": 1,
+    "local-steps": 2,
+    "batch-size": 2,
+    "seq-length": 96,
+    "learning-rate": 1e-3,
+    "eval-examples": 2,
+    "eval-generation-examples": 4,
+    "eval-max-new-tokens": 8,
+    "kd-public-examples": 2,
+    "kd-distill-steps": 1,
+    "public-examples": 4,
+    "prealign-steps": 1,
+    "distill-steps": 1,
+}
+
+
+def num_blocks(model: str) -> int:
+    return int(AutoConfig.from_pretrained(resolve_model_dir(model)).num_hidden_layers)
+
+
+def row_config(row: str, blocks: int) -> dict[str, object]:
+    """The run-config keys that make a row what it is."""
+    if row.startswith("fedit-r"):
+        return {"method": "fedit", "lora-r": int(row.removeprefix("fedit-r"))}
+    if row.startswith("split-q"):
+        quarter = int(row.removeprefix("split-q"))
+        return {"method": "split", "split-point": max(1, round(blocks * quarter / 4))}
+    return {"method": row}
+
+
+def run_config(
+    args: argparse.Namespace, row: str, seed: int, blocks: int, runs: Path
+) -> dict[str, object]:
+    name = f"{row}-s{seed}"
+    return {
+        "model": args.model,
+        "task": "banking77",
+        "num-partitions": 2 * CLIENTS,
+        "test-fraction": 0.01,
+        "seed": seed,
+        "lora-r": 8,
+        "eval-every": 100,  # task metrics before training and after the last round only
+        "fraction-evaluate": 0.0,  # no client-side evaluation round: its traffic is no training
+        "open-ended-examples": 0,
+        "checkpoint-every": 0,
+        "output-dir": str(runs),
+        "run-name": name,
+        "data-dir": str(REPO / "data"),
+        "cache-dir": str(runs / ".node-cache"),
+        "num-threads": args.threads,
+        **(QUICK if args.quick else REDUCED),
+        **row_config(row, blocks),
+    }
+
+
+def finished(run_dir: Path, rounds: int) -> bool:
+    """A run whose last round's row is written (``flwr run`` exits 0 even on failure)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return False
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return bool(rows) and rows[-1]["round"] == rounds
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--quick", action="store_true", help="smoke-test sizes (tiny models)")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "case-study")
+    args = parser.parse_args(argv)
+
+    runs = args.out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    blocks = num_blocks(args.model)
+    rounds = int((QUICK if args.quick else REDUCED)["num-server-rounds"])
+    wall: dict[str, float] = {}
+    wall_file = args.out / "wall_seconds.json"
+    if wall_file.is_file():
+        wall = json.loads(wall_file.read_text())
+    with local_federation(args.out / ".flwr-home") as federation:
+        for seed in args.seeds:
+            for row in args.rows:
+                config = run_config(args, row, seed, blocks, runs)
+                run_dir = runs / str(config["run-name"])
+                if finished(run_dir, rounds):
+                    continue
+                shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts again
+                start = time.perf_counter()
+                result = federation.run(config, supernodes=CLIENTS, timeout=args.timeout)
+                wall[run_dir.name] = time.perf_counter() - start
+                wall_file.write_text(json.dumps(wall, indent=2, sort_keys=True))
+                if result.returncode or not finished(run_dir, rounds):
+                    sys.stderr.write(result.stdout[-4000:] + result.stderr[-4000:])
+                    raise SystemExit(f"{run_dir.name} failed")
+                print(f"{run_dir.name}: {wall[run_dir.name]:.0f} s", flush=True)
+    settings = {
+        "model": args.model,
+        "blocks": blocks,
+        "clients": CLIENTS,
+        "sizes": QUICK if args.quick else REDUCED,
+    }
+    report = write_report(runs, args.out, settings, wall, list(ROWS), list(SEEDS))
+    print(f"wrote {report}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
