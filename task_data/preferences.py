@@ -7,8 +7,6 @@ with -100), so the pair runs through the same response-only log-prob code as SFT
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 import random
 import re
@@ -28,7 +26,7 @@ from task_data.formatting import (
     batch_iterator,
     collate,
 )
-from task_data.sources import DataError, default_data_dir, json_rows, read_field, require_file
+from task_data.sources import DataError, default_data_dir, json_rows, read_field
 
 log = logging.getLogger(__name__)
 
@@ -82,21 +80,6 @@ def _where(path: Path, number: int) -> str:
     return f"{path} {'record' if path.suffix == '.json' else 'line'} {number}"
 
 
-def _rows(path: Path) -> Iterator[tuple[int, object]]:
-    """(line, row) of a JSON list, a JSONL file, or a gzipped JSONL file."""
-    if path.suffix != ".gz":
-        yield from json_rows(path)
-        return
-    with gzip.open(require_file(path), "rt", encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path} line {number}: invalid JSON ({err.msg})") from err
-
-
 def _keep(pair: PreferencePair, skipped: Counter[str]) -> bool:
     """Pairs with an empty or no-difference answer carry no preference: count them instead."""
     if not pair["chosen"].strip() or not pair["rejected"].strip():
@@ -117,7 +100,7 @@ def load_hh_rlhf(path: Path) -> tuple[list[PreferencePair], Counter[str]]:
     """
     pairs: list[PreferencePair] = []
     skipped: Counter[str] = Counter()
-    for n, row in _rows(path):
+    for n, row in json_rows(path):
         sides = {}
         for side in ("chosen", "rejected"):
             where = f"{_where(path, n)} field {side!r}"
@@ -170,7 +153,7 @@ def load_preference_file(path: Path) -> tuple[list[PreferencePair], Counter[str]
     """
     pairs: list[PreferencePair] = []
     skipped: Counter[str] = Counter()
-    for n, row in _rows(path):
+    for n, row in json_rows(path):
         pair: PreferencePair = {
             "prompt": _prompt(path, n, row),
             "chosen": read_field(path, n, row, "chosen"),

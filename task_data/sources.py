@@ -7,6 +7,7 @@ carry ``label``. Malformed files fail with ``DataError`` naming the file and lin
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -37,9 +38,13 @@ def require_file(path: Path) -> Path:
 
 
 def json_rows(path: Path) -> Iterator[tuple[int, object]]:
-    """(line number, row) for a JSON list or a JSONL file."""
+    """(line number, row) for a JSON list, a JSONL file or a gzipped JSONL file."""
     require_file(path)
-    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    else:
+        text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         try:
             rows = json.loads(text)
