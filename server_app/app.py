@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import random
 import time
 from logging import INFO
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
@@ -22,32 +20,19 @@ from models.loading import load_model
 from models.lora import LoraSpec
 from models.wire import to_record
 from server_app.checkpoint import load_checkpoint, restore, save_checkpoint
+from server_app.kdfed import run_kdfed
 from server_app.methods import MethodPlan, method_plan
 from server_app.results import RunRecorder
 from server_app.run_config import ConfigError, RunConfig
+from server_app.run_setup import check_task_data, public_batches, seed_everything
 from server_app.server_eval import ServerEvaluator
+from server_app.split_learning import run_split
 from strategies.algorithms import strategy_class
 from strategies.client_dp import ClientDP, with_client_dp
 from strategies.depth_aggregation import FedBiAlign
 from strategies.lr_schedule import round_learning_rate
-from task_data import batch_iterator, load_records, partition_records, tokenize_records
 
 app = ServerApp()
-
-
-def seed_everything(seed: int) -> None:
-    """Python's RNG also decides Flower's node sampling."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def public_batches(config: RunConfig, tokenizer) -> object:
-    """Endless batches of the public (server) data set, for distillation."""
-    records = list(load_records(config.public_data, "train", data_dir=config.data_dir or None))
-    random.Random(config.seed).shuffle(records)
-    examples = tokenize_records(tokenizer, records[: config.public_examples], config.seq_length)
-    return batch_iterator(examples, config.batch_size, config.seed, tokenizer.pad_token_id)
 
 
 def depth_parameters(
@@ -74,39 +59,18 @@ def depth_parameters(
     }
 
 
-def check_task_data(config: RunConfig, plan: MethodPlan) -> None:
-    """Fail before any model is loaded if the task's data cannot be split as configured."""
-    records = load_records(config.task, "train", data_dir=config.data_dir or None)
-    try:
-        partition_records(
-            records,
-            num_partitions=1 if plan.single_client else config.num_partitions,
-            partition_id=0,
-            partitioner=config.partitioner,
-            seed=config.seed,
-            alpha=config.dirichlet_alpha,
-        )
-    except ValueError as error:
-        raise ConfigError(f"run-config task={config.task!r}: {error}") from None
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured method for `num-server-rounds` rounds; write the run folder."""
     config = RunConfig.from_flower(context.run_config)
-    # KD-FedLLM and split learning run their own loops; imported here because their
-    # modules reuse this one's helpers.
+    # KD-FedLLM and split learning exchange logits or activations, not parameters: their
+    # own loops, not a strategy.
     if config.method == "kdfed":
-        from server_app.kdfed import run_kdfed
-
         run_kdfed(grid, config)
-        return
-    if config.method == "split":
-        from server_app.split_learning import run_split
-
+    elif config.method == "split":
         run_split(grid, config)
-        return
-    run_federation(grid, config)
+    else:
+        run_federation(grid, config)
 
 
 def _sampling(config: RunConfig, plan: MethodPlan) -> dict[str, float | int]:

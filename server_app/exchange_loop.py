@@ -32,10 +32,10 @@ from models.fedbiot_models import FedBiOTModels
 from models.layout import Layout
 from models.loading import load_model
 from models.wire import record_bytes
-from server_app.app import check_task_data, seed_everything
 from server_app.methods import method_plan
 from server_app.results import RunRecorder
 from server_app.run_config import ConfigError, RunConfig
+from server_app.run_setup import check_task_data, seed_everything
 from strategies.fedbiot import audit_entry
 from strategies.lr_schedule import round_learning_rate
 

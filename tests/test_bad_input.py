@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from server_app.app import check_task_data
 from server_app.methods import method_plan
 from server_app.run_config import ConfigError, RunConfig
+from server_app.run_setup import check_task_data
 
 
 def _task_file(tmp_path: Path, rows: list[dict]) -> str:
