@@ -6,6 +6,7 @@ SuperLink the developer may have running, and it stops every process it started.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -91,6 +92,25 @@ class LocalFederation:
         return subprocess.run(
             command, env=self.env, capture_output=True, text=True, timeout=timeout, check=False
         )
+
+    def run_to_end(
+        self, run_config: dict[str, object], supernodes: int, timeout: float = 600
+    ) -> list[dict]:
+        """Run, and return the run's metrics rows once every round has one. `flwr run
+        --stream` exits 0 even when the ServerApp raised, so the rows are the proof; the
+        streamed ServerApp log goes into the failure message."""
+        result = self.run(run_config, supernodes, timeout)
+        output = result.stdout[-6000:] + result.stderr[-3000:]
+        assert result.returncode == 0, output
+        run_dir = Path(str(run_config["output-dir"])) / str(run_config["run-name"])
+        if "resume-from" in run_config:
+            run_dir = Path(str(run_config["resume-from"]))
+        metrics = run_dir / "metrics.jsonl"
+        assert metrics.is_file(), f"no {metrics}\n{output}"
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        last = int(run_config.get("num-server-rounds", 1))
+        assert rows and rows[-1]["round"] == last, f"rows end before round {last}\n{output}"
+        return rows
 
 
 @contextmanager

@@ -52,10 +52,8 @@ def test_fedbialign_mixed_depths_dp_and_selective_dpo(
         max_update_norm_ratio=0.0,
         eval_every=1,
     )
-    result = federation.run(config, supernodes=3)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = federation.run_to_end(config, supernodes=3)
     run_dir = tmp_path / "align"
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     sft, dpo = rows[1], rows[2]
     # Depths from the budgets: one node at depth 1, two at depth 2.
