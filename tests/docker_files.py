@@ -41,7 +41,7 @@ def load(path: Path) -> dict[str, Any]:
     return data
 
 
-def services(path: Path = COMPOSE) -> dict[str, dict[str, Any]]:
+def compose_services(path: Path = COMPOSE) -> dict[str, dict[str, Any]]:
     services = load(path)["services"]
     assert isinstance(services, dict) and services, f"{path} has no services"
     return services
@@ -53,7 +53,7 @@ def interpolate(value: str) -> str:
     return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*:-([^}]*)\}", r"\1", value)
 
 
-def dockerfile(build: dict[str, Any]) -> tuple[Path, Path]:
+def build_dockerfile(build: dict[str, Any]) -> tuple[Path, Path]:
     """(build context, Dockerfile) of a compose ``build`` section."""
     context = (DOCKER / interpolate(build["context"])).resolve()
     return context, context / build.get("dockerfile", "Dockerfile")
@@ -79,7 +79,7 @@ def instructions(dockerfile: Path) -> list[tuple[str, str]]:
     return result
 
 
-def copies(dockerfile: Path) -> list[tuple[list[str], str]]:
+def copy_steps(dockerfile: Path) -> list[tuple[list[str], str]]:
     """(sources, destination) of every COPY/ADD from the build context."""
     copies = []
     for keyword, rest in instructions(dockerfile):
@@ -94,7 +94,7 @@ def copies(dockerfile: Path) -> list[tuple[list[str], str]]:
     return copies
 
 
-def entrypoint(dockerfile: Path) -> list[str]:
+def read_entrypoint(dockerfile: Path) -> list[str]:
     forms = [
         json.loads(rest) for keyword, rest in instructions(dockerfile) if keyword == "ENTRYPOINT"
     ]
@@ -159,7 +159,7 @@ def flwr_console_scripts() -> set[str]:
 
 
 def service_dockerfile(name: str) -> tuple[Path, Path]:
-    return dockerfile(services()[name]["build"])
+    return build_dockerfile(compose_services()[name]["build"])
 
 
 def image_requirements(pyproject: Path) -> list[str]:

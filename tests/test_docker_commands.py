@@ -13,28 +13,28 @@ from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 from tests.docker_files import (
     REPO,
     SUPERNODES,
-    copies,
-    entrypoint,
+    compose_services,
+    copy_steps,
     flwr_console_scripts,
     is_bind,
     mounted,
     parse,
+    read_entrypoint,
     service_dockerfile,
-    services,
 )
 
 
 def test_executables_are_flower_commands_or_files_the_image_copies() -> None:
     scripts = flwr_console_scripts()
-    for name, service in services().items():
+    for name, service in compose_services().items():
         _, dockerfile = service_dockerfile(name)
-        entrypoint = service.get("entrypoint") or entrypoint(dockerfile)
+        entrypoint = service.get("entrypoint") or read_entrypoint(dockerfile)
         executable = entrypoint[0]
         if executable in scripts:
             continue
         copied = {
             str(PurePosixPath(dest) / PurePosixPath(src).name) if dest.endswith("/") else dest: src
-            for sources, dest in copies(dockerfile)
+            for sources, dest in copy_steps(dockerfile)
             for src in sources
         }
         by_name = {PurePosixPath(dest).name: src for dest, src in copied.items()}
@@ -44,8 +44,8 @@ def test_executables_are_flower_commands_or_files_the_image_copies() -> None:
 
 
 def test_superlink_flags_are_accepted_and_its_files_mounted() -> None:
-    superlink = services()["superlink"]
-    assert entrypoint(service_dockerfile("superlink")[1]) == ["flower-superlink"]
+    superlink = compose_services()["superlink"]
+    assert read_entrypoint(service_dockerfile("superlink")[1]) == ["flower-superlink"]
     args = parse(_parse_args_run_superlink(), superlink["command"])
     assert args.host == "0.0.0.0", "the SuperLink must listen beyond the container's loopback"
     assert args.enable_supernode_auth and not args.insecure
@@ -59,9 +59,9 @@ def test_superlink_flags_are_accepted_and_its_files_mounted() -> None:
 
 @pytest.mark.parametrize("name", SUPERNODES)
 def test_supernode_flags_are_accepted_and_its_files_mounted(name: str) -> None:
-    services = services()
+    services = compose_services()
     node = services[name]
-    assert entrypoint(service_dockerfile(name)[1]) == ["flower-supernode"]
+    assert read_entrypoint(service_dockerfile(name)[1]) == ["flower-supernode"]
     args = parse(_parse_args_run_supernode(), node["command"])
     link_port = parse(_parse_args_run_superlink(), services["superlink"]["command"]).port
     assert args.superlink == f"superlink:{link_port}"
@@ -81,13 +81,13 @@ def test_supernode_flags_are_accepted_and_its_files_mounted(name: str) -> None:
 
 
 def test_register_service_sees_the_keys_and_ca_it_is_told_about() -> None:
-    register = services()["register-supernodes"]
+    register = compose_services()["register-supernodes"]
     env = register["environment"]
     assert mounted(register, env["ROOT_CERTIFICATES"])
     keys = mounted(register, env["KEYS_DIR"])
     assert keys == ("./keys", env["KEYS_DIR"])
-    link_port = parse(_parse_args_run_superlink(), services()["superlink"]["command"]).port
+    link_port = parse(_parse_args_run_superlink(), compose_services()["superlink"]["command"]).port
     assert env["SUPERLINK_ADDRESS"] == f"superlink:{link_port}"
     for name in SUPERNODES:
-        depends = services()[name]["depends_on"]["register-supernodes"]
+        depends = compose_services()[name]["depends_on"]["register-supernodes"]
         assert depends["condition"] == "service_completed_successfully"

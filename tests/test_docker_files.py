@@ -23,8 +23,9 @@ from tests.docker_files import (
     GPU_OVERRIDE,
     REPO,
     SUPERNODES,
-    copies,
-    dockerfile,
+    build_dockerfile,
+    compose_services,
+    copy_steps,
     dockerfiles,
     ignored,
     image_requirements,
@@ -34,34 +35,33 @@ from tests.docker_files import (
     mounted,
     mounts,
     parse,
-    services,
 )
 
 
 def test_compose_files_parse_with_the_expected_services() -> None:
-    assert set(services()) == {"superlink", "register-supernodes", *SUPERNODES}
-    assert set(services(GPU_OVERRIDE)) == set(SUPERNODES)
+    assert set(compose_services()) == {"superlink", "register-supernodes", *SUPERNODES}
+    assert set(compose_services(GPU_OVERRIDE)) == set(SUPERNODES)
     declared = set(load(COMPOSE)["volumes"])
-    for name, service in services().items():
+    for name, service in compose_services().items():
         for source, _ in mounts(service):
             if not is_bind(source):
                 assert source in declared, f"{name}: named volume {source!r} is not declared"
 
 
 def test_build_contexts_and_dockerfiles_exist() -> None:
-    base = services()
+    base = compose_services()
     for path in (COMPOSE, GPU_OVERRIDE):
-        for name, service in services(path).items():
+        for name, service in compose_services(path).items():
             build = {**base[name].get("build", {}), **service.get("build", {})}
             assert build, f"{path.name}: {name} builds nothing"
-            context, dockerfile = dockerfile(build)
+            context, dockerfile = build_dockerfile(build)
             assert context == REPO, f"{name}: build context {context} is not the repository"
             assert dockerfile.is_file(), f"{name}: no Dockerfile {dockerfile}"
 
 
 @pytest.mark.parametrize("dockerfile", dockerfiles(), ids=lambda p: p.name)
 def test_copy_sources_exist_and_reach_the_build_context(dockerfile: Path) -> None:
-    copies = copies(dockerfile)
+    copies = copy_steps(dockerfile)
     assert copies, f"{dockerfile.name} copies nothing"
     for sources, _ in copies:
         for source in sources:
@@ -82,7 +82,7 @@ def test_host_mounts_exist_or_are_made_by_the_documented_steps() -> None:
     readme = [line.strip() for line in (DOCKER / "README.md").read_text().splitlines()]
     gitignore = (DOCKER / ".gitignore").read_text().split()
     for path in (COMPOSE, GPU_OVERRIDE):
-        for name, service in services(path).items():
+        for name, service in compose_services(path).items():
             for source, _ in mounts(service):
                 if not is_bind(source):
                     continue
@@ -108,7 +108,7 @@ def test_documented_certificates_are_the_mounted_ones_and_name_the_superlink(
     )
     mounted = {
         PurePosixPath(source).name
-        for service in services().values()
+        for service in compose_services().values()
         for source, _ in mounts(service)
         if source.startswith("./certs/")
     }
@@ -119,12 +119,14 @@ def test_documented_certificates_are_the_mounted_ones_and_name_the_superlink(
         capture_output=True,
         text=True,
     ).stdout
-    link = parse(_parse_args_run_supernode(), services()[SUPERNODES[0]]["command"]).superlink
+    link = parse(
+        _parse_args_run_supernode(), compose_services()[SUPERNODES[0]]["command"]
+    ).superlink
     assert f"DNS:{link.rsplit(':', 1)[0]}" in san and "IP Address:127.0.0.1" in san, san
 
 
 def test_each_supernode_has_its_own_data_and_cache() -> None:
-    services = services()
+    services = compose_services()
     data = [mounted(services[n], "/app/data-local") for n in SUPERNODES]
     caches = [mounted(services[n], "/app/cache") for n in SUPERNODES]
     assert all(data) and len({d[0] for d in data if d}) == len(SUPERNODES)
@@ -139,8 +141,8 @@ def test_each_supernode_has_its_own_data_and_cache() -> None:
 
 
 def test_gpu_override_reserves_an_nvidia_gpu_per_node() -> None:
-    for name, service in services(GPU_OVERRIDE).items():
-        _, dockerfile = dockerfile({**services()[name]["build"], **service["build"]})
+    for name, service in compose_services(GPU_OVERRIDE).items():
+        _, dockerfile = build_dockerfile({**compose_services()[name]["build"], **service["build"]})
         assert dockerfile.name == "Dockerfile.supernode-cuda"
         devices = service["deploy"]["resources"]["reservations"]["devices"]
         assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
