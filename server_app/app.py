@@ -11,8 +11,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from client_app.step_memory import measure_training_memory
 from models.blocks import get_blocks
-from models.depth_memory import measure_training_memory, parse_depth_table
+from models.depth_memory import parse_depth_table
 from models.distillation import EmulatorDistiller
 from models.export import export_client_models, export_outputs
 from models.fedbiot_models import FedBiOTModels

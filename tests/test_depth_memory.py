@@ -6,14 +6,12 @@ import pytest
 import torch
 from flwr.supercore.task_identity import TaskIdentity
 
+from client_app.step_memory import _peak_extra_bytes, measure_training_memory, module_bytes
 from models.blocks import get_blocks
 from models.depth_memory import (
     GB,
     MemoryBudgetError,
-    _peak_extra_bytes,
     choose_depths,
-    measure_training_memory,
-    module_bytes,
     node_budget_gb,
     parse_budget_map,
     parse_depth_table,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from client_app.step_memory import measure_training_memory
 from models.blocks import get_blocks
-from models.depth_memory import measure_training_memory
 from models.fedbiot_models import FedBiOTModels
 from models.layout import fedbiot_layout
 from models.lora import LoraSpec
