@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from client_app.local_training import lora_steps
 from models.lora import LoraModel
 from models.response_logits import response_logits, response_positions
 
@@ -120,26 +121,21 @@ def train_dpo(
     blocks = tuple(blocks)
     drawn = [next(batches) for _ in range(steps)]
     references = reference_logps(lora, drawn)
-    params = lora.train_only(blocks)
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     model = lora.peft
     model.eval()
     loss_total, accuracy_total, margin_total, tokens = 0.0, 0.0, 0.0, 0
     start = time.perf_counter()
-    for cpu_batch, reference in zip(drawn, references, strict=True):
-        batch = {k: v.to(lora.device) for k, v in cpu_batch.items()}
-        losses, margins = dpo_loss(sequence_logps(model, batch), reference.to(lora.device), beta)
-        loss = losses.mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_total += loss.item()
-        accuracy_total += reward_accuracy(margins).item()
-        margin_total += margins.mean().item()
-        tokens += int(batch["attention_mask"].sum())
-    for p in params:
-        p.requires_grad_(False)
+    with lora_steps(lora, blocks, learning_rate, weight_decay, max_grad_norm) as update:
+        for cpu_batch, reference in zip(drawn, references, strict=True):
+            batch = {k: v.to(lora.device) for k, v in cpu_batch.items()}
+            logps = sequence_logps(model, batch)
+            losses, margins = dpo_loss(logps, reference.to(lora.device), beta)
+            loss = losses.mean()
+            update.step(loss)
+            loss_total += loss.item()
+            accuracy_total += reward_accuracy(margins).item()
+            margin_total += margins.mean().item()
+            tokens += int(batch["attention_mask"].sum())
     return DPOResult(
         loss=loss_total / max(steps, 1),
         accuracy=accuracy_total / max(steps, 1),

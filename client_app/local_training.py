@@ -7,7 +7,8 @@ parameters; SCAFFOLD shifts every gradient by ``c - c_i``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,50 @@ class TrainResult:
     prox: float
     tokens: int
     seconds: float
+
+
+class LoraSteps:
+    """AdamW on the LoRA of the given blocks alone, with gradient clipping: the update every
+    client objective (SFT, DPO) shares."""
+
+    def __init__(
+        self,
+        lora: LoraModel,
+        blocks: tuple[int, ...],
+        learning_rate: float,
+        weight_decay: float,
+        max_grad_norm: float,
+    ) -> None:
+        self.params = lora.train_only(blocks)
+        self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=weight_decay)
+        self.max_grad_norm = max_grad_norm
+
+    def step(self, loss: torch.Tensor, adjust: Callable[[], None] | None = None) -> None:
+        """Backward, clip, ``adjust`` the gradients (SCAFFOLD), update."""
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        if adjust is not None:
+            adjust()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+@contextmanager
+def lora_steps(
+    lora: LoraModel,
+    blocks: tuple[int, ...],
+    learning_rate: float,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+) -> Iterator[LoraSteps]:
+    """``LoraSteps`` for a local training call; every LoRA parameter is frozen again after,
+    so nothing outside the call accumulates gradients."""
+    steps = LoraSteps(lora, blocks, learning_rate, weight_decay, max_grad_norm)
+    try:
+        yield steps
+    finally:
+        for p in steps.params:
+            p.requires_grad_(False)
 
 
 def lora_proximal(
@@ -57,12 +102,15 @@ def train_lora(
     gradient before every step.
     """
     blocks = tuple(blocks)
-    params = lora.train_only(blocks)
     named = lora.params(blocks)
     anchor = {k: p.detach().clone() for k, p in named.items()} if proximal_mu > 0 else {}
     shift = {k: v.to(named[k].device, named[k].dtype) for k, v in (correction or {}).items()}
+
+    def add_correction() -> None:
+        for name, delta in shift.items():
+            named[name].grad.add_(delta)
+
     prox = EffectiveWeightProximal(lora.modules_of(blocks), prox_epsilon)
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     model = lora.peft
     model.train()
     trained = set(blocks)
@@ -71,24 +119,18 @@ def train_lora(
             module.layer.eval()  # frozen LoRA (e.g. the emulator's) gets no dropout
     lm_total, prox_total, tokens = 0.0, 0.0, 0
     start = time.perf_counter()
-    for _ in range(steps):
-        batch = {k: v.to(lora.device) for k, v in next(batches).items()}
-        lm_loss = response_lm_loss(model, batch)
-        penalty = prox.penalty() if prox_epsilon > 0 else torch.zeros((), device=lora.device)
-        if proximal_mu > 0:
-            penalty = penalty + lora_proximal(named, anchor, proximal_mu)
-        (lm_loss + penalty).backward()
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        for name, delta in shift.items():
-            named[name].grad.add_(delta)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lm_total += lm_loss.item()
-        prox_total += penalty.item()
-        tokens += int(batch["attention_mask"].sum())
+    with lora_steps(lora, blocks, learning_rate, weight_decay, max_grad_norm) as update:
+        for _ in range(steps):
+            batch = {k: v.to(lora.device) for k, v in next(batches).items()}
+            lm_loss = response_lm_loss(model, batch)
+            penalty = prox.penalty() if prox_epsilon > 0 else torch.zeros((), device=lora.device)
+            if proximal_mu > 0:
+                penalty = penalty + lora_proximal(named, anchor, proximal_mu)
+            update.step(lm_loss + penalty, add_correction if shift else None)
+            lm_total += lm_loss.item()
+            prox_total += penalty.item()
+            tokens += int(batch["attention_mask"].sum())
     model.eval()
-    for p in params:
-        p.requires_grad_(False)
     return TrainResult(
         loss=lm_total / max(steps, 1),
         prox=prox_total / max(steps, 1),
