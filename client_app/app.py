@@ -18,15 +18,14 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client_app.client_data import ClientData, client_data
+from client_app.client_data import ClientData
 from client_app.client_preferences import client_preferences
 from client_app.dpo_training import train_dpo
 from client_app.exchange import kdfed_train, split_step
 from client_app.local_training import response_loss, train_lora
-from client_app.model_cache import ClientModel, load_client_model, node_cache_dir, store_package
+from client_app.model_cache import ClientModel
+from client_app.node import load_node
 from models.depth_memory import node_budget_gb, parse_budget_map
-from models.lora import LoraSpec
-from models.quantization import check_mode
 from models.wire import from_record, to_record
 from server_app.methods import method_plan
 from server_app.run_config import RunConfig
@@ -41,29 +40,12 @@ CLIENT_C_UPDATES = "scaffold-c-i-updates"
 
 
 def _prepare(msg: Message, context: Context) -> tuple[RunConfig, ClientModel, int, ClientData]:
-    """Parse the config, get the compressed model and load this round's LoRA into it."""
-    config = RunConfig.from_flower(context.run_config)
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    root = str(context.node_config.get("cache-dir", "") or config.cache_dir)
-    cache = node_cache_dir(root, context.node_id)
-    content = msg.content
-    if "base" in content:
-        store_package(cache, content["base"], content["model-package"])
-    spec = LoraSpec(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
-    quantization = str(context.node_config.get("quantization", config.quantization))
-    model = load_client_model(
-        cache, str(content["config"]["model-digest"]), spec, check_mode(quantization)
-    )
-    if model.quantization == "none":  # bitsandbytes placed a quantized model already
-        model.lora.peft.to(config.torch_device())
-    state = from_record(content["arrays"])
-    if "emulator" in content:
-        state.update(from_record(content["emulator"]))
+    """The node's model with this round's LoRA loaded, its config and data."""
+    config, model, partition_id, data = load_node(msg, context)
+    state = from_record(msg.content["arrays"])
+    if "emulator" in msg.content:
+        state.update(from_record(msg.content["emulator"]))
     model.lora.load_state(state)
-    partition_id = int(context.node_config.get("partition-id", 0))
-    data_file = str(context.node_config.get("data-file", ""))
-    data = client_data(config, partition_id, model.tokenizer, data_file)
     return config, model, partition_id, data
 
 

@@ -26,10 +26,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
-from client_app.client_data import ClientData, client_data
-from client_app.model_cache import ClientModel, load_client_model, node_cache_dir, store_package
-from models.lora import LoraModel, LoraSpec
-from models.quantization import check_mode
+from client_app.node import load_node
+from models.lora import LoraModel
 from models.split_model import ClientPart, pack_forward, unpack_activations, unwrap
 from models.wire import from_record, to_record
 from server_app.kd_public import (
@@ -41,7 +39,6 @@ from server_app.kd_public import (
     soft_labels,
     to_targets,
 )
-from server_app.run_config import RunConfig
 from task_data import batch_iterator
 
 # Records of the split messages: the server's gradient, the client's activations.
@@ -51,30 +48,6 @@ KD_LORA = "kdfed-lora"
 SPLIT_LORA = "split-lora"
 SPLIT_ADAM = "split-adam"
 SPLIT_ADAM_STEP = "split-adam-step"
-
-
-def _load(msg: Message, context: Context) -> tuple[RunConfig, ClientModel, int, ClientData]:
-    """Config, the node's cached model (stored from the message the first time), its data."""
-    config = RunConfig.from_flower(context.run_config)
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    root = str(context.node_config.get("cache-dir", "") or config.cache_dir)
-    cache = node_cache_dir(root, context.node_id)
-    if "base" in msg.content:
-        store_package(cache, msg.content["base"], msg.content["model-package"])
-    spec = LoraSpec(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
-    quantization = check_mode(str(context.node_config.get("quantization", config.quantization)))
-    model = load_client_model(cache, str(msg.content["config"]["model-digest"]), spec, quantization)
-    if model.quantization == "none":
-        model.lora.peft.to(config.torch_device())
-    partition_id = int(context.node_config.get("partition-id", 0))
-    data_file = str(context.node_config.get("data-file", ""))
-    return (
-        config,
-        model,
-        partition_id,
-        client_data(config, partition_id, model.tokenizer, data_file),
-    )
 
 
 def initial_lora(lora: LoraModel, seed: int) -> dict[str, torch.Tensor]:
@@ -92,7 +65,7 @@ def initial_lora(lora: LoraModel, seed: int) -> dict[str, torch.Tensor]:
 
 def kdfed_train(msg: Message, context: Context) -> Message:
     """Local steps with the KL term, then the soft labels on the public set."""
-    config, model, partition_id, data = _load(msg, context)
+    config, model, partition_id, data = load_node(msg, context)
     train_config = msg.content["config"]
     server_round = int(train_config["server-round"])
     seed = config.seed + 1009 * server_round + partition_id
@@ -176,7 +149,7 @@ def _dropout_seed(seed: int, step: int) -> int:
 
 def split_step(msg: Message, context: Context) -> Message:
     """Finish the previous step with the server's gradient; send the next activations."""
-    config, model, partition_id, data = _load(msg, context)
+    config, model, partition_id, data = load_node(msg, context)
     step_config = msg.content["config"]
     server_round, step = int(step_config["server-round"]), int(step_config["step"])
     blocks = model.layout.kept_blocks  # the client's blocks [0, k)
