@@ -118,6 +118,7 @@ class RunConfig:
     eval_every: int = 2
     eval_generation_examples: int = 8
     eval_max_new_tokens: int = 128
+    banking77_eval: str = "generate"
     open_ended_examples: int = 4
     test_fraction: float = 0.1
     seed: int = 42
@@ -213,6 +214,10 @@ class RunConfig:
             (self.eval_every >= 1, "eval-every must be >= 1"),
             (self.eval_generation_examples >= 0, "eval-generation-examples must be >= 0"),
             (self.eval_max_new_tokens >= 1, "eval-max-new-tokens must be >= 1"),
+            (
+                self.banking77_eval in ("generate", "rank"),
+                f"banking77-eval={self.banking77_eval!r} must be 'generate' or 'rank'",
+            ),
             (0 <= self.open_ended_examples <= 80, "open-ended-examples must be in [0, 80]"),
             (0.0 < self.test_fraction < 1.0, "test-fraction must be in (0, 1)"),
             (self.round_timeout > 0, "round-timeout must be > 0"),

@@ -61,6 +61,7 @@ class ServerEvaluator:
             seed=config.seed,
             max_new_tokens=config.eval_max_new_tokens,
             perplexity_task=config.task,
+            banking77_mode=config.banking77_eval,
             data_dir=config.data_dir or None,
         )
         self.preferences = (

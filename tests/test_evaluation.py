@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from models.label_scores import label_token_ids
 from server_app.evaluation.answers import extract_answer
 from server_app.evaluation.passk import pass_at_k
 from server_app.evaluation.sandbox import run_program
@@ -100,6 +101,24 @@ def test_banking77_scores_a_real_model_in_both_modes() -> None:
         result = banking77(model, tokenizer, size=3, seed=0, mode=mode)
         assert result["examples"] == 3
         assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["macro_f1"] <= 1.0
+
+
+def test_banking77_rank_mode_predicts_the_label_the_model_favours() -> None:
+    model, tokenizer = tiny("tiny-llama")
+    favoured = subset(load_records("banking77", "test"), 3, 0)[1]["label"]
+    head = model.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[label_token_ids(tokenizer, [favoured])[0]] = 30.0
+    model.lm_head = biased  # every token of one label (and EOS) made likely everywhere
+
+    result = banking77(model, tokenizer, size=3, seed=0, mode="rank")
+
+    gold = [r["label"] for r in subset(load_records("banking77", "test"), 3, 0)]
+    assert result["accuracy"] == pytest.approx(gold.count(favoured) / 3)
+    assert result["macro_f1"] == pytest.approx(macro_f1(gold, [favoured] * 3))
 
 
 def test_perplexity_is_exp_of_the_mean_response_loss() -> None:

@@ -75,6 +75,7 @@ def test_integers_are_accepted_for_float_keys() -> None:
         ({"split-dtype": "int8"}, "split-dtype='int8'"),
         ({"kd-weight": 1.5}, "kd-weight must be in"),
         ({"quantization": "2bit"}, "quantization='2bit'"),
+        ({"banking77-eval": "argmax"}, "banking77-eval=.argmax. must be"),
     ],
 )
 def test_bad_values_name_the_key(override: dict, message: str) -> None:

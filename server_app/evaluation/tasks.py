@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from models.label_scores import label_log_likelihoods, label_token_ids
 from models.progress import progress
 from models.response_logits import response_logits
 from server_app.evaluation.answers import extract_answer
@@ -83,29 +84,6 @@ def _normalize_label(text: str) -> str:
 
 
 @torch.no_grad()
-def _rank_labels(model, tokenizer, prompt: list[int], labels: list[str]) -> str:
-    """The label whose tokens have the highest total log-likelihood after the prompt."""
-    device = next(model.parameters()).device
-    label_ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
-    scores = []
-    for start in range(0, len(labels), 16):
-        chunk = label_ids[start : start + 16]
-        records = [
-            {
-                "input_ids": prompt + ids,
-                "labels": [-100] * len(prompt) + ids,
-                "attention_mask": [1] * (len(prompt) + len(ids)),
-            }
-            for ids in chunk
-        ]
-        batch = {k: v.to(device) for k, v in collate(records, tokenizer.pad_token_id).items()}
-        logits, targets = response_logits(model, batch)
-        token_scores = -F.cross_entropy(logits.float(), targets, reduction="none")
-        lengths = [len(ids) for ids in chunk]
-        scores += [part.sum().item() for part in torch.split(token_scores, lengths)]
-    return labels[max(range(len(labels)), key=scores.__getitem__)]
-
-
 def banking77(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -114,15 +92,22 @@ def banking77(
     mode: str = "generate",
     data_dir: str | None = None,
 ) -> dict[str, float]:
-    """Intent accuracy and macro-F1: the generated label, or the label ranked most likely."""
+    """Intent accuracy and macro-F1 of the generated label (``generate``), or of the label the
+    model ranks most likely (``rank``: never off the label set, so a briefly trained model
+    scores above chance where its free text does not yet match a label name)."""
     root = Path(data_dir) if data_dir else default_data_dir()
     labels = json.loads((root / "banking77" / "categories.json").read_text())
     test = subset(load_records("banking77", "test", data_dir=data_dir), size, seed)
     prompts = [chat_prompt(tokenizer, f"{r['instruction']}\n\n{r['input']}") for r in test]
     if mode == "rank":
-        predicted = [
-            _rank_labels(model, tokenizer, p, labels) for p in progress(prompts, "banking77")
-        ]
+        # The label the model gives the highest log-likelihood, scored as the response it is
+        # trained on (label tokens then EOS): the score KD-FedLLM's clients upload.
+        candidates = label_token_ids(tokenizer, labels)
+        predicted = []
+        with torch.no_grad():
+            for prompt in progress(prompts, "banking77"):
+                scores = label_log_likelihoods(model, [prompt], candidates)[0]
+                predicted.append(labels[int(scores.argmax())])
     elif mode == "generate":
         known = {_normalize_label(label): label for label in labels}
         outputs = generate(model, tokenizer, prompts, 16, description="banking77")
