@@ -37,7 +37,8 @@ os.environ.setdefault("FEDBIOT_CACHE", str(REPO / ".cache" / "fedbiot"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.case_study_report import write_report  # noqa: E402
-from models.loading import resolve_model_dir  # noqa: E402
+from models.loading import load_model, resolve_model_dir  # noqa: E402
+from server_app.evaluation.tasks import banking77  # noqa: E402
 from tests.flower_runtime import local_federation  # noqa: E402
 
 SEEDS = (0, 1, 42)
@@ -47,12 +48,12 @@ ROWS = ("fedit-r4", "fedit-r8", "fedit-r16", "kdfed", "split-q1", "split-q2", "s
 # The reduced size (the seed trains for epochs over 5,000 examples and tests on all 3,080).
 REDUCED = {
     "num-server-rounds": 2,
-    "local-steps": 6,
+    "local-steps": 4,
     "batch-size": 4,
     "seq-length": 96,
     "learning-rate": 1e-3,
     "eval-examples": 8,
-    "eval-generation-examples": 24,
+    "eval-generation-examples": 16,
     "eval-max-new-tokens": 16,
     "kd-public-examples": 8,
     "kd-distill-steps": 4,
@@ -103,7 +104,7 @@ def run_config(
         "test-fraction": 0.01,
         "seed": seed,
         "lora-r": 8,
-        "eval-every": 100,  # task metrics before training and after the last round only
+        "eval-every": 0,  # task metrics after the last round only; the base once per seed
         "banking77-eval": "rank",  # accuracy over the 77 labels: a few steps name none right
         "fraction-evaluate": 0.0,  # no client-side evaluation round: its traffic is no training
         "open-ended-examples": 0,
@@ -116,6 +117,14 @@ def run_config(
         **(QUICK if args.quick else REDUCED),
         **row_config(row, blocks),
     }
+
+
+def base_accuracy(model: str, seed: int, size: int, data_dir: Path) -> float:
+    """The untrained model's accuracy on a seed's test texts, once for all rows (every row
+    starts from it; each run then evaluates only after its last round)."""
+    base, tokenizer = load_model(model)
+    result = banking77(base, tokenizer, size=size, seed=seed, mode="rank", data_dir=str(data_dir))
+    return float(result["accuracy"])
 
 
 def finished(run_dir: Path, rounds: int) -> bool:
@@ -162,11 +171,20 @@ def main(argv: list[str] | None = None) -> Path:
                     sys.stderr.write(result.stdout[-4000:] + result.stderr[-4000:])
                     raise SystemExit(f"{run_dir.name} failed")
                 print(f"{run_dir.name}: {wall[run_dir.name]:.0f} s", flush=True)
+    sizes = QUICK if args.quick else REDUCED
+    base_file = args.out / "base_accuracy.json"
+    base = json.loads(base_file.read_text()) if base_file.is_file() else {}
+    for seed in args.seeds:
+        if str(seed) not in base:
+            size = int(sizes["eval-generation-examples"])
+            base[str(seed)] = base_accuracy(args.model, seed, size, REPO / "data")
+            base_file.write_text(json.dumps(base, indent=2, sort_keys=True))
     settings = {
         "model": args.model,
+        "base_accuracy": base,
         "blocks": blocks,
         "clients": CLIENTS,
-        "sizes": QUICK if args.quick else REDUCED,
+        "sizes": sizes,
     }
     report = write_report(runs, args.out, settings, wall, list(ROWS), list(SEEDS))
     print(f"wrote {report}")

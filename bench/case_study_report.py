@@ -64,7 +64,6 @@ def run_summary(run_dir: Path) -> dict[str, float]:
     client_s = sum(r.get("client_seconds", r.get("train_seconds")) or 0.0 for r in rows[1:])
     return {
         "accuracy": rows[-1]["eval_adapfu_banking77_accuracy"],
-        "base_accuracy": rows[0].get("eval_base_banking77_accuracy"),
         "eval_loss": rows[-1]["eval_adapfu_banking77_loss"],
         "bytes_up": mean["up"],
         "bytes_down": mean["down"],
@@ -224,6 +223,20 @@ def _sweeps(results: dict, blocks: int, path: Path) -> None:
     plt.close(figure)
 
 
+def _base_line(base: dict[str, float]) -> list[str]:
+    """The untrained model's accuracy, the same starting point for every row."""
+    if not base:
+        return []
+    values = list(base.values())
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return [
+        f"Untrained model (every row's start), same test texts: "
+        f"{100 * statistics.fmean(values):.1f} ± {100 * spread:.1f} % "
+        f"(chance: {100 / 77:.1f} %).",
+        "",
+    ]
+
+
 def write_report(
     runs: Path,
     out: Path,
@@ -268,6 +281,7 @@ def write_report(
         "",
         "Sizes: " + ", ".join(f"`{k}={v}`" for k, v in settings["sizes"].items()),
         "",
+        *_base_line(settings.get("base_accuracy", {})),
         "## The table",
         "",
         *table(results, MAIN),

@@ -211,7 +211,7 @@ class RunConfig:
             (self.prox_epsilon >= 0, "prox-epsilon must be >= 0"),
             (self.public_examples >= 1, "public-examples must be >= 1"),
             (self.eval_examples >= 0, "eval-examples must be >= 0"),
-            (self.eval_every >= 1, "eval-every must be >= 1"),
+            (self.eval_every >= 0, "eval-every must be >= 0"),
             (self.eval_generation_examples >= 0, "eval-generation-examples must be >= 0"),
             (self.eval_max_new_tokens >= 1, "eval-max-new-tokens must be >= 1"),
             (

@@ -77,10 +77,15 @@ class ServerEvaluator:
         )
         self.started = time.perf_counter()
 
+    def _periodic(self, server_round: int) -> bool:
+        """Every ``eval-every`` rounds from round 0; ``eval-every=0``: never (the last round
+        alone, without the round-0 baseline, for studies that measure it once elsewhere)."""
+        return bool(self.every) and server_round % self.every == 0
+
     def _task_metrics(self, server_round: int) -> dict[str, float]:
-        """Task metrics (accuracy, ...) of the base model once, then of AdapEmu and AdapFu
-        every ``eval-every`` rounds and after the last one."""
-        due = server_round % self.every == 0 or server_round == self.last_round
+        """Task metrics (accuracy, ...) of the base model at round 0, then of AdapEmu and
+        AdapFu every ``eval-every`` rounds and after the last one."""
+        due = self._periodic(server_round) or server_round == self.last_round
         off = not self.settings.tasks or not self.settings.size  # size 0: no task metrics
         if off or not due or hasattr(self.strategy, "client_arrays"):
             return {}
@@ -128,7 +133,7 @@ class ServerEvaluator:
         if self.batches:
             record.update(self._evaluate())
         record.update(self._task_metrics(server_round))
-        due = server_round % self.every == 0 or server_round in (
+        due = self._periodic(server_round) or server_round in (
             self.last_round,
             self.last_sft_round,
         )
