@@ -184,6 +184,19 @@ def test_fedmedian_takes_the_coordinate_wise_median(x0) -> None:
         _assert_close(out[server_round - 1], want)
 
 
+@pytest.mark.parametrize("beta", [0.2, 0.34])
+def test_fedtrimmedavg_drops_the_extremes_then_averages(beta: float, x0) -> None:
+    out, _ = _run_rounds("fedtrimmedavg", x0, trimmed_beta=beta)
+    cut = int(beta * len(NODES))  # 0.2 of 3 trims nothing; 0.34 one model's value per end
+    for server_round in (1, 2):
+        models = _client_models(server_round)
+        want = {
+            k: np.sort(np.stack([m[k] for m in models]), axis=0)[cut : len(NODES) - cut].mean(0)
+            for k in x0
+        }
+        _assert_close(out[server_round - 1], want)
+
+
 def test_krum_picks_the_model_closest_to_the_others(x0) -> None:
     out, _ = _run_rounds("krum", x0)
     for server_round in (1, 2):

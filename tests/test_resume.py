@@ -1,4 +1,5 @@
-"""A server that stops after round 1 and is resumed ends where an uninterrupted run ends."""
+"""A server that stops after round 1 and is resumed ends where an uninterrupted run ends; a
+finished run is not resumed again."""
 
 from __future__ import annotations
 
@@ -63,12 +64,8 @@ def test_resumed_run_matches_the_uninterrupted_one(
             torch.as_tensor(resumed["strategy"]["v_t"][name]), torch.as_tensor(value)
         )
 
-
-def test_resume_refuses_a_finished_run(federation: LocalFederation, tmp_path: Path) -> None:
-    _run(federation, _config(tmp_path, "done", 1))
-    result = federation.run(
-        _config(tmp_path, "again", 1, **{"resume-from": str(tmp_path / "done")}), supernodes=2
-    )
+    # Resuming the finished run is refused before any model is loaded; nothing is added.
+    again = _config(tmp_path, "again", 3, **{"resume-from": str(stopped)})
+    result = federation.run(again, supernodes=2)
     assert "leaves nothing to do" in result.stdout + result.stderr
-    rows = (tmp_path / "done" / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 2  # nothing lost, nothing added
+    assert len((stopped / "metrics.jsonl").read_text().splitlines()) == 4
