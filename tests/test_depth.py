@@ -9,15 +9,11 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
-from models.blocks import get_blocks
 from models.depth_memory import (
     MemoryBudgetError,
 )
 from models.fedbiot_models import FedBiOTModels
-from models.layout import fedbiot_layout
-from models.lora import LoraSpec
 from models.wire import from_record, to_record
 from strategies.depth_aggregation import (
     BUDGET_QUERY,
@@ -28,9 +24,9 @@ from strategies.depth_aggregation import (
     budget_reply,
     per_block_weighted_mean,
 )
-from tests.tiny import tiny
+from tests.tiny import ADAPTER_REGION, tiny_fedbiot_models
 
-REGION = (2, 3, 4, 5, 6, 7)  # the adapter region: the last 6 of the tiny model's 8 blocks
+REGION = ADAPTER_REGION
 
 
 def _key(block: int) -> str:
@@ -137,11 +133,7 @@ class FakeGrid:
 
 @pytest.fixture
 def models() -> FedBiOTModels:
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    model, tokenizer = tiny("tiny-llama")
-    layout = fedbiot_layout(len(get_blocks(model)), len(REGION), 0.5)
-    assert layout.adapter_blocks == REGION
-    return FedBiOTModels(model, tokenizer, layout, LoraSpec(r=4, alpha=8))
+    return tiny_fedbiot_models()
 
 
 def _sampling(nodes: int) -> dict[str, float | int]:

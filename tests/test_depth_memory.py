@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.step_memory import _peak_extra_bytes, measure_training_memory, module_bytes
-from models.blocks import get_blocks
 from models.depth_memory import (
     GB,
     MemoryBudgetError,
@@ -17,21 +15,15 @@ from models.depth_memory import (
     parse_depth_table,
 )
 from models.fedbiot_models import FedBiOTModels
-from models.layout import fedbiot_layout
-from models.lora import LoraSpec
 from models.wire import state_bytes
-from tests.tiny import tiny
+from tests.tiny import ADAPTER_REGION, tiny_fedbiot_models
 
-REGION = (2, 3, 4, 5, 6, 7)  # the adapter region: the last 6 of the tiny model's 8 blocks
+REGION = ADAPTER_REGION
 
 
 @pytest.fixture
 def models() -> FedBiOTModels:
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    model, tokenizer = tiny("tiny-llama")
-    layout = fedbiot_layout(len(get_blocks(model)), len(REGION), 0.5)
-    assert layout.adapter_blocks == REGION
-    return FedBiOTModels(model, tokenizer, layout, LoraSpec(r=4, alpha=8))
+    return tiny_fedbiot_models()
 
 
 def test_each_client_gets_the_deepest_depth_that_fits_its_budget() -> None:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import torch
+from flwr.supercore.task_identity import TaskIdentity
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from models.blocks import get_blocks
+from models.fedbiot_models import FedBiOTModels
+from models.layout import fedbiot_layout
 from models.loading import load_model
+from models.lora import LoraSpec
 
 TINY = ("tiny-llama", "tiny-gpt2")
 
@@ -23,3 +28,17 @@ def chat_batch(tokenizer: PreTrainedTokenizerBase, n: int = 2, length: int = 24)
     labels = ids.clone()
     labels[:, : length // 2] = -100
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+# FedBiAlign's tests: the adapter region is the last 6 of the tiny model's 8 blocks.
+ADAPTER_REGION = (2, 3, 4, 5, 6, 7)
+
+
+def tiny_fedbiot_models() -> FedBiOTModels:
+    """The tiny Llama-style model split FedBiOT-style with ``ADAPTER_REGION`` as the adapter,
+    inside a fake Flower task context (strategies read its run id)."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    model, tokenizer = tiny("tiny-llama")
+    layout = fedbiot_layout(len(get_blocks(model)), len(ADAPTER_REGION), 0.5)
+    assert layout.adapter_blocks == ADAPTER_REGION
+    return FedBiOTModels(model, tokenizer, layout, LoraSpec(r=4, alpha=8))
