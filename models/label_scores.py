@@ -5,18 +5,21 @@ softmax of each label's sequence log-likelihood, scored on the exact response it
 on (the label's tokens, then EOS, so that a label that prefixes another is not favoured).
 These C scores are what KD-FedLLM clients upload for a classification task.
 
-Scoring C labels naively costs C forwards over prompt + label. Here the prompt runs once, its
-KV cache is repeated for the C continuations, and the labels are fed longest first in spans
-that end at the next label length, dropping the labels that ended from the cache: each label
-token is computed once and nothing is padded (Banking77 with SmolLM2's tokenizer: 481 label
-tokens plus the prompt, instead of 77 x (prompt + 17)). It is differentiable, so a student
-backpropagates through it.
+Scoring C labels naively costs C forwards over prompt + label. Here the labels' proper
+prefixes form a trie, and one forward runs the prompt followed by the trie's nodes under a
+tree attention mask: a node sees the prompt and its own ancestors, at the position it would
+have in its label. Shared prefixes are computed once and there is no KV-cache shuffling
+(Banking77 with SmolLM2's tokenizer: 382 trie nodes instead of 481 label tokens, one forward
+instead of 18; about 3x faster than a shared prompt cache on a CPU). The head runs only where
+a score is read (``logits_to_keep``). It is differentiable, so a student backpropagates
+through it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -29,43 +32,85 @@ def label_token_ids(tokenizer: PreTrainedTokenizerBase, labels: list[str]) -> li
     ]
 
 
+@dataclass(frozen=True)
+class LabelTrie:
+    """The labels' proper prefixes as nodes (in order of first appearance, so a parent comes
+    before its children), and every label token as an edge: row ``rows[e]`` of the kept
+    logits (0: the prompt's last position, 1 + i: node i) predicts token ``targets[e]`` of
+    label ``owners[e]``."""
+
+    tokens: list[int]
+    depths: list[int]
+    ancestors: torch.Tensor  # (nodes, nodes) bool: node i sees node j (j == i included)
+    rows: torch.Tensor
+    targets: torch.Tensor
+    owners: torch.Tensor
+
+    @classmethod
+    def build(cls, labels: list[list[int]]) -> LabelTrie:
+        index: dict[tuple[int, ...], int] = {}
+        parents: list[int] = []
+        rows, targets, owners = [], [], []
+        for owner, label in enumerate(labels):
+            row = 0
+            for depth, token in enumerate(label):
+                rows.append(row)
+                targets.append(token)
+                owners.append(owner)
+                prefix = tuple(label[: depth + 1])
+                if depth + 1 < len(label):
+                    if prefix not in index:
+                        index[prefix] = len(index)
+                        parents.append(index[prefix[:-1]] if depth else -1)
+                    row = 1 + index[prefix]
+        ancestors = torch.eye(len(index), dtype=torch.bool)
+        for node, parent in enumerate(parents):
+            if parent >= 0:
+                ancestors[node] |= ancestors[parent]
+        nodes = sorted(index, key=index.__getitem__)
+        return cls(
+            tokens=[prefix[-1] for prefix in nodes],
+            depths=[len(prefix) - 1 for prefix in nodes],
+            ancestors=ancestors,
+            rows=torch.tensor(rows),
+            targets=torch.tensor(targets),
+            owners=torch.tensor(owners),
+        )
+
+
+def _tree_mask(prompt_length: int, trie: LabelTrie, dtype: torch.dtype) -> torch.Tensor:
+    """(1, 1, L, L) additive mask: causal over the prompt, each node sees the prompt and its
+    ancestors. Additive rather than boolean so eager attention reads it too."""
+    length = prompt_length + len(trie.tokens)
+    allowed = torch.zeros(length, length, dtype=torch.bool)
+    allowed[:prompt_length, :prompt_length] = torch.ones(
+        prompt_length, prompt_length, dtype=torch.bool
+    ).tril()
+    allowed[prompt_length:, :prompt_length] = True
+    allowed[prompt_length:, prompt_length:] = trie.ancestors
+    mask = torch.zeros(length, length, dtype=dtype)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
 def label_log_likelihoods(
     model: nn.Module, prompts: list[list[int]], labels: list[list[int]]
 ) -> torch.Tensor:
     """(N, C): ``log p(label_c | prompt_n)`` summed over the label's tokens."""
     device = next(model.parameters()).device
-    # Longest first: the labels still running at any position are a prefix of this order.
-    order = sorted(range(len(labels)), key=lambda c: -len(labels[c]))
-    width = len(labels[order[0]])
-    tokens = torch.zeros(len(labels), width, dtype=torch.long, device=device)
-    for row, c in enumerate(order):
-        tokens[row, : len(labels[c])] = torch.tensor(labels[c], device=device)
-    lengths = [len(labels[c]) for c in order]
-    rows = []
+    dtype = model.get_input_embeddings().weight.dtype
+    trie = LabelTrie.build(labels)
+    rows, targets, owners = (t.to(device) for t in (trie.rows, trie.targets, trie.owners))
+    scores = []
     for prompt in prompts:
-        out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
-        score = F.log_softmax(out.logits[0, -1].float(), dim=-1)[tokens[:, 0]]
-        cache, start, running = out.past_key_values, 0, len(labels)
-        cache.batch_repeat_interleave(running)
-        # Feed label tokens [start, end) of the labels longer than ``start``; ``end`` is the
-        # next label length, so no label in a span ends inside it: nothing is padded.
-        for end in sorted({n - 1 for n in lengths if n > 1}):
-            active = sum(n - 1 > start for n in lengths)
-            if active < running:
-                cache.batch_select_indices(torch.arange(active, device=device))
-                running = active
-            offset = len(prompt) + start
-            logits = model(
-                input_ids=tokens[:active, start:end],
-                attention_mask=torch.ones(active, offset + end - start, device=device),
-                past_key_values=cache,
-                position_ids=torch.arange(offset, offset + end - start, device=device).expand(
-                    active, -1
-                ),
-            ).logits.float()
-            targets = tokens[:active, start + 1 : end + 1, None]
-            picked = (logits.gather(2, targets)[..., 0] - logits.logsumexp(-1)).sum(1)
-            score = score + F.pad(picked, (0, len(labels) - active))
-            start = end
-        rows.append(score[torch.tensor(order, device=device).argsort()])
-    return torch.stack(rows)
+        n = len(prompt)
+        keep = torch.zeros(n + len(trie.tokens), dtype=torch.bool, device=device)
+        keep[n - 1 :] = True  # the prompt's last position, then every node
+        logits = model(
+            input_ids=torch.tensor([prompt + trie.tokens], device=device),
+            attention_mask=_tree_mask(n, trie, dtype).to(device),
+            position_ids=torch.tensor([[*range(n), *(n + d for d in trie.depths)]], device=device),
+            logits_to_keep=keep,
+        ).logits[0].float()
+        picked = logits[rows, targets] - logits.logsumexp(-1)[rows]
+        scores.append(torch.zeros(len(labels), device=device).index_add(0, owners, picked))
+    return torch.stack(scores)

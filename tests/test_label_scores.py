@@ -1,4 +1,4 @@
-"""Label log-likelihoods through a shared prompt cache equal full-sequence scoring."""
+"""Label log-likelihoods through the label trie equal full-sequence scoring."""
 
 import pytest
 import torch
@@ -17,7 +17,7 @@ def _naive(model, prompt: list[int], label: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_cached_label_scores_match_full_sequences_and_backpropagate(name: str) -> None:
+def test_trie_label_scores_match_full_sequences_and_backpropagate(name: str) -> None:
     model, tokenizer = tiny(name)
     model.eval()
     labels = label_token_ids(tokenizer, ["card_arrival", "top_up", "top_up_failed", "age"])
