@@ -105,12 +105,14 @@ def label_log_likelihoods(
         n = len(prompt)
         keep = torch.zeros(n + len(trie.tokens), dtype=torch.bool, device=device)
         keep[n - 1 :] = True  # the prompt's last position, then every node
-        logits = model(
+        positions = [*range(n), *(n + depth for depth in trie.depths)]
+        out = model(
             input_ids=torch.tensor([prompt + trie.tokens], device=device),
             attention_mask=_tree_mask(n, trie, dtype).to(device),
-            position_ids=torch.tensor([[*range(n), *(n + d for d in trie.depths)]], device=device),
+            position_ids=torch.tensor([positions], device=device),
             logits_to_keep=keep,
-        ).logits[0].float()
+        )
+        logits = out.logits[0].float()
         picked = logits[rows, targets] - logits.logsumexp(-1)[rows]
         scores.append(torch.zeros(len(labels), device=device).index_add(0, owners, picked))
     return torch.stack(scores)
