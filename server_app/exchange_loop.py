@@ -88,7 +88,11 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
 
 def sample_nodes(grid: Grid, config: RunConfig) -> list[int]:
     """``fraction-train`` of the connected nodes, at least ``min-train-nodes`` (capped at
-    ``num-partitions``), drawn with Python's RNG as Flower's strategies do."""
+    ``num-partitions``), drawn with Python's RNG as Flower's strategies do.
+
+    Not Flower's ``strategy_utils.sample_nodes``: it waits for nodes without a deadline
+    (a run with too few SuperNodes would hang instead of failing after ``round-timeout``)
+    and takes the sample size before it knows how many nodes are connected."""
     needed = min(config.min_train_nodes, config.num_partitions)
     nodes = wait_for_nodes(grid, needed, config.round_timeout)
     count = max(needed, int(config.fraction_train * len(nodes)))
