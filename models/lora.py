@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from models.blocks import block_path, get_blocks
+from models.word_dropout import WordDropout
 
 _ADAPTER = "default"
 
@@ -96,6 +97,9 @@ class LoraModel:
         self.spec = spec
         self.block_ids = block_ids
         self.peft: PeftModel = get_peft_model(model, config)
+        for module in self.peft.modules():
+            if isinstance(module, LoraLayer) and spec.dropout > 0:
+                module.lora_dropout[_ADAPTER] = WordDropout(spec.dropout)
         prefix = f"base_model.model.{block_path(model)}."
         self.modules: dict[str, LoraModule] = {}
         for full_name, module in self.peft.named_modules():
