@@ -6,7 +6,6 @@ import time
 from logging import INFO
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -17,7 +16,6 @@ from models.depth_memory import parse_depth_table
 from models.distillation import EmulatorDistiller
 from models.export import export_client_models, export_outputs
 from models.fedbiot_models import FedBiOTModels
-from models.loading import load_model
 from models.lora import LoraSpec
 from models.wire import to_record
 from server_app.checkpoint import load_checkpoint, restore, save_checkpoint
@@ -25,7 +23,7 @@ from server_app.kdfed import run_kdfed
 from server_app.methods import MethodPlan, method_plan
 from server_app.results import RunRecorder
 from server_app.run_config import ConfigError, RunConfig
-from server_app.run_setup import check_task_data, public_batches, seed_everything
+from server_app.run_setup import model_fields, open_run, public_batches
 from server_app.server_eval import ServerEvaluator
 from server_app.split_learning import run_split
 from strategies.algorithms import strategy_class
@@ -108,9 +106,6 @@ def _sampling(config: RunConfig, plan: MethodPlan) -> dict[str, float | int]:
 
 def run_federation(grid: Grid, config: RunConfig) -> Path:
     """The whole server side of a run; returns the run's results folder."""
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    seed_everything(config.seed)
     plan = method_plan(config)
     checkpoint, resume_dir = (
         load_checkpoint(config.resume_from) if config.resume_from else ({}, None)
@@ -122,25 +117,12 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             f"resume-from: the checkpoint is of round {checkpoint['round']}; "
             f"num-server-rounds={config.num_server_rounds} leaves nothing to do"
         )
-    check_task_data(config, plan)
-    recorder = RunRecorder(config, resume_dir, checkpoint.get("round"))
-    log(INFO, "Results go to %s", recorder.dir)
-
-    base, tokenizer = load_model(config.model)
+    recorder, base, tokenizer = open_run(config, plan, resume_dir, checkpoint.get("round"))
     layout = plan.layout(config, len(get_blocks(base)))
     spec = LoraSpec(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
     models = FedBiOTModels(base, tokenizer, layout, spec)
     models.to(config.torch_device())
-    recorder.write_config(
-        layout,
-        {
-            "method": plan.name,
-            "model_digest": models.frozen_digest,
-            "compressed_model_bytes": models.frozen.count_bytes(),
-            "trainable_adapter_params": sum(t.numel() for t in models.adapter_state().values()),
-            "trainable_emulator_params": sum(t.numel() for t in models.emulator_state().values()),
-        },
-    )
+    recorder.write_config(layout, model_fields(plan.name, models))
     log(
         INFO,
         "%s on %d blocks: adapter %s, emulator %s",

@@ -5,8 +5,8 @@ split round is one exchange per training step, and what a KD round sends is not 
 This module waits for nodes, samples them, sends one message per node (with the frozen
 weights the first time a node is addressed), collects the replies without the Grid's
 seconds-long polling sleep, and counts the bytes of every ArrayRecord each way, per node
-and per round, as ``FedBiOTMixin`` does for the strategies. The ``Ledger`` it fills is what
-``ServerEvaluator`` reads from a strategy, so these methods write the same run folder:
+and per round, through the same ``strategies/shipment.Shipment`` as the strategies; it is
+what ``ServerEvaluator`` reads, so these methods write the same run folder:
 config.json, metrics.jsonl/csv, communication.csv, sent_arrays.jsonl, plus
 received_arrays.jsonl (name, shape and dtype of every array a client sent).
 """
@@ -21,43 +21,19 @@ from logging import INFO
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from models.fedbiot_models import FedBiOTModels
-from models.layout import Layout
-from models.loading import load_model
-from models.wire import record_bytes
 from server_app.methods import method_plan
 from server_app.results import RunRecorder
 from server_app.run_config import ConfigError, RunConfig
-from server_app.run_setup import check_task_data, seed_everything
+from server_app.run_setup import open_run
 from strategies.fedbiot import audit_entry
 from strategies.lr_schedule import round_learning_rate
-
-NODE_KEYS = ("bytes_down", "bytes_up", "bytes_model_download")
-
-
-class Ledger:
-    """Per-round metrics and per-node bytes, kept as a strategy keeps them."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.round_metrics: dict[int, dict[str, float]] = {}
-        self.node_bytes: dict[int, dict[int, dict[str, int]]] = {}
-        self.sent_log = run_dir / "sent_arrays.jsonl"
-        self.received_log = run_dir / "received_arrays.jsonl"
-
-    def metrics(self, server_round: int) -> dict[str, float]:
-        return self.round_metrics.setdefault(server_round, dict.fromkeys(NODE_KEYS, 0))
-
-    def count(self, server_round: int, node: int, key: str, value: int) -> None:
-        per_node = self.node_bytes.setdefault(server_round, {})
-        per_node.setdefault(node, dict.fromkeys(NODE_KEYS, 0))[key] += value
-        self.metrics(server_round)[key] += value
+from strategies.shipment import Shipment
 
 
 def _received_entry(server_round: int, step: int, reply: Message) -> dict[str, Any]:
@@ -120,54 +96,41 @@ def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Messag
 
 @dataclass
 class RoundTrip:
-    """Sends one message per node with the frozen weights once per node, counting bytes."""
+    """Sends one message per node through the run's ``Shipment`` (the frozen weights once
+    per node, bytes counted) and logs every array sent and received in the run folder."""
 
     grid: Grid
-    ledger: Ledger
-    package: FedBiOTModels  # the frozen weights and model package clients rebuild
+    shipment: Shipment
     message_type: str
     timeout: float
-
-    def __post_init__(self) -> None:
-        self.served: set[int] = set()
+    run_dir: Path
 
     def __call__(
         self, server_round: int, contents: dict[int, RecordDict], step: int = 0
     ) -> tuple[dict[int, Message], list[int]]:
         """Replies by node (errors left out) and the nodes that did not answer."""
-        messages = []
-        for node, body in contents.items():
-            content = RecordDict(dict(body.items()))
-            self.ledger.count(
-                server_round,
-                node,
-                "bytes_down",
-                sum(record_bytes(r) for r in content.array_records.values()),
+        messages = [
+            Message(
+                self.shipment.address(server_round, node, body),
+                dst_node_id=node,
+                message_type=self.message_type,
             )
-            if node not in self.served:
-                content["base"] = self.package.frozen
-                content["model-package"] = self.package.model_package()
-                size = record_bytes(self.package.frozen)
-                self.ledger.count(server_round, node, "bytes_model_download", size)
-                self.served.add(node)
-            messages.append(Message(content, dst_node_id=node, message_type=self.message_type))
-        with open(self.ledger.sent_log, "a") as f:
+            for node, body in contents.items()
+        ]
+        with open(self.run_dir / "sent_arrays.jsonl", "a") as f:
             for message in messages:
                 f.write(json.dumps({**audit_entry(server_round, message), "step": step}) + "\n")
+        received = exchange(self.grid, messages, self.timeout)
+        failed = self.shipment.receive(server_round, received)
         replies = {}
-        for reply in exchange(self.grid, messages, self.timeout):
+        for reply in received:
             if reply.has_error():
                 log(INFO, "round %d step %d: error reply %s", server_round, step, reply.error)
-                continue
-            node = reply.metadata.src_node_id
-            size = sum(record_bytes(r) for r in reply.content.array_records.values())
-            self.ledger.count(server_round, node, "bytes_up", size)
-            replies[node] = reply
-        with open(self.ledger.received_log, "a") as f:
+            else:
+                replies[reply.metadata.src_node_id] = reply
+        with open(self.run_dir / "received_arrays.jsonl", "a") as f:
             for _, reply in sorted(replies.items()):
                 f.write(json.dumps(_received_entry(server_round, step, reply)) + "\n")
-        failed = [n for n in contents if n not in replies]
-        self.served -= set(failed)  # they may have missed the weights: send them again
         return replies, failed
 
 
@@ -197,27 +160,7 @@ def client_means(replies: list[Message]) -> dict[str, float]:
 def start_run(
     config: RunConfig,
 ) -> tuple[RunRecorder, PreTrainedModel, PreTrainedTokenizerBase]:
-    """Seed, check the data and config, open the results folder, load the model."""
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+    """``open_run`` for a method that keeps no checkpoints."""
     if config.resume_from:
         raise ConfigError(f"resume-from: method={config.method} keeps no checkpoints; rerun it")
-    seed_everything(config.seed)
-    check_task_data(config, method_plan(config))
-    recorder = RunRecorder(config)
-    log(INFO, "Results go to %s", recorder.dir)
-    base, tokenizer = load_model(config.model)
-    return recorder, base, tokenizer
-
-
-def write_config(recorder: RunRecorder, models: FedBiOTModels, layout: Layout, **extra) -> None:
-    """config.json, with the fields the other methods record."""
-    recorder.write_config(
-        layout,
-        {
-            "method": recorder.config.method,
-            "model_digest": models.frozen_digest,
-            "trainable_adapter_params": sum(t.numel() for t in models.adapter_state().values()),
-            **extra,
-        },
-    )
+    return open_run(config, method_plan(config))

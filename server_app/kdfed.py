@@ -32,13 +32,11 @@ from models.kd_logits import aggregate_soft_labels, payload_bytes
 from models.layout import full_layout
 from models.lora import LoraSpec
 from server_app.exchange_loop import (
-    Ledger,
     RoundTrip,
     client_means,
     round_config,
     sample_nodes,
     start_run,
-    write_config,
 )
 from server_app.kd_public import (
     SOFT_LABELS,
@@ -49,7 +47,9 @@ from server_app.kd_public import (
     to_targets,
 )
 from server_app.run_config import RunConfig
+from server_app.run_setup import model_fields
 from server_app.server_eval import ServerEvaluator
+from strategies.shipment import Shipment
 
 MESSAGE_TYPE = "train.kdfed"
 
@@ -62,18 +62,19 @@ def run_kdfed(grid: Grid, config: RunConfig) -> Path:
     models = FedBiOTModels(base, tokenizer, layout, spec)
     models.to(config.torch_device())
     public = public_set(config, tokenizer)
-    write_config(
-        recorder,
-        models,
+    recorder.write_config(
         layout,
-        kd_public_set={"examples": public.examples, "payload_rows": sum(public.rows)},
-        payload="label log-probs" if public.classification else f"top-{config.kd_topk}",
+        {
+            **model_fields(config.method, models),
+            "kd_public_set": {"examples": public.examples, "payload_rows": sum(public.rows)},
+            "payload": "label log-probs" if public.classification else f"top-{config.kd_topk}",
+        },
     )
-    ledger = Ledger(recorder.dir)
-    send = RoundTrip(grid, ledger, models, MESSAGE_TYPE, config.round_timeout)
-    evaluator = ServerEvaluator(config, models, ledger, recorder)
+    shipment = Shipment(models)
+    send = RoundTrip(grid, shipment, MESSAGE_TYPE, config.round_timeout, recorder.dir)
+    evaluator = ServerEvaluator(config, models, shipment, recorder)
     optimizer = torch.optim.AdamW(models.full.params().values(), lr=config.distill_lr)
-    ledger.metrics(0).update(train_loss=float("nan"))
+    shipment.metrics(0).update(train_loss=float("nan"))
     evaluator(0, ArrayRecord())
     aggregated = None
     for server_round in range(1, config.num_server_rounds + 1):
@@ -81,7 +82,7 @@ def run_kdfed(grid: Grid, config: RunConfig) -> Path:
         body = RecordDict({"config": round_config(config, server_round, models.frozen_digest)})
         if aggregated is not None:
             body[SOFT_LABELS] = payload_record(aggregated)
-        metrics = ledger.metrics(server_round)
+        metrics = shipment.metrics(server_round)
         down = 0 if aggregated is None else payload_bytes(aggregated) * len(nodes)
         metrics["payload_bytes_down"] = down
         start = time.perf_counter()

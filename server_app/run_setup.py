@@ -1,14 +1,23 @@
 """What every method's ServerApp does before its first round: seed, check the task data,
-and (for emulated methods) stream the public set for distillation."""
+open the results folder, load the model, record its fields in config.json, and (for
+emulated methods) stream the public set for distillation."""
 
 from __future__ import annotations
 
 import random
+from logging import INFO
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from flwr.common.logger import log
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from models.fedbiot_models import FedBiOTModels
+from models.loading import load_model
 from server_app.methods import MethodPlan
+from server_app.results import RunRecorder
 from server_app.run_config import ConfigError, RunConfig
 from task_data import batch_iterator, load_records, partition_records, tokenize_records
 
@@ -42,3 +51,31 @@ def check_task_data(config: RunConfig, plan: MethodPlan) -> None:
         )
     except ValueError as error:
         raise ConfigError(f"run-config task={config.task!r}: {error}") from None
+
+
+def open_run(
+    config: RunConfig,
+    plan: MethodPlan,
+    resume_dir: Path | None = None,
+    resumed_round: int | None = None,
+) -> tuple[RunRecorder, PreTrainedModel, PreTrainedTokenizerBase]:
+    """Threads, seed, data check, the results folder, then the (uncompressed) model."""
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    seed_everything(config.seed)
+    check_task_data(config, plan)
+    recorder = RunRecorder(config, resume_dir, resumed_round)
+    log(INFO, "Results go to %s", recorder.dir)
+    base, tokenizer = load_model(config.model)
+    return recorder, base, tokenizer
+
+
+def model_fields(method: str, models: FedBiOTModels) -> dict[str, Any]:
+    """The config.json fields every method records about its models."""
+    return {
+        "method": method,
+        "model_digest": models.frozen_digest,
+        "compressed_model_bytes": models.frozen.count_bytes(),
+        "trainable_adapter_params": sum(t.numel() for t in models.adapter_state().values()),
+        "trainable_emulator_params": sum(t.numel() for t in models.emulator_state().values()),
+    }

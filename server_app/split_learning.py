@@ -45,15 +45,15 @@ from models.split_model import (
 )
 from models.wire import from_record, record_bytes, to_record
 from server_app.exchange_loop import (
-    Ledger,
     RoundTrip,
     round_config,
     sample_nodes,
     start_run,
-    write_config,
 )
 from server_app.run_config import ConfigError, RunConfig
+from server_app.run_setup import model_fields
 from server_app.server_eval import ServerEvaluator
+from strategies.shipment import Shipment
 
 MESSAGE_TYPE = "train.split"
 STEP_COLUMNS = (
@@ -218,21 +218,22 @@ def run_split(grid: Grid, config: RunConfig) -> Path:
     layout = full_layout(n)
     models = FedBiOTModels(base, tokenizer, layout, spec)
     models.to(config.torch_device())
-    write_config(
-        recorder,
-        models,
+    recorder.write_config(
         layout,
-        split_point=k,
-        client_blocks=list(range(k)),
-        server_blocks=list(range(k, n)),
-        client_model_digest=client_package.frozen_digest,
-        client_model_bytes=record_bytes(client_package.frozen),
+        {
+            **model_fields(config.method, models),
+            "split_point": k,
+            "client_blocks": list(range(k)),
+            "server_blocks": list(range(k, n)),
+            "client_model_digest": client_package.frozen_digest,
+            "client_model_bytes": record_bytes(client_package.frozen),
+        },
     )
-    ledger = Ledger(recorder.dir)
-    send = RoundTrip(grid, ledger, client_package, MESSAGE_TYPE, config.round_timeout)
+    shipment = Shipment(client_package)
+    send = RoundTrip(grid, shipment, MESSAGE_TYPE, config.round_timeout, recorder.dir)
     server = SplitServer(models, k, config, recorder.dir / "steps.csv")
-    evaluator = ServerEvaluator(config, models, ledger, recorder)
-    ledger.metrics(0).update(train_loss=float("nan"))
+    evaluator = ServerEvaluator(config, models, shipment, recorder)
+    shipment.metrics(0).update(train_loss=float("nan"))
     evaluator(0, ArrayRecord())
     for server_round in range(1, config.num_server_rounds + 1):
         nodes = sample_nodes(grid, config)
@@ -240,15 +241,15 @@ def run_split(grid: Grid, config: RunConfig) -> Path:
         start = time.perf_counter()
         metrics = _split_round(server_round, send, server, nodes, config_record)
         metrics["time_client_train_s"] = time.perf_counter() - start
-        ledger.metrics(server_round).update(metrics)
+        shipment.metrics(server_round).update(metrics)
         log(
             INFO,
             "round %d (split at %d): loss %.4f, bytes up %d, down %d",
             server_round,
             k,
             metrics["train_loss"],
-            ledger.metrics(server_round)["bytes_up"],
-            ledger.metrics(server_round)["bytes_down"],
+            shipment.metrics(server_round)["bytes_up"],
+            shipment.metrics(server_round)["bytes_down"],
         )
         evaluator(server_round, ArrayRecord())
     outputs = export_outputs(models, recorder.dir)

@@ -28,7 +28,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from models.distillation import EmulatorDistiller
 from models.fedbiot_models import FedBiOTModels
-from models.wire import from_record, record_bytes, to_record
+from models.wire import from_record, to_record
+from strategies.shipment import Shipment
 from strategies.update_checks import Rejection, screen_replies
 
 # Client metrics that mean nothing once averaged over clients.
@@ -82,41 +83,17 @@ class FedBiOTMixin:
         self.distill_steps = distill_steps if distiller is not None else 0
         self.learning_rate = learning_rate
         self.stage = stage
-        self.served_nodes: set[int] = set()
-        self._awaited: set[int] = set()  # nodes sent a message this phase
-        self.round_metrics: dict[int, dict[str, float]] = {}
-        # Per round, per node: bytes down, up and of the one-time model download.
-        self.node_bytes: dict[int, dict[int, dict[str, int]]] = {}
+        self.shipment = Shipment(models)
+        # What ServerEvaluator and the DP wrapper read and extend, kept by the shipment.
+        self.round_metrics = self.shipment.round_metrics
+        self.node_bytes = self.shipment.node_bytes
         self._sent_at = 0.0
-
-    def _metrics(self, server_round: int) -> dict[str, float]:
-        return self.round_metrics.setdefault(
-            server_round, {"bytes_down": 0, "bytes_up": 0, "bytes_model_download": 0}
-        )
-
-    def _count(self, server_round: int, node: int, key: str, value: int) -> None:
-        per_node = self.node_bytes.setdefault(server_round, {}).setdefault(
-            node, {"bytes_down": 0, "bytes_up": 0, "bytes_model_download": 0}
-        )
-        per_node[key] += value
-
-    def _count_replies(self, server_round: int, replies: list[Message]) -> int:
-        """Bytes of every ArrayRecord in the valid replies, per node; returns the total."""
-        total = 0
-        for reply in replies:
-            if reply.has_error():
-                continue
-            size = sum(record_bytes(r) for r in reply.content.array_records.values())
-            self._count(server_round, reply.metadata.src_node_id, "bytes_up", size)
-            total += size
-        return total
 
     def _with_fedbiot_records(
         self, server_round: int, messages: Iterable[Message]
     ) -> list[Message]:
         """Copy each message, adding emulator LoRA and, once per node, the frozen weights."""
         emulator = to_record(self.models.emulator_state()) if self.models.has_emulator else None
-        metrics = self._metrics(server_round)
         out = []
         for message in messages:
             node = message.metadata.dst_node_id
@@ -126,38 +103,18 @@ class FedBiOTMixin:
             content["config"] = config
             if emulator is not None:
                 content["emulator"] = emulator
-            down = sum(record_bytes(r) for r in content.array_records.values())
-            metrics["bytes_down"] += down
-            self._count(server_round, node, "bytes_down", down)
-            if node not in self.served_nodes:
-                content["base"] = self.models.frozen
-                content["model-package"] = self.models.model_package()
-                download = record_bytes(self.models.frozen)
-                metrics["bytes_model_download"] += download
-                self._count(server_round, node, "bytes_model_download", download)
-                self.served_nodes.add(node)
             out.append(
                 Message(
-                    content=content,
+                    content=self.shipment.address(server_round, node, content),
                     message_type=message.metadata.message_type,
                     dst_node_id=node,
                 )
             )
-        self._awaited = {m.metadata.dst_node_id for m in out}
         if self.audit_path is not None:
             with open(self.audit_path, "a") as f:
                 for message in out:
                     f.write(json.dumps(audit_entry(server_round, message)) + "\n")
         return out
-
-    def _note_failures(self, replies: list[Message]) -> int:
-        """Nodes sent a message that did not answer it successfully (an error reply, or
-        none before the timeout) may have missed the weights: send them again. Counted by
-        destination, since the SuperLink's error reply for a dead node names no source."""
-        answered = {r.metadata.src_node_id for r in replies if not r.has_error()}
-        failed = self._awaited - answered
-        self.served_nodes -= failed
-        return len(failed)
 
     def screen_train_replies(
         self, replies: list[Message], reference: ArrayRecord, max_norm_ratio: float
@@ -178,7 +135,7 @@ class FedBiOTMixin:
         self._round_arrays = arrays
         messages = super().configure_train(server_round, arrays, config, grid)
         decorated = self._with_fedbiot_records(server_round, messages)
-        self._metrics(server_round)["clients_sampled"] = len(decorated)
+        self.shipment.metrics(server_round)["clients_sampled"] = len(decorated)
         self._sent_at = time.perf_counter()
         return decorated
 
@@ -187,10 +144,9 @@ class FedBiOTMixin:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         replies = list(replies)
-        metrics = self._metrics(server_round)
+        metrics = self.shipment.metrics(server_round)
         metrics["time_client_train_s"] = time.perf_counter() - self._sent_at
-        metrics["clients_failed"] = self._note_failures(replies)
-        metrics["bytes_up"] += self._count_replies(server_round, replies)
+        metrics["clients_failed"] = len(self.shipment.receive(server_round, replies))
         # Selective alignment: a node without preference data skips a DPO round.
         skipped = [r for r in replies if not r.has_error() and _skipped(r)]
         replies = [r for r in replies if r not in skipped]
@@ -238,11 +194,12 @@ class FedBiOTMixin:
     ) -> MetricRecord | None:
         server_round += self.round_offset
         replies = list(replies)
-        self._note_failures(replies)
-        self._metrics(server_round)["bytes_up"] += self._count_replies(server_round, replies)
+        self.shipment.receive(server_round, replies)
         result = super().aggregate_evaluate(server_round, replies)
         if result is not None:
-            self._metrics(server_round).update({f"client_{k}": float(v) for k, v in result.items()})
+            self.shipment.metrics(server_round).update(
+                {f"client_{k}": float(v) for k, v in result.items()}
+            )
         return result
 
 

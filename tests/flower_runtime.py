@@ -146,8 +146,6 @@ def local_federation(home: Path) -> Iterator[LocalFederation]:
             "127.0.0.1",
             "--port",
             str(port),
-            "--database",
-            str(home / "state.db"),
         ],
         env=env,
         stdout=log_file,

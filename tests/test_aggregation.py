@@ -93,7 +93,7 @@ def test_failed_and_silent_clients_are_left_out_and_sent_the_weights_again(
     good = _reply(11, template, 5, 1.0)
     aggregated, _ = strategy.aggregate_train(1, [good, failed])
     assert aggregated is not None
-    assert strategy.served_nodes == {11}
+    assert strategy.shipment.served == {11}
     assert strategy.round_metrics[1]["clients_failed"] == 2
     again = list(strategy.configure_train(2, aggregated, ConfigRecord(), NodeDirectory()))
     assert {m.metadata.dst_node_id for m in again if "base" in m.content} == {12, 13}
