@@ -12,7 +12,9 @@ SuperNodes, exactly as a user would start it:
 Rows: ``fedit-r4/r8/r16`` (parameter averaging, FedAvg, LoRA rank sweep), ``kdfed``,
 ``split-q1/q2/q3`` (split after a quarter, half, three quarters of the blocks), ``fedbiot``;
 each for seeds 0, 1 and 42. Runs land in ``<out>/runs/<row>-s<seed>/``; a finished run is
-not run again, so an interrupted study resumes. ``<out>/report.md`` (table, sweeps, the
+not run again, so an interrupted study resumes. ``--jobs 2`` (the default) keeps two runs
+going at once, each on its own local SuperLink with one torch thread per core it gets: one
+run's start-up, model shipping and message waits then overlap the other's compute. ``<out>/report.md`` (table, sweeps, the
 comparison with the seed's ranking), its PNG plots and ``case_study.json`` come from
 ``bench/case_study_report.py``.
 
@@ -27,8 +29,12 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
+from queue import Queue
 
 from transformers import AutoConfig
 
@@ -94,7 +100,7 @@ def row_config(row: str, blocks: int) -> dict[str, object]:
 
 
 def run_config(
-    args: argparse.Namespace, row: str, seed: int, blocks: int, runs: Path
+    args: argparse.Namespace, row: str, seed: int, blocks: int, runs: Path, threads: int
 ) -> dict[str, object]:
     name = f"{row}-s{seed}"
     return {
@@ -113,7 +119,7 @@ def run_config(
         "run-name": name,
         "data-dir": str(REPO / "data"),
         "cache-dir": str(runs / ".node-cache"),
-        "num-threads": args.threads,
+        "num-threads": threads,
         **(QUICK if args.quick else REDUCED),
         **row_config(row, blocks),
     }
@@ -142,35 +148,59 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--quick", action="store_true", help="smoke-test sizes (tiny models)")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    parser.add_argument(
+        "--jobs", type=int, default=2, help="runs at once, each on its own local SuperLink"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads per run (0: the cores / jobs)"
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "case-study")
     args = parser.parse_args(argv)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
 
     runs = args.out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     blocks = num_blocks(args.model)
     rounds = int((QUICK if args.quick else REDUCED)["num-server-rounds"])
-    wall: dict[str, float] = {}
     wall_file = args.out / "wall_seconds.json"
-    if wall_file.is_file():
-        wall = json.loads(wall_file.read_text())
-    with local_federation(args.out / ".flwr-home") as federation:
-        for seed in args.seeds:
-            for row in args.rows:
-                config = run_config(args, row, seed, blocks, runs)
-                run_dir = runs / str(config["run-name"])
-                if finished(run_dir, rounds):
-                    continue
-                shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts again
-                start = time.perf_counter()
+    wall: dict[str, float] = json.loads(wall_file.read_text()) if wall_file.is_file() else {}
+    pending = [
+        run_config(args, row, seed, blocks, runs, threads)
+        for seed in args.seeds
+        # The longest rows first, so that the last job to finish is a short one.
+        for row in sorted(args.rows, key=lambda r: r != "kdfed")
+    ]
+    pending = [c for c in pending if not finished(runs / str(c["run-name"]), rounds)]
+    start = time.perf_counter()
+    with ExitStack() as stack:
+        federations: Queue = Queue()
+        for job in range(args.jobs):
+            federations.put(stack.enter_context(local_federation(args.out / f".flwr-home-{job}")))
+        lock = threading.Lock()
+
+        def one_run(config: dict[str, object]) -> None:
+            run_dir = runs / str(config["run-name"])
+            shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts again
+            federation = federations.get()
+            try:
+                begin = time.perf_counter()
                 result = federation.run(config, supernodes=CLIENTS, timeout=args.timeout)
-                wall[run_dir.name] = time.perf_counter() - start
+                seconds = time.perf_counter() - begin
+            finally:
+                federations.put(federation)
+            with lock:
+                wall[run_dir.name] = seconds
                 wall_file.write_text(json.dumps(wall, indent=2, sort_keys=True))
-                if result.returncode or not finished(run_dir, rounds):
-                    sys.stderr.write(result.stdout[-4000:] + result.stderr[-4000:])
-                    raise SystemExit(f"{run_dir.name} failed")
-                print(f"{run_dir.name}: {wall[run_dir.name]:.0f} s", flush=True)
+            if result.returncode or not finished(run_dir, rounds):
+                sys.stderr.write(result.stdout[-4000:] + result.stderr[-4000:])
+                raise SystemExit(f"{run_dir.name} failed")
+            print(f"{run_dir.name}: {seconds:.0f} s", flush=True)
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for future in [pool.submit(one_run, c) for c in pending]:
+                future.result()
+    study_seconds = time.perf_counter() - start
     sizes = QUICK if args.quick else REDUCED
     base_file = args.out / "base_accuracy.json"
     base = json.loads(base_file.read_text()) if base_file.is_file() else {}
@@ -181,6 +211,9 @@ def main(argv: list[str] | None = None) -> Path:
             base_file.write_text(json.dumps(base, indent=2, sort_keys=True))
     settings = {
         "model": args.model,
+        "jobs": args.jobs,
+        "threads_per_run": threads,
+        "study_wall_seconds": study_seconds if pending else None,
         "base_accuracy": base,
         "blocks": blocks,
         "clients": CLIENTS,

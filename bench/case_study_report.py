@@ -237,6 +237,16 @@ def _base_line(base: dict[str, float]) -> list[str]:
     ]
 
 
+def _study_line(settings: dict[str, Any]) -> list[str]:
+    seconds = settings.get("study_wall_seconds")
+    if not seconds:
+        return []
+    return [
+        f"Whole study: {seconds / 60:.1f} min, {settings['jobs']} runs at a time, "
+        f"{settings['threads_per_run']} torch thread(s) per run."
+    ]
+
+
 def write_report(
     runs: Path,
     out: Path,
@@ -297,6 +307,8 @@ def write_report(
         "## Wall time per run (s)",
         "",
         ", ".join(f"{k}: {v:.0f}" for k, v in sorted(wall.items())),
+        "",
+        *_study_line(settings),
         "",
         "![accuracy](accuracy.png)",
         "",
