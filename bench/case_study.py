@@ -14,8 +14,9 @@ Rows: ``fedit-r4/r8/r16`` (parameter averaging, FedAvg, LoRA rank sweep), ``kdfe
 each for seeds 0, 1 and 42. Runs land in ``<out>/runs/<row>-s<seed>/``; a finished run is
 not run again, so an interrupted study resumes. ``--jobs 2`` (the default) keeps two runs
 going at once, each on its own local SuperLink with one torch thread per core it gets: one
-run's start-up, model shipping and message waits then overlap the other's compute. ``<out>/report.md`` (table, sweeps, the
-comparison with the seed's ranking), its PNG plots and ``case_study.json`` come from
+run's start-up, model shipping and message waits then overlap the other's compute.
+``<out>/report.md`` (table, sweeps, the comparison with the seed's ranking, the whole
+study's wall time), its PNG plots and ``case_study.json`` come from
 ``bench/case_study_report.py``.
 
 Clients: ``num-partitions = 6`` with three SuperNodes gives each client one sixth of the
