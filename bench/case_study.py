@@ -119,7 +119,7 @@ def run_config(
         "output-dir": str(runs),
         "run-name": name,
         "data-dir": str(REPO / "data"),
-        "cache-dir": str(runs / ".node-cache"),
+        "cache-dir": str(runs / ".node-cache" / name),  # removed after the run
         "num-threads": threads,
         **(QUICK if args.quick else REDUCED),
         **row_config(row, blocks),
@@ -190,6 +190,9 @@ def main(argv: list[str] | None = None) -> Path:
                 seconds = time.perf_counter() - begin
             finally:
                 federations.put(federation)
+                # A node keeps the frozen weights per node id, and the ids are new every run:
+                # kept, the caches of 24 runs fill about 30 GB.
+                shutil.rmtree(str(config["cache-dir"]), ignore_errors=True)
             with lock:
                 wall[run_dir.name] = seconds
                 wall_file.write_text(json.dumps(wall, indent=2, sort_keys=True))
