@@ -18,6 +18,7 @@ through it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -47,7 +48,8 @@ class LabelTrie:
     owners: torch.Tensor
 
     @classmethod
-    def build(cls, labels: list[list[int]]) -> LabelTrie:
+    @lru_cache(maxsize=4)  # a run scores the same labels for every text and every KD step
+    def build(cls, labels: tuple[tuple[int, ...], ...]) -> LabelTrie:
         index: dict[tuple[int, ...], int] = {}
         parents: list[int] = []
         rows, targets, owners = [], [], []
@@ -98,7 +100,7 @@ def label_log_likelihoods(
     """(N, C): ``log p(label_c | prompt_n)`` summed over the label's tokens."""
     device = next(model.parameters()).device
     dtype = model.get_input_embeddings().weight.dtype
-    trie = LabelTrie.build(labels)
+    trie = LabelTrie.build(tuple(map(tuple, labels)))
     rows, targets, owners = (t.to(device) for t in (trie.rows, trie.targets, trie.owners))
     scores = []
     for prompt in prompts:
