@@ -24,9 +24,8 @@ from strategies.depth_aggregation import (
     budget_reply,
     per_block_weighted_mean,
 )
-from tests.tiny import ADAPTER_REGION, tiny_fedbiot_models
-
-REGION = ADAPTER_REGION
+from tests.tiny import ADAPTER_REGION as REGION
+from tests.tiny import tiny_fedbiot_models
 
 
 def _key(block: int) -> str:

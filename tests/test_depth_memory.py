@@ -16,9 +16,8 @@ from models.depth_memory import (
 )
 from models.fedbiot_models import FedBiOTModels
 from models.wire import state_bytes
-from tests.tiny import ADAPTER_REGION, tiny_fedbiot_models
-
-REGION = ADAPTER_REGION
+from tests.tiny import ADAPTER_REGION as REGION
+from tests.tiny import tiny_fedbiot_models
 
 
 @pytest.fixture
