@@ -19,6 +19,7 @@ from models.progress import progress
 from models.response_logits import response_logits
 from server_app.evaluation.answers import extract_answer
 from server_app.evaluation.generation import chat_prompt, generate
+from server_app.evaluation.heldout import macro_f1
 from server_app.evaluation.passk import pass_at_k
 from server_app.evaluation.sandbox import run_program
 from task_data import collate, load_records, tokenize_records
@@ -66,17 +67,6 @@ def gsm8k(
         for guess, r in zip(predicted, test, strict=True)
     ]
     return {"accuracy": sum(correct) / max(len(correct), 1), "examples": len(correct)}
-
-
-def macro_f1(gold: list[str], predicted: list[str]) -> float:
-    """Mean F1 over the labels that occur in ``gold``."""
-    scores = []
-    for label in sorted(set(gold)):
-        tp = sum(g == label and p == label for g, p in zip(gold, predicted, strict=True))
-        fp = sum(g != label and p == label for g, p in zip(gold, predicted, strict=True))
-        fn = sum(g == label and p != label for g, p in zip(gold, predicted, strict=True))
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return sum(scores) / max(len(scores), 1)
 
 
 def _normalize_label(text: str) -> str:
