@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from server_app.methods import method_plan
 from server_app.run_config import RunConfig
 from task_data import load_records, partition_records, tokenize_records, train_test_split
+from task_data.validation import validation_split
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ def _client_data(
         part = load_records(data_file)
     else:
         records = load_records(config.task, "train", data_dir=config.data_dir or None)
+        if config.resolved_eval_split == "validation":  # the server's held-out texts
+            records = validation_split(records, config.eval_examples)[0]
         part = partition_records(
             records,
             num_partitions=1 if method_plan(config).single_client else config.num_partitions,
@@ -44,7 +47,9 @@ def _client_data(
     train, test = train_test_split(part, config.test_fraction, config.seed)
     return ClientData(
         train=tuple(tokenize_records(tokenizer, train, config.seq_length)),
-        test=tuple(tokenize_records(tokenizer, test[: config.eval_examples], config.seq_length)),
+        test=tuple(
+            tokenize_records(tokenizer, test[: config.client_eval_examples], config.seq_length)
+        ),
     )
 
 

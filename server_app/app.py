@@ -75,7 +75,7 @@ def main(grid: Grid, context: Context) -> None:
 def _sampling(config: RunConfig, plan: MethodPlan) -> dict[str, float | int]:
     """Strategy sampling arguments: one node for the single-client baselines, every node for
     the local-only one, else the configured fraction and minimum."""
-    fraction_evaluate = config.fraction_evaluate if config.eval_examples else 0.0
+    fraction_evaluate = config.fraction_evaluate if config.client_eval_examples else 0.0
     if plan.single_client:
         # Flower samples max(int(fraction * nodes), minimum) nodes: exactly one here.
         tiny = 1e-9

@@ -49,6 +49,7 @@ from server_app.run_config import ConfigError, RunConfig
 from task_data import collate, load_records, tokenize_records
 from task_data.formatting import prompt_ids
 from task_data.sources import default_data_dir
+from task_data.validation import heldout_test_indices
 
 CLASSIFICATION_TASKS = ("banking77",)
 WIRE_DTYPE = "fp16"
@@ -81,7 +82,9 @@ class PublicSet:
 def _unread_test_records(config: RunConfig) -> list[dict]:
     """Test records the server's evaluation of this run never reads."""
     test = load_records(config.task, "test", data_dir=config.data_dir or None)
-    used = set(range(min(config.eval_examples, len(test))))
+    used = set()
+    if config.resolved_eval_split == "test":
+        used = set(heldout_test_indices(len(test), config.eval_examples))
     tasks = parse_tasks(config.eval_tasks, config.task)
     if config.task in tasks or "perplexity" in tasks:  # both draw the same fixed subset
         used |= set(subset(list(range(len(test))), config.eval_generation_examples, config.seed))

@@ -50,6 +50,13 @@ class ConfigError(ValueError):
     """A run-config value is unknown, of the wrong type or out of range."""
 
 
+# Where the server's held-out texts come from: the task's test split, or a validation part of
+# its training split that no client trains on (task_data/validation.py); "auto": the test
+# split where the task has one.
+EVAL_SPLITS = ("auto", "test", "validation")
+TASKS_WITH_TEST_SPLIT = ("gsm8k", "banking77")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One run's settings; attribute ``foo_bar`` is run-config key ``foo-bar``."""
@@ -114,6 +121,8 @@ class RunConfig:
     kd_distill_steps: int = 5
     public_examples: int = 256
     eval_examples: int = 16
+    eval_split: str = "auto"
+    client_eval_examples: int = 16
     eval_tasks: str = "auto"
     eval_every: int = 2
     eval_generation_examples: int = 8
@@ -211,6 +220,15 @@ class RunConfig:
             (self.prox_epsilon >= 0, "prox-epsilon must be >= 0"),
             (self.public_examples >= 1, "public-examples must be >= 1"),
             (self.eval_examples >= 0, "eval-examples must be >= 0"),
+            (
+                self.eval_split in EVAL_SPLITS,
+                f"eval-split={self.eval_split!r} must be one of {EVAL_SPLITS}",
+            ),
+            (
+                self.eval_split != "test" or self.task in TASKS_WITH_TEST_SPLIT,
+                f"eval-split='test' needs a task with a test split {TASKS_WITH_TEST_SPLIT}",
+            ),
+            (self.client_eval_examples >= 0, "client-eval-examples must be >= 0"),
             (self.eval_every >= 0, "eval-every must be >= 0"),
             (self.eval_generation_examples >= 0, "eval-generation-examples must be >= 0"),
             (self.eval_max_new_tokens >= 1, "eval-max-new-tokens must be >= 1"),
@@ -295,6 +313,13 @@ class RunConfig:
                 "dp-clipping-norm > 0 needs a method that aggregates",
             ),
         ]
+
+    @property
+    def resolved_eval_split(self) -> str:
+        """``test`` or ``validation`` (``auto`` resolved by the task)."""
+        if self.eval_split != "auto":
+            return self.eval_split
+        return "test" if self.task in TASKS_WITH_TEST_SPLIT else "validation"
 
     @property
     def resolved_stage(self) -> str:

@@ -1,14 +1,17 @@
-"""Server-side evaluation after every round, and the per-round line of metrics.jsonl.
+"""Server-side evaluation on due rounds, and the per-round line of metrics.jsonl.
 
-Flower calls the strategy's ``evaluate_fn`` before round 1 (round 0) and after every round;
-here it measures the response-token loss of AdapEmu and AdapFu (or, for the local-only
-baseline, of every client's model) on a fixed held-out subset of the task's test split
-and writes the round's record (client, distillation, byte and time
-metrics gathered by the strategy, plus these).
+Flower calls the strategy's ``evaluate_fn`` before round 1 (round 0) and after every round.
+On due rounds (round 0, every ``eval-every`` rounds, the last one) this scores the base model,
+AdapEmu and AdapFu (or, for the local-only baseline, every client's model) on a fixed held-out
+selection of the task's test split — the same texts for every run, so runs compare pairwise —
+with intervals and paired differences against the base (``server_app/evaluation/heldout.py``).
+Every round writes its record (client, distillation, byte and time metrics gathered by the
+strategy, plus these) and the per-text scores go to ``heldout.jsonl``.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -18,17 +21,40 @@ from pathlib import Path
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
 
-from client_app.local_training import response_loss
 from models.fedbiot_models import FedBiOTModels
 from models.wire import from_record
 from server_app.evaluation.generation import generate
+from server_app.evaluation.heldout import HeldoutResult, score_records
 from server_app.evaluation.open_ended import side_by_side
 from server_app.evaluation.suite import EvalSettings, evaluate_tasks, metric_keys, parse_tasks
 from server_app.preference_eval import PreferenceEvaluator
 from server_app.results import RunRecorder
 from server_app.run_config import RunConfig
 from strategies.fedbiot import FedBiOTMixin
-from task_data import collate, load_records, tokenize_records
+from task_data import load_records
+from task_data.sources import default_data_dir
+from task_data.validation import heldout_test_indices, validation_split
+
+
+def heldout_records(config: RunConfig) -> list[dict[str, str]]:
+    """The run's held-out texts: a fixed random selection of ``eval-examples`` records of the
+    task's test split, or the validation part of its training split that clients never see
+    (``eval-split``)."""
+    if not config.eval_examples:
+        return []
+    data_dir = config.data_dir or None
+    if config.resolved_eval_split == "validation":
+        return validation_split(
+            load_records(config.task, "train", data_dir=data_dir), config.eval_examples
+        )[1]
+    records = load_records(config.task, "test", data_dir=data_dir)
+    return [records[i] for i in heldout_test_indices(len(records), config.eval_examples)]
+
+
+def task_key(task: str) -> str:
+    """The task's name in metric keys: a file's stem, not its path."""
+    name = Path(task).stem if task.endswith((".json", ".jsonl")) else task
+    return name.replace("-", "_")
 
 
 class ServerEvaluator:
@@ -44,19 +70,24 @@ class ServerEvaluator:
         self.models = models
         self.strategy = strategy
         self.recorder = recorder
-        self.task = config.task.replace("-", "_")
-        tokenizer = models.tokenizer
-        split = "test" if config.task in ("gsm8k", "banking77") else "train"
-        records = load_records(config.task, split, data_dir=config.data_dir or None)
-        examples = tokenize_records(tokenizer, records[: config.eval_examples], config.seq_length)
-        self.batches = [
-            collate(examples[i : i + config.batch_size], tokenizer.pad_token_id)
-            for i in range(0, len(examples), config.batch_size)
-        ]
+        self.config = config
+        self.task = task_key(config.task)
+        self.records = heldout_records(config)
+        tasks = parse_tasks(config.eval_tasks, config.task)
+        # Banking77 by label ranking runs inside the held-out pass (paired, with intervals).
+        self.labels: list[str] = []
+        self.ranked = 0
+        if "banking77" in tasks and config.banking77_eval == "rank" and config.task == "banking77":
+            root = Path(config.data_dir) if config.data_dir else default_data_dir()
+            self.labels = json.loads((root / "banking77" / "categories.json").read_text())
+            self.ranked = min(config.eval_generation_examples, len(self.records))
+            tasks = tuple(t for t in tasks if t != "banking77")
+        self.base: HeldoutResult | None = None
+        self.results: dict[str, dict[str, float]] = {}
         self.every = config.eval_every
         self.last_round = config.num_server_rounds
         self.settings = EvalSettings(
-            tasks=parse_tasks(config.eval_tasks, config.task),
+            tasks=tasks,
             size=config.eval_generation_examples,
             seed=config.seed,
             max_new_tokens=config.eval_max_new_tokens,
@@ -79,15 +110,17 @@ class ServerEvaluator:
 
     def _periodic(self, server_round: int) -> bool:
         """Every ``eval-every`` rounds from round 0; ``eval-every=0``: never (the last round
-        alone, without the round-0 baseline, for studies that measure it once elsewhere)."""
+        alone)."""
         return bool(self.every) and server_round % self.every == 0
 
+    def _due(self, server_round: int) -> bool:
+        return self._periodic(server_round) or server_round == self.last_round
+
     def _task_metrics(self, server_round: int) -> dict[str, float]:
-        """Task metrics (accuracy, ...) of the base model at round 0, then of AdapEmu and
-        AdapFu every ``eval-every`` rounds and after the last one."""
-        due = self._periodic(server_round) or server_round == self.last_round
+        """Generation task metrics (accuracy, ...) of the base model at round 0, then of
+        AdapEmu and AdapFu on due rounds."""
         off = not self.settings.tasks or not self.settings.size  # size 0: no task metrics
-        if off or not due or hasattr(self.strategy, "client_arrays"):
+        if off or not self._due(server_round) or hasattr(self.strategy, "client_arrays"):
             return {}
         tokenizer = self.models.tokenizer
         out: dict[str, float] = {}
@@ -102,36 +135,83 @@ class ServerEvaluator:
         out.update(metric_keys("adapfu", results))
         return out
 
-    def _evaluate(self) -> dict[str, float]:
-        """AdapEmu (when there is an emulator) and AdapFu; for the local-only baseline, each
-        client's model, reported as mean, spread and per-client values."""
-        out: dict[str, float] = {}
+    def _score(self, model, description: str) -> HeldoutResult:
+        return score_records(
+            model,
+            self.models.tokenizer,
+            self.records,
+            self.config.seq_length,
+            batch_size=self.config.batch_size,
+            labels=self.labels,
+            ranked=self.ranked,
+            description=description,
+        )
+
+    def _base(self) -> HeldoutResult:
+        """The untrained model's scores, computed once per run (the adapter switched off)."""
+        if self.base is None:
+            with self.models.full.peft.disable_adapter():
+                self.base = self._score(self.models.full.peft, "base held-out")
+        return self.base
+
+    def _keys(self, variant: str, summary: dict[str, float]) -> dict[str, float]:
+        self.results[variant] = summary
+        return {f"eval_{variant}_{self.task}_{name}": value for name, value in summary.items()}
+
+    def _heldout(self, server_round: int) -> dict[str, float]:
+        """Held-out scores of the base (round 0), AdapEmu and AdapFu on a due round, each
+        compared with the base on the same texts; per-text scores go to heldout.jsonl."""
+        if not self.records or not self._due(server_round):
+            return {}
         client_arrays = getattr(self.strategy, "client_arrays", None)
         if client_arrays is not None:
-            key = f"eval_adapfu_{self.task}_loss"
-            losses = {}
-            for partition, arrays in sorted(client_arrays.items()):
-                self.models.set_adapter(from_record(arrays))
-                losses[partition] = response_loss(self.models.full, self.batches)
-                out[f"{key}_client{partition}"] = losses[partition]
-            if losses:
-                out[key] = statistics.fmean(losses.values())
-                out[f"{key}_std"] = statistics.pstdev(losses.values())
-            else:
-                out[key] = response_loss(self.models.full, self.batches)
-            return out
+            return self._local_only(client_arrays)
+        base = self._base()
+        scored: dict[str, HeldoutResult] = {}
+        if server_round == 0:
+            scored["base"] = base
         if self.models.has_emulator:
-            out[f"eval_adapemu_{self.task}_loss"] = response_loss(
-                self.models.compressed, self.batches
-            )
-        out[f"eval_adapfu_{self.task}_loss"] = response_loss(self.models.full, self.batches)
+            scored["adapemu"] = self._score(self.models.compressed.peft, "adapemu held-out")
+        # Before round 1 the LoRA update is zero (B = 0), so AdapFu is the base model.
+        scored["adapfu"] = (
+            base if server_round == 0 else self._score(self.models.full.peft, "adapfu held-out")
+        )
+        out: dict[str, float] = {}
+        seed = self.config.seed
+        for variant, result in scored.items():
+            reference = None if variant == "base" else base
+            out.update(self._keys(variant, result.summary(reference, seed)))
+        self.recorder.append_jsonl(
+            "heldout.jsonl",
+            [
+                {"round": server_round, "variant": v, "task": self.task, **r.to_json()}
+                for v, r in scored.items()
+            ],
+        )
+        if server_round == self.last_round:
+            table = summary_table(self.task, self.results)
+            (self.recorder.dir / "heldout_summary.md").write_text(table)
+            log(INFO, "held-out evaluation after round %d:\n%s", server_round, table)
+        return out
+
+    def _local_only(self, client_arrays: dict) -> dict[str, float]:
+        """Each client's model: its loss per client, their mean and spread."""
+        key = f"eval_adapfu_{self.task}_loss"
+        losses = {}
+        for partition, arrays in sorted(client_arrays.items()):
+            self.models.set_adapter(from_record(arrays))
+            summary = self._score(self.models.full.peft, f"client {partition}").summary()
+            losses[partition] = summary["loss"]
+        out = {f"{key}_client{partition}": value for partition, value in losses.items()}
+        if losses:
+            out[key] = statistics.fmean(losses.values())
+            out[f"{key}_std"] = statistics.pstdev(losses.values())
         return out
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         record: dict[str, float] = {"round": server_round}
         start = time.perf_counter()
-        if self.batches:
-            record.update(self._evaluate())
+        record.update(self._heldout(server_round))
         record.update(self._task_metrics(server_round))
         due = self._periodic(server_round) or server_round in (
             self.last_round,
@@ -172,3 +252,42 @@ class ServerEvaluator:
         return side_by_side(
             variants, tokenizer, size, self.settings.seed, out_dir, self.settings.data_dir
         )
+
+
+def _cell(summary: dict[str, float], name: str, scale: float = 1.0, digits: int = 3) -> str:
+    if name not in summary:
+        return "–"
+    value, low, high = (
+        summary.get(f"{name}{s}", float("nan")) * scale for s in ("", "_ci_low", "_ci_high")
+    )
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def summary_table(task: str, results: dict[str, dict[str, float]]) -> str:
+    """Markdown table of the last held-out scores of each model, with 95 % intervals and the
+    paired differences against the base (negative loss difference: better than the base)."""
+    lines = [
+        f"Held-out {task}: loss = response NLL per token (nats); accuracy by label ranking; "
+        "95 % intervals (bootstrap over texts; Wilson for accuracy); differences paired on "
+        "the same texts (McNemar's exact p for accuracy).",
+        "",
+        "| model | texts (loss/ranked) | loss | loss − base | accuracy % "
+        "| accuracy − base (pp) | p | macro-F1 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for variant, summary in results.items():
+        p = summary.get("accuracy_vs_base_p")
+        cells = [
+            variant,
+            "/".join(
+                str(int(summary[k])) for k in ("loss_examples", "accuracy_examples") if k in summary
+            ),
+            _cell(summary, "loss"),
+            _cell(summary, "loss_vs_base"),
+            _cell(summary, "accuracy", 100, 1),
+            _cell(summary, "accuracy_vs_base", 100, 1),
+            "–" if p is None else f"{p:.3g}",
+            f"{summary['macro_f1']:.3f}" if "macro_f1" in summary else "–",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

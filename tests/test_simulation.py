@@ -22,7 +22,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from models.blocks import block_path, get_blocks
 from models.loading import load_model
 from server_app.evaluate import main as evaluate_main
+from server_app.evaluation.tasks import subset
 from server_app.report import write_report
+from task_data import load_records
 from tests.flower_runtime import tiny_run_config
 
 ROUNDS = 2
@@ -34,14 +36,20 @@ def _digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(Array(np.ascontiguousarray(tensor.float().numpy())).data).hexdigest()
 
 
-@pytest.fixture(scope="module", params=[("tiny-llama", 3), ("tiny-gpt2", 2)], ids=lambda p: p[0])
+# GSM8K (generation metrics) on one model, Banking77 by label ranking on the other.
+RUNS = [("tiny-llama", 3, "gsm8k"), ("tiny-gpt2", 2, "banking77")]
+
+
+@pytest.fixture(scope="module", params=RUNS, ids=lambda p: p[0])
 def finished_run(request, federation, tmp_path_factory) -> tuple[str, Path]:
-    model, clients = request.param
+    model, clients, task = request.param
     out = tmp_path_factory.mktemp("results")
     config = tiny_run_config(
         out,
         "e2e",
         model=model,
+        task=task,
+        banking77_eval="rank",
         num_partitions=clients,
         num_server_rounds=ROUNDS,
         seq_length=64,
@@ -66,10 +74,15 @@ def test_run_finishes_with_metrics_for_every_round(finished_run) -> None:
         assert row["bytes_up"] > 0 and row["bytes_down"] > 0
         assert row["clients_failed"] == 0
     # Task metrics: the untuned base model once, AdapEmu and AdapFu every round.
-    assert 0 <= rows[0]["eval_base_gsm8k_accuracy"] <= 1
-    assert all("eval_base_gsm8k_accuracy" not in r for r in rows[1:])
+    task = "gsm8k" if "eval_base_gsm8k_loss" in rows[0] else "banking77"
+    ranked = "examples" if task == "gsm8k" else "accuracy_examples"
+    assert f"eval_base_{task}_accuracy" in rows[0]
+    assert all(f"eval_base_{task}_accuracy" not in r for r in rows[1:])
     for row in rows:
-        assert row["eval_adapemu_gsm8k_examples"] == row["eval_adapfu_gsm8k_examples"] == 2
+        assert row[f"eval_adapemu_{task}_{ranked}"] == row[f"eval_adapfu_{task}_{ranked}"] == 2
+        accuracy = row[f"eval_adapfu_{task}_accuracy"]
+        low, high = (row[f"eval_adapfu_{task}_accuracy_ci_{s}"] for s in ("low", "high"))
+        assert low <= accuracy <= high and high - low > 0.3  # Wilson on 2 texts is wide
     csv_lines = (run_dir / "metrics.csv").read_text().splitlines()
     assert len(csv_lines) == len(rows) + 1 and csv_lines[0].startswith("round,")
     # Per-node bytes add up to the round totals.
@@ -164,10 +177,11 @@ def test_no_client_received_a_dropped_block_and_weights_went_once(finished_run) 
 
 def test_report_renders_tables_and_plots_from_the_run(finished_run, tmp_path: Path) -> None:
     _, run_dir = finished_run
+    task = json.loads((run_dir / "config.json").read_text())["run_config"]["task"]
     report = write_report([run_dir], tmp_path / "report")
     text = report.read_text()
-    assert "| e2e (fedbiot/fedavg) | adapfu | gsm8k_accuracy |" in text
-    assert "| e2e (fedbiot/fedavg) | adapemu | gsm8k_loss |" in text
+    assert f"| e2e (fedbiot/fedavg) | adapfu | {task}_accuracy |" in text
+    assert f"| e2e (fedbiot/fedavg) | adapemu | {task}_loss |" in text
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     total_up = sum(r["bytes_up"] for r in rows)
     assert f"{total_up:,}" in text  # the communication table sums the measured bytes
@@ -210,3 +224,32 @@ def test_open_ended_answers_are_saved_side_by_side(finished_run) -> None:
         assert row["text"] and {"base", "adapemu", "adapfu"} <= set(row)
     text = (run_dir / "open_ended.md").read_text()
     assert text.count("**adapfu**") == 2 and rows[0]["text"] in text
+
+
+def test_heldout_scores_are_per_text_paired_and_summarised(finished_run) -> None:
+    model_name, run_dir = finished_run
+    if model_name != "tiny-gpt2":
+        pytest.skip("the Banking77 run carries the ranking")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    texts = [json.loads(line) for line in (run_dir / "heldout.jsonl").read_text().splitlines()]
+    assert [(t["round"], t["variant"]) for t in texts] == [
+        (0, "base"), (0, "adapemu"), (0, "adapfu"),
+        (1, "adapemu"), (1, "adapfu"), (2, "adapemu"), (2, "adapfu"),
+    ]  # fmt: skip
+    # The same fixed held-out texts every round, whatever the run's seed.
+    expected = [r["label"] for r in subset(load_records("banking77", "test"), 4, 0)[:2]]
+    assert all(t["gold"] == expected and len(t["nll"]) == 4 for t in texts)
+    base = texts[0]
+    base_loss = sum(base["nll"]) / sum(base["tokens"])
+    assert rows[0]["eval_base_banking77_loss"] == pytest.approx(base_loss)
+    for text in texts[3:]:
+        row = rows[text["round"]]
+        key = f"eval_{text['variant']}_banking77"
+        loss = sum(text["nll"]) / sum(text["tokens"])
+        assert row[f"{key}_loss"] == pytest.approx(loss)
+        assert row[f"{key}_loss_vs_base"] == pytest.approx(loss - base_loss)
+        right = sum(p == g for p, g in zip(text["predicted"], text["gold"], strict=True))
+        assert row[f"{key}_accuracy"] == right / 2
+    summary = (run_dir / "heldout_summary.md").read_text()
+    adapfu = next(line for line in summary.splitlines() if line.startswith("| adapfu "))
+    assert f"{rows[-1]['eval_adapfu_banking77_loss']:.3f} [" in adapfu

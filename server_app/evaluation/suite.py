@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from server_app.evaluation import tasks
+from server_app.evaluation.confidence import wilson
 
 EVAL_TASKS = ("gsm8k", "banking77", "humaneval", "perplexity")
 
@@ -74,10 +75,19 @@ def evaluate_tasks(
     return out
 
 
+def with_intervals(metrics: dict[str, float]) -> dict[str, float]:
+    """Add a Wilson 95 % interval to an accuracy measured on ``examples`` texts."""
+    out = dict(metrics)
+    n = int(metrics.get("examples", 0))
+    if "accuracy" in metrics and n:
+        out.update(wilson(round(metrics["accuracy"] * n), n).keys("accuracy"))
+    return out
+
+
 def metric_keys(variant: str, results: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Flatten to ``eval_<variant>_<task>_<metric>`` keys."""
+    """Flatten to ``eval_<variant>_<task>_<metric>`` keys, with intervals."""
     return {
         f"eval_{variant}_{task}_{metric.replace('@', '_at_')}": float(value)
         for task, metrics in results.items()
-        for metric, value in metrics.items()
+        for metric, value in with_intervals(metrics).items()
     }
