@@ -11,17 +11,21 @@ strategy, plus these) and the per-text scores go to ``heldout.jsonl``.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
 
 from models.fedbiot_models import FedBiOTModels
+from models.loading import cache_root
 from models.wire import from_record
 from server_app.evaluation.generation import generate
 from server_app.evaluation.heldout import HeldoutResult, score_records
@@ -148,11 +152,43 @@ class ServerEvaluator:
         )
 
     def _base(self) -> HeldoutResult:
-        """The untrained model's scores, computed once per run (the adapter switched off)."""
-        if self.base is None:
-            with self.models.full.peft.disable_adapter():
-                self.base = self._score(self.models.full.peft, "base held-out")
+        """The untrained model's scores (the adapter switched off): computed once per run,
+        and kept on disk under the weights' and texts' digest so that the next run of the
+        same model on the same texts (a sweep, a study, ``make run`` again) reads them."""
+        if self.base is not None:
+            return self.base
+        peft = self.models.full.peft
+        path = cache_root() / "heldout" / f"{self._base_key()}.json"
+        if path.is_file():
+            self.base = HeldoutResult(**json.loads(path.read_text()))
+            log(INFO, "base model's held-out scores read from %s", path)
+            return self.base
+        with peft.disable_adapter():
+            self.base = self._score(peft, "base held-out")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(self.base.to_json()))
+        partial.replace(path)  # atomic: a concurrent run never reads half a file
         return self.base
+
+    def _base_key(self) -> str:
+        """Digest of everything the base scores depend on: every base weight, the texts, the
+        labels, the sequence length and the batch size (padding changes float sums)."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.models.full.peft.named_parameters()):
+            if "lora_" not in name:
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        settings = [
+            self.records,
+            self.labels,
+            self.ranked,
+            self.config.seq_length,
+            self.config.batch_size,
+            str(self.models.tokenizer.chat_template),
+        ]
+        digest.update(json.dumps(settings, sort_keys=True).encode())
+        return digest.hexdigest()
 
     def _keys(self, variant: str, summary: dict[str, float]) -> dict[str, float]:
         self.results[variant] = summary

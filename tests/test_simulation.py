@@ -20,7 +20,7 @@ from flwr.app import Array
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.blocks import block_path, get_blocks
-from models.loading import load_model
+from models.loading import cache_root, load_model
 from server_app.evaluate import main as evaluate_main
 from server_app.evaluation.tasks import subset
 from server_app.report import write_report
@@ -241,6 +241,9 @@ def test_heldout_scores_are_per_text_paired_and_summarised(finished_run) -> None
     assert all(t["gold"] == expected and len(t["nll"]) == 4 for t in texts)
     base = texts[0]
     base_loss = sum(base["nll"]) / sum(base["tokens"])
+    # The base scores are kept for the next run of this model on these texts.
+    cached = [json.loads(p.read_text()) for p in (cache_root() / "heldout").glob("*.json")]
+    assert any(c["nll"] == base["nll"] and c["predicted"] == base["predicted"] for c in cached)
     assert rows[0]["eval_base_banking77_loss"] == pytest.approx(base_loss)
     for text in texts[3:]:
         row = rows[text["round"]]

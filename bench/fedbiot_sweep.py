@@ -1,0 +1,208 @@
+"""FedBiOT's recipe on SmolLM2 and Banking77: which settings make AdapFu beat the base.
+
+Every point is one ``flwr run`` (two SuperNodes, the same client budget for every point) that
+evaluates on the **validation** part of Banking77's training split (``eval-split=validation``:
+500 texts no client trains on, the first 200 also ranked over the 77 labels), never on the
+test split. FedIT (LoRA on the same adapter blocks of the full model, no emulator) is the
+reference for what the adapter can learn when the emulator is exact.
+
+    python -m bench.fedbiot_sweep                       # every point, two runs at a time
+    python -m bench.fedbiot_sweep --points fedit b0.2-p100
+    python -m bench.fedbiot_sweep --model tiny-llama --quick --out /tmp/sweep   # smoke test
+
+Finished points are kept (``<out>/runs/<point>/``), so an interrupted sweep resumes.
+``<out>/sweep.json`` holds every point's AdapEmu and AdapFu loss and accuracy with 95 %
+intervals and paired differences against the base; ``<out>/sweep.md`` is the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+from queue import Queue
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("FEDBIOT_CACHE", str(REPO / ".cache" / "fedbiot"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tests.flower_runtime import local_federation  # noqa: E402
+
+CLIENTS = 2
+# One client budget for every point: 4 rounds x 10 steps x batch 4 per client.
+COMMON = {
+    "task": "banking77",
+    "eval-split": "validation",
+    "eval-examples": 500,
+    "eval-generation-examples": 200,
+    "banking77-eval": "rank",
+    "eval-every": 0,
+    "num-partitions": CLIENTS,
+    "num-server-rounds": 4,
+    "local-steps": 10,
+    "batch-size": 4,
+    "seq-length": 128,
+    "learning-rate": 1e-3,
+    "fraction-evaluate": 0.0,
+    "open-ended-examples": 0,
+    "checkpoint-every": 0,
+    "seed": 0,
+}
+QUICK = {
+    "eval-examples": 8,
+    "eval-generation-examples": 4,
+    "num-server-rounds": 1,
+    "local-steps": 2,
+    "batch-size": 2,
+    "public-examples": 8,
+}
+# Point name -> the keys that make it; bN: drop rate, pN: pre-alignment steps, aN: adapter
+# blocks, dN: distillation steps per round.
+POINTS: dict[str, dict[str, object]] = {
+    "fedit": {"method": "fedit"},
+    "b0.5-p20": {"drop-rate": 0.5, "prealign-steps": 20},
+    "b0.5-p100": {"drop-rate": 0.5, "prealign-steps": 100},
+    "b0.2-p100": {"drop-rate": 0.2, "prealign-steps": 100},
+    "b0.2-p300": {"drop-rate": 0.2, "prealign-steps": 300},
+    "b0.1-p100": {"drop-rate": 0.1, "prealign-steps": 100},
+    "b0.2-p100-a4": {"drop-rate": 0.2, "prealign-steps": 100, "adapter-layers": 4},
+    "b0.2-p100-d20": {"drop-rate": 0.2, "prealign-steps": 100, "distill-steps": 20},
+}
+
+
+def point_config(name: str, args: argparse.Namespace, runs: Path, threads: int) -> dict:
+    point = {"method": "fedbiot", **POINTS[name]}
+    if args.quick and "prealign-steps" in point:
+        point["prealign-steps"] = 2
+    return {
+        "model": args.model,
+        **COMMON,
+        **(QUICK if args.quick else {}),
+        **point,
+        "output-dir": str(runs),
+        "run-name": name,
+        "data-dir": str(REPO / "data"),
+        "cache-dir": str(runs / ".node-cache" / name),
+        "num-threads": threads,
+    }
+
+
+def last_row(run_dir: Path) -> dict | None:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows[-1] if rows else None
+
+
+def finished(run_dir: Path, rounds: int) -> bool:
+    row = last_row(run_dir)
+    return row is not None and row["round"] == rounds
+
+
+def collect(runs: Path, names: list[str], config: dict) -> dict:
+    """Every finished point's held-out metrics (the last row's ``eval_*`` keys)."""
+    points = {}
+    for name in names:
+        row = last_row(runs / name)
+        if row is None or row["round"] != config["num-server-rounds"]:
+            continue
+        points[name] = {
+            "config": {"method": "fedbiot", **POINTS[name]},
+            "metrics": {k: v for k, v in row.items() if k.startswith("eval_")},
+        }
+    return points
+
+
+def _cell(metrics: dict, key: str, scale: float, digits: int) -> str:
+    if key not in metrics:
+        return "–"
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    return (
+        f"{metrics[key] * scale:.{digits}f} [{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
+    )
+
+
+def table(points: dict) -> str:
+    lines = [
+        "| point | model | loss (nats/token) | loss − base | accuracy % | accuracy − base (pp) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, point in points.items():
+        metrics = point["metrics"]
+        for variant in ("adapemu", "adapfu"):
+            key = f"eval_{variant}_banking77"
+            if f"{key}_loss" not in metrics:
+                continue
+            lines.append(
+                f"| {name} | {variant} | {_cell(metrics, f'{key}_loss', 1, 3)} "
+                f"| {_cell(metrics, f'{key}_loss_vs_base', 1, 3)} "
+                f"| {_cell(metrics, f'{key}_accuracy', 100, 1)} "
+                f"| {_cell(metrics, f'{key}_accuracy_vs_base', 100, 1)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--quick", action="store_true", help="smoke-test sizes (tiny models)")
+    parser.add_argument("--points", nargs="+", choices=list(POINTS), default=list(POINTS))
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=5400, help="seconds per run")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "fedbiot-sweep")
+    args = parser.parse_args(argv)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    runs = args.out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    config = {**COMMON, **(QUICK if args.quick else {})}
+    rounds = int(config["num-server-rounds"])
+    pending = [n for n in args.points if not finished(runs / n, rounds)]
+    wall_file = args.out / "wall_seconds.json"
+    wall = json.loads(wall_file.read_text()) if wall_file.is_file() else {}
+    with ExitStack() as stack:
+        federations: Queue = Queue()
+        for job in range(args.jobs):
+            federations.put(stack.enter_context(local_federation(args.out / f".flwr-home-{job}")))
+
+        def one_run(name: str) -> None:
+            run_config = point_config(name, args, runs, threads)
+            shutil.rmtree(runs / name, ignore_errors=True)  # an interrupted run starts again
+            federation = federations.get()
+            try:
+                begin = time.perf_counter()
+                result = federation.run(run_config, supernodes=CLIENTS, timeout=args.timeout)
+                wall[name] = time.perf_counter() - begin
+            finally:
+                federations.put(federation)
+                shutil.rmtree(str(run_config["cache-dir"]), ignore_errors=True)
+            wall_file.write_text(json.dumps(wall, indent=2, sort_keys=True))
+            if result.returncode or not finished(runs / name, rounds):
+                sys.stderr.write(result.stdout[-4000:] + result.stderr[-4000:])
+                print(f"{name} failed", flush=True)
+                return
+            print(f"{name}: {wall[name]:.0f} s", flush=True)
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(one_run, pending))
+    points = collect(runs, list(POINTS), config)
+    document = {"model": args.model, "common": config, "clients": CLIENTS,
+                "wall_seconds": wall, "points": points}  # fmt: skip
+    (args.out / "sweep.json").write_text(json.dumps(document, indent=2, sort_keys=True))
+    report = args.out / "sweep.md"
+    report.write_text(table(points))
+    print(report.read_text())
+    missing = [n for n in args.points if n not in points]
+    if missing:
+        raise SystemExit(f"points without a finished run: {missing}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
