@@ -1,0 +1,18 @@
+"""bench.eval_cost's quick mode: the exact ranker agrees with the trie scorer (the bench stops
+otherwise) and the JSON holds the measured counts."""
+
+import json
+from pathlib import Path
+
+from bench.eval_cost import main
+
+
+def test_eval_cost_quick_mode_writes_its_table(tmp_path: Path) -> None:
+    target = tmp_path / "cost.json"
+    document = main(["--model", "tiny-llama", "--texts", "2", "--json", str(target)])
+    saved = json.loads(target.read_text())
+    base = saved["results"]["base"]
+    assert saved["results"] == document["results"]
+    assert base["texts"] == 2 and base["trie_nodes_per_text"] == 382
+    assert base["ranker_prompt_tokens_per_text"] < base["prompt_tokens_per_text"]
+    assert saved["command"].endswith("--texts 2 --json " + str(target))
