@@ -8,13 +8,14 @@ exact:
 1. **Shared prefix, computed once.** Every evaluation prompt starts with the same tokens (the
    chat template's system prompt and the task's instruction). Their KV cache is computed once
    and each text runs only its own suffix on top of it.
-2. **Gold-bounded pruning.** A label's score is a sum of log-probabilities, each <= 0, so the
+2. **Branch and bound.** A label's score is a sum of log-probabilities, each <= 0, so the
    log-probability of its first token (read off the prompt's last position, already computed)
-   bounds its score from above. After the gold label's exact score is computed (a forward of
-   its few tokens), a label whose bound is below it cannot be ranked first, and only the trie
-   of the remaining labels runs. A model that has learnt the task puts most of its mass on the
-   gold label's first token, so most of the trie is skipped; an untrained model prunes little
-   and costs what the full trie costs.
+   bounds its score from above. The gold label and the ``probes`` labels with the highest
+   bounds are scored exactly first (one small forward over their trie); the best of these
+   scores bounds the winner's from below, so a label whose upper bound is below it cannot be
+   ranked first, and only the trie of the remaining labels runs. A model that has learnt the
+   task puts most of its mass on the gold label's first token, so most of the trie is
+   skipped.
 
 Ties are broken towards the lower label index, as ``argmax`` over all scores does.
 """
@@ -57,8 +58,11 @@ class RankCounts:
 class LabelRanker:
     """Ranks ``labels`` (token ids, EOS included) after prompts that share a prefix."""
 
-    def __init__(self, model: nn.Module, labels: list[list[int]], prefix: list[int]) -> None:
+    def __init__(
+        self, model: nn.Module, labels: list[list[int]], prefix: list[int], probes: int = 2
+    ) -> None:
         self.model = model
+        self.probes = probes
         self.labels = [tuple(label) for label in labels]
         self.device = next(model.parameters()).device
         self.dtype = model.get_input_embeddings().weight.dtype
@@ -138,15 +142,19 @@ class LabelRanker:
             .cpu()
         )
         past = len(prompt)
-        gold_score = float(self._trie_scores([gold], past, last)[0])
-        bounds = torch.tensor([last[label[0]] for label in self.labels])
-        rivals = [i for i in range(len(self.labels)) if i != gold and bounds[i] >= gold_score]
-        best, best_score = gold, gold_score
+        bounds = torch.tensor([float(last[label[0]]) for label in self.labels])
+        # Probe the gold label and the labels whose first token is likeliest: the best of their
+        # exact scores is a lower bound on the winner's, which prunes every label whose upper
+        # bound falls below it.
+        order = [i for i in bounds.argsort(descending=True).tolist() if i != gold]
+        probed = [gold, *order[: self.probes]]
+        scores = dict(zip(probed, self._trie_scores(probed, past, last).tolist(), strict=True))
+        best = min(scores, key=lambda i: (-scores[i], i))
+        rivals = [i for i in order[self.probes :] if bounds[i] >= scores[best]]
         if rivals:
-            scores = self._trie_scores(rivals, past, last)
-            for index, score in zip(rivals, scores.tolist(), strict=True):
-                if score > best_score or (score == best_score and index < best):
-                    best, best_score = index, score
+            scores |= zip(rivals, self._trie_scores(rivals, past, last).tolist(), strict=True)
+            best = min(scores, key=lambda i: (-scores[i], i))
+        gold_score = scores[gold]
         self._truncate(n)
         return best, gold_score
 

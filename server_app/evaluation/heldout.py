@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from models.label_ranking import LabelRanker, shared_prefix_length
 from models.label_scores import label_token_ids
 from models.progress import progress
-from models.response_logits import response_logits, response_positions
+from models.response_logits import IGNORE_INDEX, response_logits, response_positions
 from server_app.evaluation.confidence import (
     paired_accuracy_difference,
     paired_ratio_difference,
@@ -90,13 +90,64 @@ def macro_f1(gold: list[str], predicted: list[str]) -> float:
     return sum(scores) / max(len(scores), 1)
 
 
+class PrefixCache:
+    """The key/value cache of the prompt prefix all held-out texts share (the chat template's
+    system turn and the task's instruction), computed once: each batch then runs only its
+    texts' own tokens, which for a short classification text is a third of the prompt."""
+
+    def __init__(self, model: nn.Module, prefix: list[int]) -> None:
+        self.length = len(prefix)
+        self.config = getattr(model, "config", None)
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if prefix:
+            device = next(model.parameters()).device
+            cache = DynamicCache(config=self.config)
+            model(input_ids=torch.tensor([prefix], device=device), past_key_values=cache,
+                  use_cache=True, logits_to_keep=1)  # fmt: skip
+            self.layers = [(layer.keys, layer.values) for layer in cache.layers]
+
+    def for_batch(self, rows: int) -> DynamicCache | None:
+        """A fresh cache holding the prefix for ``rows`` texts (a forward appends to it)."""
+        if not self.length:
+            return None
+        return DynamicCache(
+            ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
+                            for k, v in self.layers],
+            config=self.config,
+        )  # fmt: skip
+
+
 @torch.no_grad()
-def response_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[list[float], list[int]]:
-    """Per-row summed response NLL and response token count of one batch."""
-    logits, targets = response_logits(model, batch)
+def response_nll(
+    model: nn.Module, batch: dict[str, torch.Tensor], prefix: PrefixCache | None = None
+) -> tuple[list[float], list[int]]:
+    """Per-row summed response NLL and response token count of one batch; with ``prefix``,
+    the batch holds only what follows the shared prefix."""
+    if prefix is None or not prefix.length:
+        logits, targets = response_logits(model, batch)
+    else:
+        keep = response_positions(batch["labels"])
+        rows, width = batch["input_ids"].shape
+        mask = torch.ones(rows, prefix.length + width, dtype=batch["attention_mask"].dtype,
+                          device=batch["attention_mask"].device)  # fmt: skip
+        mask[:, prefix.length :] = batch["attention_mask"]
+        positions = torch.arange(prefix.length, prefix.length + width, device=mask.device)
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=mask,
+            position_ids=positions.expand(rows, -1),
+            past_key_values=prefix.for_batch(rows),
+            use_cache=True,
+            logits_to_keep=keep,
+        ).logits.reshape(-1, model.config.vocab_size)
+        targets = batch["labels"][:, 1:][keep[:, :-1]]
     losses = F.cross_entropy(logits.float(), targets, reduction="none")
     counts = response_positions(batch["labels"]).sum(1).tolist()
     return [float(chunk.sum()) for chunk in losses.split(counts)], counts
+
+
+def _prompt_length(labels: list[int]) -> int:
+    return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
 
 
 @torch.no_grad()
@@ -115,6 +166,11 @@ def score_records(
     model.eval()
     device = next(model.parameters()).device
     examples = tokenize_records(tokenizer, records, seq_length)
+    # The prefix every text shares stops before the first response token anywhere.
+    prompts = [e["input_ids"][: _prompt_length(e["labels"])] for e in examples]
+    shared = shared_prefix_length(prompts) if len(prompts) > 1 else 0
+    prefix = PrefixCache(model, examples[0]["input_ids"][:shared]) if shared else None
+    examples = [{k: v[shared:] for k, v in e.items()} for e in examples]
     # Batches of similar length waste less on padding; results go back in record order.
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     nll, tokens = [0.0] * len(examples), [0] * len(examples)
@@ -122,7 +178,7 @@ def score_records(
     for start in progress(list(starts), description):
         rows = order[start : start + batch_size]
         batch = collate([examples[i] for i in rows], tokenizer.pad_token_id)
-        sums, counts = response_nll(model, {k: v.to(device) for k, v in batch.items()})
+        sums, counts = response_nll(model, {k: v.to(device) for k, v in batch.items()}, prefix)
         for row, value, count in zip(rows, sums, counts, strict=True):
             nll[row], tokens[row] = value, count
     result = HeldoutResult(nll, tokens)
