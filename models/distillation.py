@@ -3,10 +3,15 @@
 loss = ||E(x) - E*(x)||^2 / ||E*(x)||^2  +  lambda * KL(p_{E*∘A} || p_{E∘A})
 
 The first term compares the emulator's and the full emulator's output hidden states (the
-input of the first adapter block) over non-padding tokens. It is divided by the teacher's
-squared norm on the batch, a constant that does not change the minimiser: LLM hidden states
-carry a few huge activations (SmolLM2's mean squared value is in the thousands), and the
-raw L2 term would otherwise drown the KL term whatever lambda is.
+input of the first adapter block) over every non-padding token, prompt included. The paper's
+Eq. 3 takes it on the response part; here it covers the prompt too because the adapter's
+attention reads the emulator's output at every position, so an emulator that is faithful
+only on response positions still feeds the adapter a distorted context. It is divided by the
+teacher's squared norm on the same batch, which makes it a relative error: LLM hidden states
+carry a few huge activations (SmolLM2's mean squared value is in the thousands), and the raw
+L2 term would otherwise drown the KL term whatever lambda is. That norm changes from batch to
+batch, so the division also reweights batches against each other: it is not a constant, and
+the minimiser over many batches is not the raw L2 term's.
 The KL term is taken on the response tokens only, as the paper defines it (the reference
 code takes it over every token), and averaged over those tokens.
 """

@@ -29,12 +29,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def public_batches(config: RunConfig, tokenizer) -> object:
-    """Endless batches of the public (server) data set, for distillation."""
+def _public_records(config: RunConfig) -> list[dict]:
     records = list(load_records(config.public_data, "train", data_dir=config.data_dir or None))
     random.Random(config.seed).shuffle(records)
-    examples = tokenize_records(tokenizer, records[: config.public_examples], config.seq_length)
+    return records
+
+
+def public_batches(config: RunConfig, tokenizer) -> object:
+    """Endless batches of the public (server) data set, for distillation."""
+    records = _public_records(config)[: config.public_examples]
+    examples = tokenize_records(tokenizer, records, config.seq_length)
     return batch_iterator(examples, config.batch_size, config.seed, tokenizer.pad_token_id)
+
+
+def public_heldout_records(config: RunConfig, size: int) -> list[dict]:
+    """Public records that distillation never reads (those after its ``public-examples``),
+    for measuring the emulator's fidelity on text it was not fitted to."""
+    return _public_records(config)[config.public_examples : config.public_examples + size]
 
 
 def check_task_data(config: RunConfig, plan: MethodPlan) -> None:

@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
 
 from models.fedbiot_models import FedBiOTModels
+from models.fidelity import agreement
 from models.loading import cache_root
 from models.wire import from_record
 from server_app.evaluation.generation import generate
@@ -34,10 +35,14 @@ from server_app.evaluation.suite import EvalSettings, evaluate_tasks, metric_key
 from server_app.preference_eval import PreferenceEvaluator
 from server_app.results import RunRecorder
 from server_app.run_config import RunConfig
+from server_app.run_setup import public_heldout_records
 from strategies.fedbiot import FedBiOTMixin
-from task_data import load_records
+from task_data import collate, load_records, tokenize_records
 from task_data.sources import default_data_dir
 from task_data.validation import heldout_test_indices, validation_split
+
+# Texts of each kind (task, public) on which the emulator's fidelity is measured.
+FIDELITY_TEXTS = 64
 
 
 def heldout_records(config: RunConfig) -> list[dict[str, str]]:
@@ -87,6 +92,7 @@ class ServerEvaluator:
             self.ranked = min(config.eval_generation_examples, len(self.records))
             tasks = tuple(t for t in tasks if t != "banking77")
         self.base: HeldoutResult | None = None
+        self.fidelity_batches: dict[str, list[dict]] | None = None
         self.results: dict[str, dict[str, float]] = {}
         self.every = config.eval_every
         self.last_round = config.num_server_rounds
@@ -212,7 +218,7 @@ class ServerEvaluator:
         scored["adapfu"] = (
             base if server_round == 0 else self._score(self.models.full.peft, "adapfu held-out")
         )
-        out: dict[str, float] = {}
+        out: dict[str, float] = self._fidelity()
         seed = self.config.seed
         for variant, result in scored.items():
             reference = None if variant == "base" else base
@@ -229,6 +235,30 @@ class ServerEvaluator:
             (self.recorder.dir / "heldout_summary.md").write_text(table)
             log(INFO, "held-out evaluation after round %d:\n%s", server_round, table)
         return out
+
+    def _fidelity(self) -> dict[str, float]:
+        """E∘A against E*∘A (KL per response token, top-1 agreement) on held-out task texts and
+        on public texts distillation never reads: how much of what the adapter learns on the
+        emulator can carry over to the full model."""
+        if not self.models.has_emulator:
+            return {}
+        if self.fidelity_batches is None:
+            tokenizer, size = self.models.tokenizer, FIDELITY_TEXTS
+            public = public_heldout_records(self.config, size)
+            self.fidelity_batches = {
+                name: [
+                    collate(examples[i : i + self.config.batch_size], tokenizer.pad_token_id)
+                    for i in range(0, len(examples), self.config.batch_size)
+                ]
+                for name, records in (("task", self.records[:size]), ("public", public))
+                if (examples := tokenize_records(tokenizer, records, self.config.seq_length))
+            }
+        full, emulated = self.models.full.peft, self.models.compressed.peft
+        return {
+            f"fidelity_{name}_{metric}": value
+            for name, batches in self.fidelity_batches.items()
+            for metric, value in agreement(full, emulated, batches).items()
+        }
 
     def _local_only(self, client_arrays: dict) -> dict[str, float]:
         """Each client's model: its loss per client, their mean and spread."""
