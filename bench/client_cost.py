@@ -213,7 +213,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (peak memory: RSS or CUDA)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per layout, best kept")
     parser.add_argument("--paper", action="store_true", help="add the LLaMA-2-7B FLOP count")
-    parser.add_argument("--json", default="bench/results/client_cost.json")
+    parser.add_argument("--json", default="docs/bench/client_cost.json")
     parser.add_argument("--worker", choices=LAYOUTS, help=argparse.SUPPRESS)
     parser.add_argument("--package", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -93,6 +93,7 @@ class ServerEvaluator:
             tasks = tuple(t for t in tasks if t != "banking77")
         self.base: HeldoutResult | None = None
         self.fidelity_batches: dict[str, list[dict]] | None = None
+        self.base_tasks_done = False
         self.results: dict[str, dict[str, float]] = {}
         self.every = config.eval_every
         self.last_round = config.num_server_rounds
@@ -127,17 +128,18 @@ class ServerEvaluator:
         return self._periodic(server_round) or server_round == self.last_round
 
     def _task_metrics(self, server_round: int) -> dict[str, float]:
-        """Generation task metrics (accuracy, ...) of the base model at round 0, then of
-        AdapEmu and AdapFu on due rounds."""
+        """Generation task metrics (accuracy, ...) of the base model on the first due round,
+        and of AdapEmu and AdapFu on every due round."""
         off = not self.settings.tasks or not self.settings.size  # size 0: no task metrics
         if off or not self._due(server_round) or hasattr(self.strategy, "client_arrays"):
             return {}
         tokenizer = self.models.tokenizer
         out: dict[str, float] = {}
-        if server_round == 0:
+        if not self.base_tasks_done:  # round 0, or the first due round (eval-every=0)
             with self.models.full.peft.disable_adapter():
                 results = evaluate_tasks(self.models.full.peft, tokenizer, self.settings)
             out.update(metric_keys("base", results))
+            self.base_tasks_done = True
         if self.models.has_emulator:
             results = evaluate_tasks(self.models.compressed.peft, tokenizer, self.settings)
             out.update(metric_keys("adapemu", results))
@@ -210,7 +212,7 @@ class ServerEvaluator:
             return self._local_only(client_arrays)
         base = self._base()
         scored: dict[str, HeldoutResult] = {}
-        if server_round == 0:
+        if "base" not in self.results:  # round 0, or the first due round after a resume
             scored["base"] = base
         if self.models.has_emulator:
             scored["adapemu"] = self._score(self.models.compressed.peft, "adapemu held-out")
