@@ -13,10 +13,9 @@ exact:
    bounds its score from above. The gold label and the ``probes`` labels with the highest
    bounds are scored exactly first (one small forward over their trie); the best of these
    scores bounds the winner's from below, so a label whose upper bound is below it cannot be
-   ranked first. When many labels survive, the log-probability of their second token (one
-   small forward over their distinct first tokens) tightens the bound and prunes again; only
-   the trie of the remaining labels runs. A model that has learnt the task puts most of its
-   mass on the gold label's tokens, so most of the trie is skipped.
+   ranked first, and only the trie of the remaining labels runs. A model that has learnt the
+   task puts most of its mass on the gold label's first token, so most of the trie is
+   skipped.
 
 Ties are broken towards the lower label index, as ``argmax`` over all scores does.
 """
@@ -30,10 +29,6 @@ from torch import nn
 from transformers import DynamicCache
 
 from models.label_scores import LabelTrie, _tree_mask
-
-# With more rivals than this after the first-token bound, a forward over their distinct first
-# tokens (a few dozen) is cheaper than the trie nodes its tighter bound prunes.
-DEEPEN_ABOVE = 8
 
 
 def shared_prefix_length(prompts: list[list[int]]) -> int:
@@ -156,31 +151,12 @@ class LabelRanker:
         scores = dict(zip(probed, self._trie_scores(probed, past, last).tolist(), strict=True))
         best = min(scores, key=lambda i: (-scores[i], i))
         rivals = [i for i in order[self.probes :] if bounds[i] >= scores[best]]
-        if len(rivals) > DEEPEN_ABOVE:
-            rivals = self._second_token_bound(rivals, past, bounds, scores[best])
         if rivals:
             scores |= zip(rivals, self._trie_scores(rivals, past, last).tolist(), strict=True)
             best = min(scores, key=lambda i: (-scores[i], i))
         gold_score = scores[gold]
         self._truncate(n)
         return best, gold_score
-
-    def _second_token_bound(
-        self, rivals: list[int], past: int, bounds: torch.Tensor, floor: float
-    ) -> list[int]:
-        """The rivals whose first two tokens' log-probability still reaches ``floor``: one
-        forward over their distinct first tokens tightens every bound by a second term."""
-        firsts = tuple(dict.fromkeys(self.labels[i][0] for i in rivals))
-        trie = LabelTrie.build(tuple((token, 0) for token in firsts))  # one node per token
-        after = self._nodes(trie, past)
-        self.counts.nodes_run += len(firsts)
-        self.counts.per_text_nodes[-1] += len(firsts)
-        row = {token: r for r, token in enumerate(firsts)}
-        return [
-            i
-            for i in rivals
-            if bounds[i] + after[row[self.labels[i][0]], self.labels[i][1]] >= floor
-        ]
 
     def _truncate(self, length: int) -> None:
         """Drop the cache back to its first ``length`` tokens (``crop`` takes a negative count
