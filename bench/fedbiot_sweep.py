@@ -3,8 +3,10 @@
 Every point is one ``flwr run`` (two SuperNodes, the same client budget for every point) that
 evaluates on the **validation** part of Banking77's training split (``eval-split=validation``:
 500 texts no client trains on, the first 200 also ranked over the 77 labels), never on the
-test split. FedIT (LoRA on the same adapter blocks of the full model, no emulator) is the
-reference for what the adapter can learn when the emulator is exact.
+test split. Two references: FedIT (LoRA on every block of the full model, OpenFedLLM's
+method) for what the same client budget buys without compression, and ``b0.0`` (FedBiOT with
+no block dropped, so the emulator is exact and AdapEmu is AdapFu) for what the two adapter
+blocks alone can learn.
 
     python -m bench.fedbiot_sweep                       # every point, two runs at a time
     python -m bench.fedbiot_sweep --points fedit b0.2-p100
@@ -66,6 +68,7 @@ QUICK = {
 # blocks, dN: distillation steps per round.
 POINTS: dict[str, dict[str, object]] = {
     "fedit": {"method": "fedit"},
+    "b0.0": {"drop-rate": 0.0, "prealign-steps": 0},
     "b0.5-p20": {"drop-rate": 0.5, "prealign-steps": 20},
     "b0.5-p100": {"drop-rate": 0.5, "prealign-steps": 100},
     "b0.2-p100": {"drop-rate": 0.2, "prealign-steps": 100},
