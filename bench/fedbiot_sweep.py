@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FEDBIOT_CACHE", str(REPO / ".cache" / "fedbiot"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from server_app.evaluation.confidence import wilson  # noqa: E402
 from tests.flower_runtime import local_federation  # noqa: E402
 
 CLIENTS = 2
@@ -126,28 +127,58 @@ def collect(runs: Path, names: list[str], config: dict) -> dict:
 def _cell(metrics: dict, key: str, scale: float, digits: int) -> str:
     if key not in metrics:
         return "–"
+    value = metrics[key] * scale
     low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
-    return (
-        f"{metrics[key] * scale:.{digits}f} [{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
-    )
+    if low is None or high is None:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
+
+
+def base_metrics(points: dict) -> dict[str, float]:
+    """The untrained model's loss and accuracy on the validation texts: a run's own base keys
+    where it wrote them, else recovered exactly from AdapFu's value and its paired difference
+    (every point scores the same texts); Wilson's interval for the accuracy."""
+    for point in points.values():
+        metrics, key = point["metrics"], "eval_{}_banking77_{}"
+        if key.format("base", "loss") in metrics:
+            return {k.replace("eval_base_banking77_", ""): v for k, v in metrics.items()
+                    if k.startswith("eval_base_banking77_")}  # fmt: skip
+        if key.format("adapfu", "loss_vs_base") in metrics:
+            loss = (
+                metrics[key.format("adapfu", "loss")]
+                - metrics[key.format("adapfu", "loss_vs_base")]
+            )
+            accuracy = (metrics[key.format("adapfu", "accuracy")]
+                        - metrics[key.format("adapfu", "accuracy_vs_base")])  # fmt: skip
+            n = int(metrics[key.format("adapfu", "accuracy_examples")])
+            return {"loss": loss, **wilson(round(accuracy * n), n).keys("accuracy")}
+    return {}
 
 
 def table(points: dict) -> str:
     lines = [
-        "| point | model | loss (nats/token) | loss − base | accuracy % | accuracy − base (pp) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| point | model | loss (nats/token) | loss − base | accuracy % | accuracy − base (pp) "
+        "| McNemar p | macro-F1 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    base = base_metrics(points)
+    if base:
+        lines.append(f"| – | base | {_cell(base, 'loss', 1, 3)} | – "
+                     f"| {_cell(base, 'accuracy', 100, 1)} | – | – | – |")  # fmt: skip
     for name, point in points.items():
         metrics = point["metrics"]
         for variant in ("adapemu", "adapfu"):
             key = f"eval_{variant}_banking77"
             if f"{key}_loss" not in metrics:
                 continue
+            p = metrics.get(f"{key}_accuracy_vs_base_p")
             lines.append(
                 f"| {name} | {variant} | {_cell(metrics, f'{key}_loss', 1, 3)} "
                 f"| {_cell(metrics, f'{key}_loss_vs_base', 1, 3)} "
                 f"| {_cell(metrics, f'{key}_accuracy', 100, 1)} "
-                f"| {_cell(metrics, f'{key}_accuracy_vs_base', 100, 1)} |"
+                f"| {_cell(metrics, f'{key}_accuracy_vs_base', 100, 1)} "
+                f"| {'–' if p is None else f'{p:.2g}'} "
+                f"| {_cell(metrics, f'{key}_macro_f1', 1, 3)} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -171,7 +202,7 @@ def main(argv: list[str] | None = None) -> Path:
     wall = json.loads(wall_file.read_text()) if wall_file.is_file() else {}
     with ExitStack() as stack:
         federations: Queue = Queue()
-        for job in range(args.jobs):
+        for job in range(min(args.jobs, len(pending))):
             federations.put(stack.enter_context(local_federation(args.out / f".flwr-home-{job}")))
 
         def one_run(name: str) -> None:
