@@ -17,7 +17,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -147,11 +147,10 @@ class FedBiOTMixin:
                 and DELTA_C in r.content
                 and (problem := update_problem(r.content[DELTA_C], reference)) is not None
             }
-            rejected += [
-                Rejection(r.metadata.src_node_id, f"{DELTA_C}: {bad[id(r)]}")
-                for r in replies
-                if id(r) in bad
-            ]
+            for reply in [r for r in replies if id(r) in bad]:
+                node, reason = reply.metadata.src_node_id, f"{DELTA_C}: {bad[id(reply)]}"
+                log(WARNING, "Rejected the reply of node %d: %s", node, reason)
+                rejected.append(Rejection(node, reason))
             replies = [r for r in replies if id(r) not in bad]
         replies, more = self.screen_train_replies(replies, reference, self.max_norm_ratio)
         rejected += more
