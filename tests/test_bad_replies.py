@@ -13,11 +13,21 @@ from io import BytesIO
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 
 from models.distillation import EmulatorDistiller
 from models.wire import to_record
 from strategies.fedbiot import FedBiOT
+from strategies.reply_checks import screen_contents
 from tests import test_aggregation
 from tests.test_aggregation import _reply, caplog_records
 from tests.tiny import chat_batch
@@ -205,3 +215,27 @@ def test_an_ok_reply_passes_every_check(strategy: FedBiOT) -> None:
     strategy._round_arrays = to_record(state)
     kept, rejected = strategy._screen([_reply(1, state, 3, 0.5), _with_content(state)])
     assert len(kept) == 2 and not rejected
+
+
+def test_the_exchange_loops_keep_a_split_step_reply_and_drop_a_broken_one() -> None:
+    """KD-FedLLM and split learning replies carry other records (activations and their
+    ConfigRecord meta); only their arrays and metrics are checked there."""
+    replies = []
+    for node, data in ((1, None), (2, b"\x93NUMPY garbage")):
+        hidden = Array(np.ones((2, 3), dtype=np.float16))
+        if data is not None:
+            hidden = Array(hidden.dtype, tuple(hidden.shape), hidden.stype, data)
+        sent = Message(content=RecordDict(), message_type=MessageType.TRAIN, dst_node_id=node)
+        content = RecordDict(
+            {
+                "activations": ArrayRecord({"hidden": hidden}),
+                "activations-meta": ConfigRecord({"dtype": "fp16"}),
+                "metrics": MetricRecord({"client_seconds": 0.5, "num-examples": 4}),
+            }
+        )
+        replies.append(Message(content, reply_to=sent))
+
+    kept, rejected = screen_contents(replies, [], None)
+
+    assert [r.metadata.src_node_id for r in kept] == [1]
+    assert [r.node for r in rejected] == [2] and "do not decode" in rejected[0].reason
