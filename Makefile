@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The default federation: SmolLM2-135M-Instruct, GSM8K split IID over 3 simulated clients.
+# scripts/run_checked.py is `flwr run --stream` that exits non-zero when the run failed.
 run: install
-	$(BIN)/flwr run . --stream --federation-config "num-supernodes=3" \
+	$(BIN)/python scripts/run_checked.py . --stream --federation-config "num-supernodes=3" \
 		--run-config "data-dir='$(CURDIR)/data' output-dir='$(CURDIR)/results' $(RUN_CONFIG)"
 
 test: install

@@ -9,6 +9,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from transformers import AutoConfig
 
 from client_app.step_memory import measure_training_memory
 from models.blocks import get_blocks
@@ -16,6 +17,7 @@ from models.depth_memory import parse_depth_table
 from models.distillation import EmulatorDistiller
 from models.export import export_client_models, export_outputs
 from models.fedbiot_models import FedBiOTModels
+from models.loading import resolve_model_dir
 from models.lora import LoraSpec
 from models.wire import to_record
 from server_app.checkpoint import load_checkpoint, restore, save_checkpoint
@@ -104,9 +106,25 @@ def _sampling(config: RunConfig, plan: MethodPlan) -> dict[str, float | int]:
     }
 
 
+def check_layout(config: RunConfig, plan: MethodPlan) -> None:
+    """Refuse a layout the model cannot hold (``adapter-layers``, ``drop-rate``) from the
+    model's config.json alone, before its weights load or the run folder is made."""
+    try:
+        model_config = AutoConfig.from_pretrained(resolve_model_dir(config.model))
+    except (OSError, ValueError):
+        return  # load_model reports an unreadable model with its own message
+    num_blocks = getattr(model_config, "num_hidden_layers", None)
+    if isinstance(num_blocks, int):
+        try:
+            plan.layout(config, num_blocks)
+        except ValueError as error:
+            raise ConfigError(f"run-config {error} (model={config.model!r})") from None
+
+
 def run_federation(grid: Grid, config: RunConfig) -> Path:
     """The whole server side of a run; returns the run's results folder."""
     plan = method_plan(config)
+    check_layout(config, plan)
     checkpoint, resume_dir = (
         load_checkpoint(config.resume_from) if config.resume_from else ({}, None)
     )
@@ -169,6 +187,8 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         stage=config.stage_of,
         audit_path=recorder.dir / "sent_arrays.jsonl",
         max_norm_ratio=config.max_update_norm_ratio,
+        max_update_norm=config.max_update_norm,
+        max_examples=config.example_cap(),
         **_sampling(config, plan),
         **algorithm_params,
     )

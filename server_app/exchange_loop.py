@@ -33,6 +33,7 @@ from server_app.run_config import ConfigError, RunConfig
 from server_app.run_setup import open_run
 from strategies.fedbiot import audit_entry
 from strategies.lr_schedule import round_learning_rate
+from strategies.reply_checks import screen_contents
 from strategies.shipment import Shipment
 
 
@@ -97,13 +98,17 @@ def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Messag
 @dataclass
 class RoundTrip:
     """Sends one message per node through the run's ``Shipment`` (the frozen weights once
-    per node, bytes counted) and logs every array sent and received in the run folder."""
+    per node, bytes counted) and logs every array sent and received in the run folder.
+    A reply that fails ``reply_checks`` (undecodable arrays, bad metrics or
+    ``num-examples``) counts as a node that did not answer; ``max_examples`` caps the
+    ``num-examples`` claims (0: no cap)."""
 
     grid: Grid
     shipment: Shipment
     message_type: str
     timeout: float
     run_dir: Path
+    max_examples: float = 0.0
 
     def __call__(
         self, server_round: int, contents: dict[int, RecordDict], step: int = 0
@@ -122,6 +127,8 @@ class RoundTrip:
                 f.write(json.dumps({**audit_entry(server_round, message), "step": step}) + "\n")
         received = exchange(self.grid, messages, self.timeout)
         failed = self.shipment.receive(server_round, received)
+        received, rejected = screen_contents(received, [], None, self.max_examples)
+        failed = sorted(set(failed) | {r.node for r in rejected})
         replies = {}
         for reply in received:
             if reply.has_error():

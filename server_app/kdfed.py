@@ -71,7 +71,9 @@ def run_kdfed(grid: Grid, config: RunConfig) -> Path:
         },
     )
     shipment = Shipment(models)
-    send = RoundTrip(grid, shipment, MESSAGE_TYPE, config.round_timeout, recorder.dir)
+    send = RoundTrip(
+        grid, shipment, MESSAGE_TYPE, config.round_timeout, recorder.dir, config.example_cap()
+    )
     evaluator = ServerEvaluator(config, models, shipment, recorder)
     optimizer = torch.optim.AdamW(models.full.params().values(), lr=config.distill_lr)
     shipment.metrics(0).update(train_loss=float("nan"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, fields
 from typing import Any
@@ -100,6 +101,8 @@ class RunConfig:
     trimmed_beta: float = 0.2
     krum_malicious: int = 0
     max_update_norm_ratio: float = 10.0
+    max_update_norm: float = 0.0
+    max_num_examples: int = 0
     stage: str = "auto"
     dpo_rounds: int = 1
     dpo_beta: float = 0.1
@@ -171,7 +174,23 @@ class RunConfig:
 
     def validate(self) -> None:
         """Range checks; layout checks that need the model's depth come later."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float" and not math.isfinite(value):
+                raise ConfigError(f"run-config {self.key(f.name)}={value} must be finite")
+        name = self.run_name
         checks = [
+            (self.weight_decay >= 0, "weight-decay must be >= 0"),
+            (0 <= self.seed < 2**32, f"seed={self.seed} must be in [0, 2**32)"),
+            (
+                not (set(name) & {"/", "\\", "\0"}) and ".." not in name and name != ".",
+                f"run-name={name!r} must be a plain folder name (no path separator, no "
+                "'..'): run folders stay inside output-dir",
+            ),
+            (self.max_update_norm >= 0, "max-update-norm must be >= 0 (0: off)"),
+            (self.max_num_examples >= 0, "max-num-examples must be >= 0 (0: auto)"),
+        ]
+        checks += [
             (self.method in METHODS, f"method={self.method!r} must be one of {METHODS}"),
             (
                 self.algorithm in ALGORITHMS,
@@ -313,6 +332,20 @@ class RunConfig:
                 "dp-clipping-norm > 0 needs a method that aggregates",
             ),
         ]
+
+    def example_cap(self) -> int:
+        """The most ``num-examples`` the server accepts from one reply: ``max-num-examples``,
+        else no more examples than the task's training set holds (or its preference pairs,
+        with DPO rounds): the bound an honest client can never exceed."""
+        if self.max_num_examples:
+            return self.max_num_examples
+        from task_data import load_preferences, load_records  # clients never need these
+
+        data_dir = self.data_dir or None
+        cap = len(load_records(self.task, "train", data_dir=data_dir))
+        if "dpo" in self.resolved_stage:
+            cap = max(cap, len(load_preferences(self.preference_data, data_dir)))
+        return cap
 
     @property
     def resolved_eval_split(self) -> str:

@@ -230,7 +230,9 @@ def run_split(grid: Grid, config: RunConfig) -> Path:
         },
     )
     shipment = Shipment(client_package)
-    send = RoundTrip(grid, shipment, MESSAGE_TYPE, config.round_timeout, recorder.dir)
+    send = RoundTrip(
+        grid, shipment, MESSAGE_TYPE, config.round_timeout, recorder.dir, config.example_cap()
+    )
     server = SplitServer(models, k, config, recorder.dir / "steps.csv")
     evaluator = ServerEvaluator(config, models, shipment, recorder)
     shipment.metrics(0).update(train_loss=float("nan"))

@@ -17,7 +17,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,10 @@ from flwr.serverapp.strategy import FedAvg
 from models.distillation import EmulatorDistiller
 from models.fedbiot_models import FedBiOTModels
 from models.wire import from_record, to_record
+from strategies.reply_checks import finite_state, screen_contents
+from strategies.scaffold import DELTA_C, Scaffold
 from strategies.shipment import Shipment
-from strategies.update_checks import Rejection, screen_replies
+from strategies.update_checks import Rejection, bound_norms, screen_replies, update_problem
 
 # Client metrics that mean nothing once averaged over clients.
 _PER_CLIENT_KEYS = frozenset({"partition-id"})
@@ -70,10 +72,14 @@ class FedBiOTMixin:
         stage: Callable[[int], str] | None = None,
         audit_path: Path | None = None,
         max_norm_ratio: float = 0.0,
+        max_update_norm: float = 0.0,
+        max_examples: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.max_norm_ratio = max_norm_ratio
+        self.max_update_norm = max_update_norm
+        self.max_examples = max_examples
         # A resumed run restarts Flower's round counter at 1; this shifts it back.
         self.round_offset = 0
         self._round_arrays: ArrayRecord | None = None
@@ -123,6 +129,34 @@ class FedBiOTMixin:
         arrays (per-client adapter depth) screen differently."""
         return screen_replies(replies, reference, max_norm_ratio)
 
+    def _screen(self, replies: list[Message]) -> tuple[list[Message], list[Rejection]]:
+        """Every check a train reply passes before the inner strategy sees it: its records
+        as a whole, then its update against the arrays sent, then the absolute norm bound."""
+        scaffold = isinstance(self, Scaffold)
+        replies, rejected = screen_contents(
+            replies, ["arrays"], [DELTA_C] if scaffold else [], self.max_examples
+        )
+        reference = self._round_arrays
+        if reference is None:
+            return replies, rejected
+        if scaffold:
+            bad = {
+                id(r): problem
+                for r in replies
+                if not r.has_error()
+                and DELTA_C in r.content
+                and (problem := update_problem(r.content[DELTA_C], reference)) is not None
+            }
+            for reply in [r for r in replies if id(r) in bad]:
+                node, reason = reply.metadata.src_node_id, f"{DELTA_C}: {bad[id(reply)]}"
+                log(WARNING, "Rejected the reply of node %d: %s", node, reason)
+                rejected.append(Rejection(node, reason))
+            replies = [r for r in replies if id(r) not in bad]
+        replies, more = self.screen_train_replies(replies, reference, self.max_norm_ratio)
+        rejected += more
+        replies, more = bound_norms(replies, reference, self.max_update_norm)
+        return replies, rejected + more
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -151,11 +185,16 @@ class FedBiOTMixin:
         skipped = [r for r in replies if not r.has_error() and _skipped(r)]
         replies = [r for r in replies if r not in skipped]
         metrics["clients_skipped"] = len(skipped)
-        if self._round_arrays is not None:
-            replies, rejected = self.screen_train_replies(
-                replies, self._round_arrays, self.max_norm_ratio
+        replies, rejected = self._screen(replies)
+        metrics["clients_rejected"] = len(rejected)
+        if not any(not r.has_error() for r in replies) and (
+            not skipped or metrics["clients_failed"] or rejected
+        ):
+            raise RuntimeError(
+                f"round {server_round}: no client update to aggregate "
+                f"({metrics['clients_failed']} failed, {len(rejected)} rejected, "
+                f"{len(skipped)} skipped; see the log above for each node's error)"
             )
-            metrics["clients_rejected"] = len(rejected)
         start = time.perf_counter()
         arrays, train_metrics = super().aggregate_train(server_round, replies)
         metrics["time_aggregate_s"] = time.perf_counter() - start
@@ -169,6 +208,9 @@ class FedBiOTMixin:
             start = time.perf_counter()
             metrics.update(self.distiller.run(self.distill_steps))
             metrics["time_distill_s"] = time.perf_counter() - start
+        finite_state(self.models.adapter_state(), "adapter LoRA")
+        if self.models.has_emulator:
+            finite_state(self.models.emulator_state(), "emulator LoRA")
         log(
             INFO,
             "round %d: client loss %.4f, distill loss %s, bytes up %d, down %d "
@@ -195,6 +237,8 @@ class FedBiOTMixin:
         server_round += self.round_offset
         replies = list(replies)
         self.shipment.receive(server_round, replies)
+        replies, rejected = screen_contents(replies, [], [], self.max_examples)
+        self.shipment.metrics(server_round)["client_eval_rejected"] = len(rejected)
         result = super().aggregate_evaluate(server_round, replies)
         if result is not None:
             self.shipment.metrics(server_round).update(

@@ -5,6 +5,11 @@ floating dtype, only finite values, and an update norm ``||y_i - x||`` not far a
 other clients' (more than ``max_norm_ratio`` times their median, checked when at least three
 clients replied). Flower's aggregation would otherwise average a NaN into every client's
 model, or fail on a shape mismatch and lose the whole round.
+
+The median screen stops one outlier among honest clients, not a colluding majority: when
+most of the replies are scaled alike, the median is theirs. ``max_update_norm`` (run-config
+``max-update-norm``) is an absolute bound that holds whatever the others send, with or
+without DP: an update whose norm exceeds it is rejected.
 """
 
 from __future__ import annotations
@@ -52,6 +57,27 @@ def update_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:
         for k, v in reference.items()
     )
     return total**0.5
+
+
+def bound_norms(
+    replies: list[Message], reference: ArrayRecord, max_update_norm: float
+) -> tuple[list[Message], list[Rejection]]:
+    """Replies whose update norm over the arrays they hold (a FedBiAlign client returns a
+    subset of ``reference``) is at most ``max_update_norm``, and the rejected ones."""
+    kept, rejected = [], []
+    for reply in replies:
+        if reply.has_error() or max_update_norm <= 0:
+            kept.append(reply)
+            continue
+        arrays = reply.content["arrays"]
+        norm = update_norm(arrays, ArrayRecord({k: reference[k] for k in arrays}))
+        if norm > max_update_norm:
+            reason = f"update norm {norm:.3g} > max-update-norm {max_update_norm:g}"
+            log(WARNING, "Rejected the update of node %d: %s", reply.metadata.src_node_id, reason)
+            rejected.append(Rejection(reply.metadata.src_node_id, reason))
+        else:
+            kept.append(reply)
+    return kept, rejected
 
 
 def screen_replies(

@@ -1,0 +1,56 @@
+"""``scripts/run_checked.py``: the README's run command exits non-zero when the run failed
+(plain ``flwr run --stream`` exits 0 after a ServerApp crash), and refuses a bad run config
+before submitting it, naming the key."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.flower_runtime import REPO, LocalFederation, tiny_run_config
+
+SCRIPT = REPO / "scripts" / "run_checked.py"
+_spec = importlib.util.spec_from_file_location("run_checked", SCRIPT)
+assert _spec is not None and _spec.loader is not None
+run_checked = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(run_checked)
+
+
+def _overrides(config: dict[str, object]) -> str:
+    return " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in config.items())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ("no-such-key=1", "unknown run-config key(s) no-such-key"),
+        ("distill-lr=1e400", "distill-lr=inf must be finite"),
+        ("run-name='../../x'", "run-name='../../x' must be a plain folder name"),
+    ],
+)
+def test_a_bad_run_config_is_refused_before_submitting(
+    overrides: str, named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused before ``flwr run`` is started: no SuperLink is needed to see the key."""
+    assert run_checked.main([str(REPO), "--run-config", overrides]) == 2
+    assert named in capsys.readouterr().err
+
+
+def test_a_run_whose_server_app_fails_exits_non_zero(
+    federation: LocalFederation, tmp_path: Path
+) -> None:
+    """The ServerApp raises at once (no such model directory): ``flwr run`` itself exits 0,
+    the wrapper reads the run's status from the SuperLink and exits 1."""
+    config = tiny_run_config(tmp_path, "failed", model=str(tmp_path / "no-such-model"))
+    command = [sys.executable, str(SCRIPT), str(REPO), "test", "--run-config", _overrides(config)]
+    command += ["--federation-config", "num-supernodes=1"]
+    result = subprocess.run(
+        command, env=federation.env, capture_output=True, text=True, timeout=600, check=False
+    )
+    output = result.stdout[-4000:] + result.stderr[-2000:]
+    assert result.returncode == 1, output
+    assert "ended as finished:failed" in result.stderr, output
