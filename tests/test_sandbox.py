@@ -158,7 +158,7 @@ for _ in range(50):
     children += 1
 assert 0 < children < 50, f"{children} forks succeeded"
 """
-    result = run_program(program, max_processes=16)
+    result = run_program(program)  # 16 processes by default
     assert result.passed, result.reason
 
 

@@ -25,6 +25,7 @@ secret only from code that does not search the harness's memory for it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -186,11 +187,9 @@ def _run(
             env={},
             cwd=tmp,
         )
-        try:
+        with contextlib.suppress(BrokenPipeError):
             process.stdin.write(marker)
             process.stdin.close()
-        except BrokenPipeError:
-            pass
         stdout, stderr, timed_out = _drain(process, timeout, output_cap)
     if timed_out:
         return SandboxResult(False, f"timed out after {timeout:g} s")
@@ -232,12 +231,10 @@ def _drain(process: subprocess.Popen, timeout: float, cap: int) -> tuple[bytes, 
             tail += chunk
             del tail[:-cap]
     selector.close()
-    try:
-        # Killing unshare kills the namespace's process 1 (--kill-child), and with it the
-        # namespace; in the fallback, what is left of the session's process group.
+    # Killing unshare kills the namespace's process 1 (--kill-child), and with it the
+    # namespace; in the fallback, what is left of the session's process group.
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     process.wait()
     process.stdout.close()
     process.stderr.close()
