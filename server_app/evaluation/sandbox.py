@@ -98,8 +98,8 @@ def _namespace_prefix() -> list[str]:
 @functools.cache
 def namespaces_available() -> bool:
     """Whether a trivial program passes inside the namespaces; if not, say so loudly."""
-    try:
-        probe = _run("pass\n", 10.0, 10.0, 256, 8, 4096, isolated=True)
+    try:  # a long timeout: a loaded machine must not pass for one without namespaces
+        probe = _run("pass\n", 120.0, 10.0, 256, 8, 4096, isolated=True)
     except OSError as error:
         probe = SandboxResult(False, str(error))
     if not probe.passed:
