@@ -117,8 +117,8 @@ if os.fork() == 0:
     os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(60)", "{token}"])
 """
     start = time.monotonic()
-    result = run_program(program, timeout=10)
-    assert time.monotonic() - start < 5  # the child's copy of stderr did not hold us
+    result = run_program(program, timeout=60)
+    assert time.monotonic() - start < 30  # the child's copy of stderr did not hold us
     assert result.passed, result.reason
     assert _processes_with(token) == []
 
@@ -135,7 +135,7 @@ raise ValueError("last words")
 """
     tracemalloc.start()
     try:
-        result = run_program(program, timeout=60)
+        result = run_program(program, timeout=300)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -164,9 +164,9 @@ assert 0 < children < 50, f"{children} forks succeeded"
 
 def test_cpu_time_is_limited() -> None:
     start = time.monotonic()
-    result = run_program("while True:\n    pass\n", timeout=60, cpu_seconds=1)
+    result = run_program("while True:\n    pass\n", timeout=300, cpu_seconds=1)
     assert result.reason == "killed by SIGXCPU"
-    assert time.monotonic() - start < 30
+    assert time.monotonic() - start < 150
 
 
 @pytest.mark.parametrize(
