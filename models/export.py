@@ -1,7 +1,11 @@
 """Save AdapEmu and AdapFu: a merged model directory plus the PEFT adapter beside it.
 
-Methods without an emulator (FedIT, central) have one trained model, the full model with
-LoRA: it is saved as ``adapfu/``. The local-only baseline saves each client's adapter.
+AdapEmu's adapter counts blocks by position in the compressed model, so its frozen base (the
+emulator's and adapter's original weights, without LoRA) is saved next to it as
+``adapemu/base/`` and its ``adapter_config.json`` names that folder: PEFT would otherwise load
+it onto the full model's first blocks without complaint. Methods without an emulator
+(FedIT, central) have one trained model, the full model with LoRA: it is saved as
+``adapfu/``. The local-only baseline saves each client's adapter.
 """
 
 from __future__ import annotations
@@ -24,12 +28,22 @@ def export_lora_model(
     out: Path,
     note: dict,
     merged: bool = True,
+    with_base: bool = False,
 ) -> Path:
     """``out/`` loads with ``AutoModelForCausalLM.from_pretrained``; ``out/peft/`` is the
-    adapter (its module names count blocks by position in this model, see ``note``)."""
+    adapter (its module names count blocks by position in this model, see ``note``);
+    ``with_base`` also saves the model under the LoRA as ``out/base/``, the adapter's base."""
     out.mkdir(parents=True, exist_ok=True)
     lora.peft.save_pretrained(out / "peft")
     (out / "peft" / "fedbiot_layout.json").write_text(json.dumps(note, indent=2))
+    if with_base:
+        base = copy.deepcopy(lora.peft).unload()
+        base.save_pretrained(out / "base")
+        tokenizer.save_pretrained(out / "base")
+        adapter_config = out / "peft" / "adapter_config.json"
+        config = json.loads(adapter_config.read_text())
+        config["base_model_name_or_path"] = str((out / "base").resolve())
+        adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True))
     if not merged:
         return out
     merged_model = copy.deepcopy(lora.peft).merge_and_unload()
@@ -48,6 +62,7 @@ def export_outputs(models: FedBiOTModels, run_dir: Path) -> dict[str, Path]:
             models.tokenizer,
             run_dir / "adapemu",
             {"variant": "adapemu", "positions_are_blocks": models.layout.kept_blocks, **layout},
+            with_base=True,
         )
     outputs["adapfu"] = export_lora_model(
         models.full,

@@ -1,11 +1,9 @@
-"""Evaluators: GSM8K answer extraction, pass@k, the code sandbox, Banking77 scoring and
-perplexity."""
+"""Evaluators: GSM8K answer extraction, pass@k, Banking77 scoring and perplexity (the
+sandbox and HumanEval have their own test files)."""
 
 from __future__ import annotations
 
 import math
-import os
-import time
 
 import pytest
 import torch
@@ -13,12 +11,8 @@ import torch
 from models.label_scores import label_token_ids
 from server_app.evaluation.answers import extract_answer
 from server_app.evaluation.passk import pass_at_k
-from server_app.evaluation.sandbox import run_program
 from server_app.evaluation.tasks import (
     banking77,
-    humaneval,
-    humaneval_program,
-    load_humaneval,
     macro_f1,
     perplexity,
     subset,
@@ -60,32 +54,6 @@ def test_pass_at_k_equals_the_closed_form(n: int, c: int, k: int) -> None:
 def test_pass_at_k_rejects_impossible_counts() -> None:
     with pytest.raises(ValueError, match="pass@k"):
         pass_at_k(3, 4, 1)
-
-
-def test_sandbox_kills_an_infinite_loop() -> None:
-    start = time.monotonic()
-    result = run_program("while True:\n    pass\n", timeout=2)
-    assert not result.passed and "timed out" in result.reason
-    assert time.monotonic() - start < 10
-
-
-def test_sandbox_survives_code_that_raises_exits_or_writes_files() -> None:
-    raised = run_program("raise ValueError('boom')\n")
-    assert not raised.passed and "ValueError: boom" in raised.reason
-    exited = run_program("import sys\nsys.exit(3)\n")
-    assert not exited.passed and "3" in exited.reason
-    before = set(os.listdir("."))
-    wrote = run_program(
-        "import os\nopen('junk.txt', 'w').write('x')\nassert os.path.exists('junk.txt')\n"
-    )
-    assert wrote.passed
-    assert set(os.listdir(".")) == before  # it wrote in its own temporary directory
-    assert run_program("assert 1 + 1 == 2\n").passed
-
-
-def test_sandbox_has_no_network() -> None:
-    result = run_program("import socket\nsocket.create_connection(('127.0.0.1', 80))\n")
-    assert not result.passed and "network access is disabled" in result.reason
 
 
 def test_macro_f1_by_hand() -> None:
@@ -130,21 +98,3 @@ def test_perplexity_is_exp_of_the_mean_response_loss() -> None:
     with torch.no_grad():
         mean_loss = model(**batch).loss.item()  # transformers' own mean over response tokens
     assert result["perplexity"] == pytest.approx(math.exp(mean_loss), rel=1e-4)
-
-
-def test_humaneval_harness_passes_canonical_solutions_and_fails_wrong_ones() -> None:
-    problems = load_humaneval()[:3]
-    for problem in problems:
-        # A model that continues the prompt with the reference body passes ...
-        assert run_program(humaneval_program(problem, problem["canonical_solution"])).passed
-        # ... and so does one that restates the whole function in a fenced block.
-        fenced = f"Sure:\n```python\n{problem['prompt']}{problem['canonical_solution']}```\n"
-        assert run_program(humaneval_program(problem, fenced)).passed
-        assert not run_program(humaneval_program(problem, "    return None\n")).passed
-
-
-def test_humaneval_scores_a_real_model() -> None:
-    model, tokenizer = tiny("tiny-llama")
-    result = humaneval(model, tokenizer, size=2, seed=0, samples=2, ks=(1, 2), max_new_tokens=4)
-    assert result["problems"] == 2
-    assert result["pass@1"] == 0.0 and result["pass@2"] == 0.0  # random weights pass nothing

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from server_app.evaluation import tasks
+from server_app.evaluation import humaneval, tasks
 from server_app.evaluation.confidence import wilson
 
 EVAL_TASKS = ("gsm8k", "banking77", "humaneval", "perplexity")
@@ -62,7 +62,7 @@ def evaluate_tasks(
         elif task == "banking77":
             out[task] = tasks.banking77(model, tokenizer, mode=settings.banking77_mode, **common)
         elif task == "humaneval":
-            out[task] = tasks.humaneval(
+            out[task] = humaneval.humaneval(
                 model,
                 tokenizer,
                 samples=settings.humaneval_samples,

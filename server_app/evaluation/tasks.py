@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import random
@@ -20,8 +19,6 @@ from models.response_logits import response_logits
 from server_app.evaluation.answers import extract_answer
 from server_app.evaluation.generation import chat_prompt, generate
 from server_app.evaluation.heldout import macro_f1
-from server_app.evaluation.passk import pass_at_k
-from server_app.evaluation.sandbox import run_program
 from task_data import collate, load_records, tokenize_records
 from task_data.sources import default_data_dir
 
@@ -136,62 +133,3 @@ def perplexity(
             count += targets.numel()
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
-
-
-def _completion_code(prompt: str, generation: str) -> str:
-    """The program a HumanEval sample stands for: a fenced block if the model wrote one (a
-    whole function when it restates the signature), else the prompt plus the text."""
-    fenced = re.search(r"```(?:python)?\n(.*?)(?:```|$)", generation, re.DOTALL)
-    code = fenced.group(1) if fenced else generation
-    return code if re.search(r"^def |^from |^import ", code, re.MULTILINE) else prompt + code
-
-
-def load_humaneval(data_dir: str | None = None) -> list[dict]:
-    """The 164 HumanEval problems (``prompt``, ``test``, ``entry_point``, ...)."""
-    root = Path(data_dir) if data_dir else default_data_dir()
-    with gzip.open(root / "humaneval" / "HumanEval.jsonl.gz", "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def humaneval_program(problem: dict, generation: str) -> str:
-    """The whole program that decides a sample: the code, the tests, the check call."""
-    code = _completion_code(problem["prompt"], generation)
-    return f"{code}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
-
-
-def humaneval(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    size: int,
-    seed: int,
-    samples: int = 1,
-    ks: tuple[int, ...] = (1,),
-    temperature: float = 0.8,
-    max_new_tokens: int = 384,
-    timeout: float = 10.0,
-    data_dir: str | None = None,
-) -> dict[str, float]:
-    """pass@k (unbiased estimator) over ``samples`` generations per problem; greedy for 1."""
-    problems = subset(load_humaneval(data_dir), size, seed)
-    ask = "Complete this Python function. Reply with the whole function in a code block.\n\n"
-    prompts = [chat_prompt(tokenizer, ask + p["prompt"]) for p in problems for _ in range(samples)]
-    torch.manual_seed(seed)
-    outputs = generate(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens,
-        temperature=temperature if samples > 1 else 0.0,
-        description="humaneval",
-    )
-    result: dict[str, float] = {"problems": len(problems)}
-    passed = []
-    for i, problem in enumerate(problems):
-        good = 0
-        for generation in outputs[i * samples : (i + 1) * samples]:
-            good += run_program(humaneval_program(problem, generation), timeout=timeout).passed
-        passed.append(good)
-    for k in ks:
-        if k <= samples:
-            result[f"pass@{k}"] = sum(pass_at_k(samples, c, k) for c in passed) / len(passed)
-    return result
