@@ -1,8 +1,10 @@
 """The client learning rate of each round: constant, or cosine from max to min over the rounds.
 
-OpenFedLLM and FlowerTune decay the client learning rate across rounds with
-``min + (max - min) * (1 + cos(pi * t / T)) / 2``; round 1 is ``t = 0``, so the first round
-trains at the maximum and the last one just above the minimum.
+FlowerTune's templates decay the client learning rate across rounds with
+``min + (max - min) * (1 + cos(pi * r / T)) / 2`` for Flower's 1-based round ``r`` of ``T``:
+round 1 already trains a little below the maximum and round ``T`` at the minimum. This is
+that schedule (OpenFedLLM counts rounds from 0, so its rates are FlowerTune's shifted by one
+round).
 """
 
 from __future__ import annotations
@@ -18,5 +20,5 @@ def round_learning_rate(
         return maximum
     if scheduler != "cosine":
         raise ValueError(f"unknown lr-scheduler {scheduler!r}")
-    progress = (server_round - 1) / num_rounds
+    progress = server_round / num_rounds
     return minimum + 0.5 * (maximum - minimum) * (1 + math.cos(math.pi * progress))

@@ -140,8 +140,6 @@ def test_adaptive_server_optimizers_follow_reddi_et_al(algorithm: str, x0) -> No
     out, _ = _run_rounds(
         algorithm, x0, fedopt_eta=eta, fedopt_beta_1=beta1, fedopt_beta_2=beta2, fedopt_tau=tau
     )
-    if algorithm == "fedadagrad":
-        beta1 = 0.0
     x = x0
     m = {k: np.zeros_like(v) for k, v in x0.items()}
     v = {k: np.full_like(val, tau**2) for k, val in x0.items()}  # v_{-1} = tau^2

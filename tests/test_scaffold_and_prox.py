@@ -3,13 +3,12 @@ cosine learning-rate schedule."""
 
 from __future__ import annotations
 
-import itertools
-import math
-
 import pytest
 import torch
 
 from client_app.local_training import lora_proximal
+from server_app.exchange_loop import round_config
+from server_app.run_config import RunConfig
 from strategies.lr_schedule import round_learning_rate
 from strategies.scaffold import (
     client_control_update,
@@ -108,10 +107,18 @@ def test_fedprox_term_has_gradient_mu_times_distance() -> None:
         torch.testing.assert_close(p.grad, mu * (p.detach() - anchor[k]))
 
 
-def test_cosine_schedule_goes_from_max_towards_min() -> None:
-    rates = [round_learning_rate(r, 10, 1e-3, 1e-5, "cosine") for r in range(1, 11)]
-    assert rates[0] == pytest.approx(1e-3)
-    assert all(a > b for a, b in itertools.pairwise(rates))
-    assert rates[5] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi / 2)))
-    assert rates[-1] > 1e-5
-    assert round_learning_rate(7, 10, 1e-3, 1e-5, "constant") == 1e-3
+@pytest.mark.parametrize(
+    ("server_round", "rate"),
+    # FlowerTune: min + (max - min)(1 + cos(pi r / T)) / 2 with max 1e-3, min 1e-5, T = 4:
+    # cos(pi/4) = 0.70711, cos(pi/2) = 0, cos(3 pi/4) = -0.70711, cos(pi) = -1.
+    [(1, 8.55018e-4), (2, 5.05e-4), (3, 1.54982e-4), (4, 1e-5)],
+)
+def test_cosine_schedule_sends_flowertunes_rate_of_each_round(
+    server_round: int, rate: float
+) -> None:
+    config = RunConfig(
+        num_server_rounds=4, learning_rate=1e-3, learning_rate_min=1e-5, lr_scheduler="cosine"
+    )
+    sent = round_config(config, server_round, "digest")["learning-rate"]
+    assert sent == pytest.approx(rate, rel=1e-5)
+    assert round_learning_rate(server_round, 4, 1e-3, 1e-5, "constant") == 1e-3
