@@ -167,7 +167,9 @@ def test_scaffold_moves_the_model_and_the_server_control_variate(x0) -> None:
         sent_c = _numpy(sent[server_round - 1][0].content[SERVER_C])
         _assert_close(sent_c, c)
         assert set(sent[server_round - 1][0].content.array_records) == {"arrays", SERVER_C}
-        mean = _weighted_mean(_client_models(server_round))
+        # Unweighted, like c's update below: the example counts 10/30/60 play no part.
+        models = _client_models(server_round)
+        mean = {k: sum(m[k] for m in models) / len(models) for k in x}
         x = {k: x[k] + lr * (mean[k] - x[k]) for k in x}
         deltas = _control_deltas(server_round)
         c = {k: c[k] + sum(d[k] for d in deltas) / len(NODES) for k in c}

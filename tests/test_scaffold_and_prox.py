@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client_app.local_training import lora_proximal
+from client_app.local_training import lora_proximal, train_lora
+from models.blocks import get_blocks
+from models.lora import LoraModel, LoraSpec
+from models.response_logits import response_lm_loss
 from server_app.exchange_loop import round_config
 from server_app.run_config import RunConfig
 from strategies.lr_schedule import round_learning_rate
-from strategies.scaffold import (
-    client_control_update,
-    corrected_gradient,
-    server_control_update,
-)
+from strategies.scaffold import client_control_update, server_control_update
+from tests.tiny import chat_batch, tiny
 
 # Three clients with very different quadratics f_i(x) = 1/2 (x - b_i)^T A_i (x - b_i):
 # local steps drift each client towards its own optimum b_i.
@@ -29,11 +29,13 @@ def _grad(i: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def _local(i: int, x: torch.Tensor, c=None, c_i=None) -> torch.Tensor:
-    """K plain SGD steps; with control variates, SCAFFOLD's corrected steps."""
+    """K plain SGD steps; with control variates, each followed by SCAFFOLD's correction
+    step ``-LR * (c - c_i)`` (with SGD the same as correcting the gradient)."""
     y = x.clone()
     for _ in range(STEPS):
-        g = _grad(i, y)
-        y = y - LR * (g if c is None else corrected_gradient(g, c, c_i))
+        y = y - LR * _grad(i, y)
+        if c is not None:
+            y = y - LR * (c - c_i)
     return y
 
 
@@ -89,6 +91,68 @@ def test_scaffold_ends_closer_to_the_global_optimum_than_fedavg() -> None:
     scaffold = torch.linalg.norm(_scaffold(30) - OPTIMUM)
     assert fedavg > 0.3  # client drift leaves FedAvg visibly off the optimum
     assert scaffold < 1e-3 < fedavg / 100
+
+
+def _client_lora() -> tuple[LoraModel, list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """The tiny Llama with LoRA (no dropout), three batches and a SCAFFOLD correction
+    ``c - c_i`` for the LoRA of its last two blocks."""
+    model, tokenizer = tiny("tiny-llama")
+    n = len(get_blocks(model))
+    lora = LoraModel(model, tuple(range(n)), range(n), LoraSpec(r=4, alpha=8, dropout=0.0))
+    batches = []
+    for seed in range(3):
+        batch = chat_batch(tokenizer)
+        generator = torch.Generator().manual_seed(seed)
+        batch["input_ids"] = torch.randint(5, 1000, batch["input_ids"].shape, generator=generator)
+        batch["labels"] = torch.where(batch["labels"] == -100, -100, batch["input_ids"])
+        batches.append(batch)
+    generator = torch.Generator().manual_seed(7)
+    correction = {
+        k: 0.5 * torch.randn(p.shape, generator=generator)
+        for k, p in lora.params(CLIENT_BLOCKS).items()
+    }
+    return lora, batches, correction
+
+
+CLIENT_BLOCKS = (6, 7)
+CLIENT_LR = 1e-2
+
+
+def test_one_client_step_is_adamws_step_then_minus_lr_times_the_correction() -> None:
+    lora, batches, correction = _client_lora()
+    start = lora.state()
+    train_lora(lora, CLIENT_BLOCKS, iter(batches), 1, CLIENT_LR)
+    plain = lora.state(CLIENT_BLOCKS)
+    lora.load_state(start)
+    train_lora(lora, CLIENT_BLOCKS, iter(batches), 1, CLIENT_LR, correction=correction)
+    corrected = lora.state(CLIENT_BLOCKS)
+    for name, value in plain.items():
+        torch.testing.assert_close(corrected[name], value - CLIENT_LR * correction[name])
+
+
+def test_client_loop_with_correction_matches_a_hand_written_scaffold_adamw_loop() -> None:
+    lora, batches, correction = _client_lora()
+    start = lora.state()
+    train_lora(lora, CLIENT_BLOCKS, iter(batches), 3, CLIENT_LR, correction=correction)
+    got = lora.state(CLIENT_BLOCKS)
+    # The same three steps written out: AdamW on the clipped gradient, then -lr (c - c_i).
+    lora.load_state(start)
+    params = lora.params(CLIENT_BLOCKS)
+    lora.train_only(CLIENT_BLOCKS)
+    optimizer = torch.optim.AdamW(params.values(), lr=CLIENT_LR, weight_decay=0.0)
+    lora.peft.train()
+    for batch in batches:
+        response_lm_loss(lora.peft, batch).backward()
+        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            for name, p in params.items():
+                p -= CLIENT_LR * correction[name]
+    for name, p in params.items():
+        torch.testing.assert_close(got[name], p.detach())
+    with pytest.raises(ValueError, match="not trained here"):
+        train_lora(lora, (7,), iter(batches), 1, CLIENT_LR, correction=correction)
 
 
 def test_fedprox_term_has_gradient_mu_times_distance() -> None:
