@@ -88,6 +88,7 @@ class FedBiOTMixin:
         self.round_metrics = self.shipment.round_metrics
         self.node_bytes = self.shipment.node_bytes
         self._sent_at = 0.0
+        self.skipped_nodes: set[int] = set()
 
     def _with_fedbiot_records(
         self, server_round: int, messages: Iterable[Message]
@@ -151,6 +152,7 @@ class FedBiOTMixin:
         skipped = [r for r in replies if not r.has_error() and _skipped(r)]
         replies = [r for r in replies if r not in skipped]
         metrics["clients_skipped"] = len(skipped)
+        self.skipped_nodes = {r.metadata.src_node_id for r in skipped}  # read by client DP
         if self._round_arrays is not None:
             replies, rejected = self.screen_train_replies(
                 replies, self._round_arrays, self.max_norm_ratio
