@@ -169,6 +169,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         stage=config.stage_of,
         audit_path=recorder.dir / "sent_arrays.jsonl",
         max_norm_ratio=config.max_update_norm_ratio,
+        fixed_dpo_reference=config.dpo_reference == "fixed",
         **_sampling(config, plan),
         **algorithm_params,
     )

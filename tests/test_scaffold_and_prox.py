@@ -173,11 +173,11 @@ def test_fedprox_term_has_gradient_mu_times_distance() -> None:
 
 @pytest.mark.parametrize(
     ("server_round", "rate"),
-    # FlowerTune: min + (max - min)(1 + cos(pi r / T)) / 2 with max 1e-3, min 1e-5, T = 4:
-    # cos(pi/4) = 0.70711, cos(pi/2) = 0, cos(3 pi/4) = -0.70711, cos(pi) = -1.
-    [(1, 8.55018e-4), (2, 5.05e-4), (3, 1.54982e-4), (4, 1e-5)],
+    # OpenFedLLM: min + (max - min)(1 + cos(pi (r - 1) / T)) / 2 with max 1e-3, min 1e-5,
+    # T = 4: cos(0) = 1, cos(pi/4) = 0.70711, cos(pi/2) = 0, cos(3 pi/4) = -0.70711.
+    [(1, 1e-3), (2, 8.55018e-4), (3, 5.05e-4), (4, 1.54982e-4)],
 )
-def test_cosine_schedule_sends_flowertunes_rate_of_each_round(
+def test_cosine_schedule_sends_openfedllms_rate_of_each_round(
     server_round: int, rate: float
 ) -> None:
     config = RunConfig(
