@@ -30,6 +30,7 @@ from models.wire import from_record, to_record
 from server_app.methods import method_plan
 from server_app.run_config import RunConfig
 from strategies.depth_aggregation import BUDGET_ACTION, DEPTH_KEY, budget_reply
+from strategies.fedbiot import DPO_REFERENCE
 from strategies.scaffold import DELTA_C, SERVER_C, client_control_update
 from task_data import batch_iterator, collate, pair_batch_iterator
 
@@ -96,6 +97,14 @@ def train(msg: Message, context: Context) -> Message:
         pairs = client_preferences(config, partition_id, model.tokenizer, preference_file)
         if not pairs:
             return _skip_reply(msg, partition_id)
+        reference = None
+        if config.dpo_reference == "fixed":
+            if DPO_REFERENCE not in msg.content:
+                raise ValueError(
+                    f"run config dpo-reference='fixed' but round {server_round}'s message has "
+                    f"no '{DPO_REFERENCE}' record (only FedBiOT-mixin strategies send it)"
+                )
+            reference = from_record(msg.content[DPO_REFERENCE])
         dpo = train_dpo(
             model.lora,
             adapter,
@@ -104,6 +113,7 @@ def train(msg: Message, context: Context) -> Message:
             learning_rate=learning_rate,
             beta=config.dpo_beta,
             weight_decay=config.weight_decay,
+            reference_state=reference,
         )
         metrics = MetricRecord(
             {

@@ -2,7 +2,10 @@
 
 Batches come from ``task_data.collate_pairs``: 2B rows, the B chosen answers then the B
 rejected ones, so one forward pass scores a whole batch of pairs. The DPO reference is the
-model as the client received it: its log-probs are taken once, before the first update.
+model as the client received it this round (run config ``dpo-reference='round'``) or the
+model at the start of DPO, whose LoRA the server sends every DPO round (``'fixed'``,
+OpenFedLLM's choice: the anchor does not drift over the DPO rounds). Its log-probs are taken
+once, before the first update.
 """
 
 from __future__ import annotations
@@ -110,17 +113,29 @@ def train_dpo(
     beta: float = 0.1,
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
+    reference_state: dict[str, torch.Tensor] | None = None,
 ) -> DPOResult:
     """Train only the LoRA of ``blocks`` for ``steps`` DPO steps on pair batches.
 
-    The ``steps`` batches are drawn up front and scored by the model as received: that is
-    the reference. Dropout stays off throughout (trl's ``disable_dropout`` default): the
-    reward compares two log-probs of the same sequence, and dropout noise in one biases it.
-    So the first step's policy equals its reference exactly (loss log 2, margin 0).
+    The ``steps`` batches are drawn up front and scored by the reference: the model as
+    received, or with ``reference_state`` (every LoRA parameter, by name) loaded in its
+    place, after which the received LoRA is put back. Dropout stays off throughout (trl's
+    ``disable_dropout`` default): the reward compares two log-probs of the same sequence,
+    and dropout noise in one biases it. So with the received reference the first step's
+    policy equals it exactly (loss log 2, margin 0).
     """
     blocks = tuple(blocks)
     drawn = [next(batches) for _ in range(steps)]
-    references = reference_logps(lora, drawn)
+    if reference_state is None:
+        references = reference_logps(lora, drawn)
+    else:
+        missing = sorted(set(lora.params()) - set(reference_state))
+        if missing:
+            raise ValueError(f"the DPO reference lacks LoRA parameters {missing[:3]}")
+        received = lora.state()
+        lora.load_state(reference_state)
+        references = reference_logps(lora, drawn)
+        lora.load_state(received)
     model = lora.peft
     model.eval()
     loss_total, accuracy_total, margin_total, tokens = 0.0, 0.0, 0.0, 0

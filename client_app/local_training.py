@@ -1,7 +1,7 @@
 """The client step: K AdamW steps on the trained LoRA, with the method's proximal terms.
 
 FedBiOT's proximal term acts on the adapter's effective weights, FedProx's on the LoRA
-parameters; SCAFFOLD shifts every gradient by ``c - c_i``.
+parameters; SCAFFOLD moves the weights by ``-lr * (c - c_i)`` after every AdamW step.
 """
 
 from __future__ import annotations
@@ -45,14 +45,15 @@ class LoraSteps:
         self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=weight_decay)
         self.max_grad_norm = max_grad_norm
 
-    def step(self, loss: torch.Tensor, adjust: Callable[[], None] | None = None) -> None:
-        """Backward, clip, ``adjust`` the gradients (SCAFFOLD), update."""
+    def step(self, loss: torch.Tensor, after: Callable[[], None] | None = None) -> None:
+        """Backward, clip, update, then ``after`` (SCAFFOLD's correction step)."""
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        if adjust is not None:
-            adjust()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if after is not None:
+            with torch.no_grad():
+                after()
 
 
 @contextmanager
@@ -98,17 +99,24 @@ def train_lora(
     With ``prox_epsilon > 0`` the loss adds FedBiOT's ``(eps/2)||W_hat - W_hat_t||^2`` over
     those blocks' effective weights; with ``proximal_mu > 0``, FedProx's
     ``(mu/2)||w - w_t||^2`` over their LoRA parameters; both anchored at the values when this
-    call starts. ``correction`` (SCAFFOLD's ``c - c_i``, by parameter name) is added to every
-    gradient before every step.
+    call starts. ``correction`` (SCAFFOLD's ``c - c_i``, by parameter name) is applied as its
+    own step after every AdamW step, ``w <- w - learning_rate * (c - c_i)`` (OpenFedLLM's
+    SCAFFOLD): added to the gradient instead, Adam would rescale it per coordinate like the
+    gradient, while option II's ``(x - y) / (K lr)`` measures displacement per unit of
+    learning rate. Applied this way, ``c_i+`` is exactly the client's mean AdamW step per
+    unit of learning rate, and ``c - c_i`` corrects in those units.
     """
     blocks = tuple(blocks)
     named = lora.params(blocks)
     anchor = {k: p.detach().clone() for k, p in named.items()} if proximal_mu > 0 else {}
+    unknown = sorted(set(correction or {}) - set(named))
+    if unknown:
+        raise ValueError(f"SCAFFOLD correction for parameters not trained here: {unknown[:3]}")
     shift = {k: v.to(named[k].device, named[k].dtype) for k, v in (correction or {}).items()}
 
-    def add_correction() -> None:
+    def correct() -> None:
         for name, delta in shift.items():
-            named[name].grad.add_(delta)
+            named[name].sub_(learning_rate * delta)
 
     prox = EffectiveWeightProximal(lora.modules_of(blocks), prox_epsilon)
     model = lora.peft
@@ -126,7 +134,7 @@ def train_lora(
             penalty = prox.penalty() if prox_epsilon > 0 else torch.zeros((), device=lora.device)
             if proximal_mu > 0:
                 penalty = penalty + lora_proximal(named, anchor, proximal_mu)
-            update.step(lm_loss + penalty, add_correction if shift else None)
+            update.step(lm_loss + penalty, correct if shift else None)
             lm_total += lm_loss.item()
             prox_total += penalty.item()
             tokens += int(batch["attention_mask"].sum())

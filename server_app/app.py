@@ -189,6 +189,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         max_norm_ratio=config.max_update_norm_ratio,
         max_update_norm=config.max_update_norm,
         max_examples=config.example_cap(),
+        fixed_dpo_reference=config.dpo_reference == "fixed",
         **_sampling(config, plan),
         **algorithm_params,
     )

@@ -2,9 +2,10 @@
 
 Written after every round to ``<run>/checkpoints/round-<r>.pt`` (and ``latest.pt``): the
 round number, the adapter and emulator LoRA, the aggregation algorithm's state (FedAvgM
-momentum, FedAdam/FedYogi/FedAdagrad moments, SCAFFOLD control variates), the distiller's
-optimizer state and how many public batches it has used, and the Python, NumPy and torch
-random states. ``resume-from`` loads one and the run continues with the next round.
+momentum, FedAdam/FedYogi/FedAdagrad moments, SCAFFOLD control variates), the fixed DPO
+reference, the distiller's optimizer state and how many public batches it has used, and the
+Python, NumPy and torch random states. ``resume-from`` loads one and the run continues with
+the next round.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ _STRATEGY_STATE = (
     "control",
     "client_arrays",
     "dp_accountant_state",
+    "dpo_reference",
 )
 
 

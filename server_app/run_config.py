@@ -45,6 +45,7 @@ ALGORITHMS = (
 PARTITIONERS = ("iid", "dirichlet", "natural")
 LR_SCHEDULERS = ("constant", "cosine")
 STAGES = ("auto", "sft", "dpo", "sft+dpo")
+DPO_REFERENCES = ("round", "fixed")
 
 
 class ConfigError(ValueError):
@@ -106,6 +107,7 @@ class RunConfig:
     stage: str = "auto"
     dpo_rounds: int = 1
     dpo_beta: float = 0.1
+    dpo_reference: str = "round"
     preference_data: str = "hh-rlhf"
     preference_clients: str = "all"
     preference_eval_pairs: int = 32
@@ -284,6 +286,10 @@ class RunConfig:
         return [
             (self.stage in STAGES, f"stage={self.stage!r} must be one of {STAGES}"),
             (self.dpo_beta > 0, "dpo-beta must be > 0"),
+            (
+                self.dpo_reference in DPO_REFERENCES,
+                f"dpo-reference={self.dpo_reference!r} must be one of {DPO_REFERENCES}",
+            ),
             (
                 stage != "sft+dpo" or 1 <= self.dpo_rounds < self.num_server_rounds,
                 f"dpo-rounds={self.dpo_rounds} must be in [1, num-server-rounds) with "

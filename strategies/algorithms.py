@@ -6,7 +6,9 @@ departures from Reddi et al. (2021, Algorithm 2) that are corrected here:
 
 - Flower's FedAdam multiplies the server learning rate by an Adam bias correction
   ``sqrt(1 - beta2^(t+1)) / (1 - beta1^(t+1))``, which the paper does not have;
-- Flower starts the second moment at ``v = 0``; the paper starts it at ``v_{-1} = tau^2``.
+- Flower starts the second moment at ``v = 0``; the paper starts it at ``v_{-1} = tau^2``;
+- Flower's FedAdagrad fixes ``beta_1 = 0``; the paper's Algorithm 2 keeps the momentum
+  ``m_t = beta_1 m_{t-1} + (1 - beta_1) Delta_t`` for all three, so ``fedopt-beta-1`` is used.
 
 SCAFFOLD is not in Flower and lives in ``strategies/scaffold.py``. The local-only baseline
 (no aggregation) is in ``strategies/local_only.py``.
@@ -81,7 +83,12 @@ class PaperFedYogi(_PaperSecondMoment, FedYogi):
 
 
 class PaperFedAdagrad(_PaperSecondMoment, FedAdagrad):
-    """Flower's FedAdagrad update with the paper's initial second moment."""
+    """Flower's FedAdagrad update with the paper's initial second moment and momentum."""
+
+    def __init__(self, *, beta_1: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # FedAdagrad's constructor passes beta_1=0 to FedOpt; m_t reads self.beta_1.
+        self.beta_1 = beta_1
 
 
 def inner_strategy(config: RunConfig) -> tuple[type, dict[str, Any]]:
@@ -105,7 +112,7 @@ def inner_strategy(config: RunConfig) -> tuple[type, dict[str, Any]]:
         "scaffold": (Scaffold, {"server_learning_rate": config.server_learning_rate}),
         "fedadam": (PaperFedAdam, {**fedopt, **betas}),
         "fedyogi": (PaperFedYogi, {**fedopt, **betas}),
-        "fedadagrad": (PaperFedAdagrad, fedopt),
+        "fedadagrad": (PaperFedAdagrad, {**fedopt, "beta_1": config.fedopt_beta_1}),
         "fedmedian": (FedMedian, {}),
         "fedtrimmedavg": (FedTrimmedAvg, {"beta": config.trimmed_beta}),
         "krum": (Krum, {"num_malicious_nodes": config.krum_malicious}),

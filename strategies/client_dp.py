@@ -1,16 +1,28 @@
 """Client-level differential privacy for the FedBiOT strategies (DP-FedAvg).
 
 McMahan et al. (ICLR 2018), with the server trusted (central DP): each client's LoRA update
-``y_i - x`` is clipped to L2 norm ``C``, the clipped updates are summed and divided by the
-number ``n`` of nodes sampled this round (the fixed-denominator estimator: a node that fails
-or whose reply is rejected counts as a zero update; not weighted by example counts, which
-would let a client's data size scale its influence), and Gaussian noise of standard
-deviation ``sigma * C / n`` is added. Adding or removing one client moves that mean by at
-most ``C / n``, so each round is a Gaussian mechanism of noise multiplier ``sigma``. Flower's
-RDP accountant (Google's ``dp-accounting``) composes the rounds and reports ``epsilon`` at the
-configured ``delta`` after every round, without amplification by sampling: Flower samples
-from whichever nodes are connected, which is neither Poisson nor uniform over a known
-population. Client metrics (losses, example counts) are not privatised.
+``y_i - x`` (over all the blocks it trained) is clipped to L2 norm ``C``. Each array is then
+averaged over its own participants: the ``m`` sampled nodes that were assigned it (all
+arrays for every node, except FedBiAlign's per-node adapter depths), less those that said
+they skip the round (a DPO round on a node without preference pairs). This is the
+fixed-denominator estimator per array: a participant that fails or whose reply is rejected
+counts as a zero update; not weighted by example counts, which would let a client's data
+size scale its influence. Gaussian noise of standard deviation ``sigma * C / m`` is added to
+each array, so an array trained by k of n clients is neither shrunk by k/n nor noised as if n
+had trained it.
+
+Privacy: scaled back by its ``m``, each array is the sum of the clipped updates plus noise of
+std ``sigma * C``; over all arrays that is ``sum_i clip(y_i - x) + N(0, sigma^2 C^2 I)``,
+where each client's clipped update, zero outside its arrays, has norm at most ``C``. So a
+round is one Gaussian mechanism of noise multiplier ``sigma`` on the add/remove-one-client
+relation, whatever the depths; dividing by the public counts is post-processing. As for
+``n`` in DP-FedAvg, the counts (who was sampled, each node's depth, which nodes skipped) are
+treated as public: they come from the server's sampling, the nodes' memory budgets and
+whether a node holds preference pairs at all, never from the training data's content.
+Flower's RDP accountant (Google's ``dp-accounting``) composes the rounds and reports
+``epsilon`` at the configured ``delta`` after every round, without amplification by sampling:
+Flower samples from whichever nodes are connected, which is neither Poisson nor uniform over
+a known population. Client metrics (losses, example counts) are not privatised.
 
 Why not Flower's ``DifferentialPrivacyServerSideFixedClipping`` wrapper around the strategy:
 it adds the noise after the wrapped ``aggregate_train`` returns, but ``FedBiOTMixin`` has by
@@ -98,7 +110,8 @@ class ClientDP:
 
 
 class ClientDPLayer:
-    """Clip, average with a fixed denominator and add noise, before the algorithm aggregates.
+    """Clip, average each array over its participants and add noise, before the algorithm
+    aggregates.
 
     The algorithm receives every valid reply with its ``arrays`` replaced by the private mean,
     so its weighted mean is that private mean whatever the weights, and its server step
@@ -109,6 +122,7 @@ class ClientDPLayer:
     client_dp: ClientDP  # set by ``with_client_dp``
     max_norm_ratio: float  # of FedBiOTMixin
     round_metrics: dict[int, dict[str, float]]  # of FedBiOTMixin
+    skipped_nodes: set[int]  # of FedBiOTMixin: this round's nodes that skipped a DPO round
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -124,6 +138,7 @@ class ClientDPLayer:
         self._noise_rng = np.random.default_rng()
         self._reference: dict[str, np.ndarray] | None = None
         self._sampled = 0
+        self._assigned: dict[int, frozenset[str]] = {}
 
     @property
     def dp_accountant_state(self) -> dict[str, object] | None:
@@ -171,6 +186,13 @@ class ClientDPLayer:
             )
         self._reference = {key: value.numpy() for key, value in arrays.items()}
         self._sampled = len(messages)
+        # FedBiAlign's per-node keys (the top blocks of its depth); otherwise every array.
+        depth_keys: dict[int, frozenset[str]] = getattr(self, "allowed_keys", {})
+        everything = frozenset(self._reference)
+        self._assigned = {
+            node: depth_keys.get(node, everything)
+            for node in (m.metadata.dst_node_id for m in messages)
+        }
         return messages
 
     def aggregate_train(
@@ -211,33 +233,49 @@ class ClientDPLayer:
         )
         return arrays, metrics
 
+    def _participants(self) -> dict[str, int]:
+        """Per array, the sampled nodes assigned it that did not skip the round."""
+        counts = dict.fromkeys(self._reference or {}, 0)
+        for node, keys in self._assigned.items():
+            if node not in self.skipped_nodes:
+                for key in keys:
+                    counts[key] += 1
+        return {key: m for key, m in counts.items() if m > 0}
+
     def _private_mean(self, replies: list[Message]) -> tuple[ArrayRecord, int, float]:
-        """``x + sum_i clip(y_i - x) / n + N(0, (sigma C / n)^2)``, the clipped count and std."""
+        """Per array with ``m`` participants, ``x + sum_i clip(y_i - x) / m`` plus
+        ``N(0, (sigma C / m)^2)``; the clipped count and the largest noise std."""
         if self._reference is None:
             raise RuntimeError("aggregate_train before configure_train")
-        reference, n = self._reference, self._sampled
+        reference, participants = self._reference, self._participants()
         clipping_norm = self.client_dp.clipping_norm
         total = {key: np.zeros(value.shape) for key, value in reference.items()}
         clipped = 0
         for reply in replies:
             arrays = reply.content["arrays"]
-            # A client of a shallower adapter depth (FedBiAlign) returns only the blocks it
-            # trained: the others are a zero update.
-            update = [
-                arrays[key].numpy() - value.astype(np.float64) if key in arrays else 0.0 * value
-                for key, value in reference.items()
-            ]
-            norm = get_norm(update)
+            keys = self._assigned.get(reply.metadata.src_node_id, frozenset())
+            # A client returns only the arrays it trained (FedBiAlign: its top blocks).
+            update = {
+                key: arrays[key].numpy() - reference[key].astype(np.float64)
+                for key in arrays
+                if key in keys
+            }
+            norm = get_norm(list(update.values()))
             scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
             clipped += int(scale < 1.0)
-            for value, delta in zip(total.values(), update, strict=True):
-                value += scale * delta
-        std = compute_stdv(self.client_dp.noise_multiplier, clipping_norm, n)
-        private = {}
+            for key, delta in update.items():
+                total[key] += scale * delta
+        private, largest = {}, 0.0
         for key, value in reference.items():
+            m = participants.get(key, 0)
+            if m == 0:  # nobody trained it: nothing released, it keeps its value
+                private[key] = Array(value.copy())
+                continue
+            std = compute_stdv(self.client_dp.noise_multiplier, clipping_norm, m)
+            largest = max(largest, std)
             noise = self._noise_rng.normal(0.0, std, value.shape)
-            private[key] = Array((value + total[key] / n + noise).astype(value.dtype))
-        return ArrayRecord(private), clipped, std
+            private[key] = Array((value + total[key] / m + noise).astype(value.dtype))
+        return ArrayRecord(private), clipped, largest
 
 
 def with_client_dp(cls: type, settings: ClientDP) -> type:

@@ -7,8 +7,10 @@ samples nodes and aggregates the arrays (example-weighted mean for FedAvg, FedBi
 the mixin adds to each outgoing message the emulator LoRA, the round's client learning rate
 and, the first time a node is sampled, the compressed frozen weights; after aggregation it
 installs the new adapter in the server's models and runs ``distill_steps`` of emulator
-distillation. The same mixin serves the methods without an emulator (FedIT, local, central):
-they have no emulator record and no distillation.
+distillation. With a fixed DPO reference it keeps the LoRA sent in the first DPO round
+(adapter and emulator: the model at the start of DPO) and sends it with every DPO round,
+since a client sampled later never saw that model. The same mixin serves the methods
+without an emulator (FedIT, local, central): they have no emulator record and no distillation.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from strategies.scaffold import DELTA_C, Scaffold
 from strategies.shipment import Shipment
 from strategies.update_checks import Rejection, bound_norms, screen_replies, update_problem
 
+# The record of the fixed DPO reference's LoRA (run config ``dpo-reference='fixed'``).
+DPO_REFERENCE = "dpo-reference"
 # Client metrics that mean nothing once averaged over clients.
 _PER_CLIENT_KEYS = frozenset({"partition-id"})
 
@@ -74,12 +78,16 @@ class FedBiOTMixin:
         max_norm_ratio: float = 0.0,
         max_update_norm: float = 0.0,
         max_examples: float = 0.0,
+        fixed_dpo_reference: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.max_norm_ratio = max_norm_ratio
         self.max_update_norm = max_update_norm
         self.max_examples = max_examples
+        self.fixed_dpo_reference = fixed_dpo_reference
+        # Set at the first DPO round and checkpointed: a resumed run keeps its reference.
+        self.dpo_reference: ArrayRecord | None = None
         # A resumed run restarts Flower's round counter at 1; this shifts it back.
         self.round_offset = 0
         self._round_arrays: ArrayRecord | None = None
@@ -94,11 +102,13 @@ class FedBiOTMixin:
         self.round_metrics = self.shipment.round_metrics
         self.node_bytes = self.shipment.node_bytes
         self._sent_at = 0.0
+        self.skipped_nodes: set[int] = set()
 
     def _with_fedbiot_records(
-        self, server_round: int, messages: Iterable[Message]
+        self, server_round: int, messages: Iterable[Message], extra: RecordDict | None = None
     ) -> list[Message]:
-        """Copy each message, adding emulator LoRA and, once per node, the frozen weights."""
+        """Copy each message, adding emulator LoRA, the ``extra`` records and, once per node,
+        the frozen weights."""
         emulator = to_record(self.models.emulator_state()) if self.models.has_emulator else None
         out = []
         for message in messages:
@@ -109,6 +119,8 @@ class FedBiOTMixin:
             content["config"] = config
             if emulator is not None:
                 content["emulator"] = emulator
+            for name, record in (extra or RecordDict()).items():
+                content[name] = record
             out.append(
                 Message(
                     content=self.shipment.address(server_round, node, content),
@@ -167,8 +179,16 @@ class FedBiOTMixin:
         if self.stage is not None:
             config["stage"] = self.stage(server_round)
         self._round_arrays = arrays
+        extra = RecordDict()
+        if self.fixed_dpo_reference and config.get("stage") == "dpo":
+            if self.dpo_reference is None:
+                start = from_record(arrays)
+                if self.models.has_emulator:
+                    start.update(self.models.emulator_state())
+                self.dpo_reference = to_record(start)
+            extra[DPO_REFERENCE] = self.dpo_reference
         messages = super().configure_train(server_round, arrays, config, grid)
-        decorated = self._with_fedbiot_records(server_round, messages)
+        decorated = self._with_fedbiot_records(server_round, messages, extra)
         self.shipment.metrics(server_round)["clients_sampled"] = len(decorated)
         self._sent_at = time.perf_counter()
         return decorated
@@ -185,6 +205,7 @@ class FedBiOTMixin:
         skipped = [r for r in replies if not r.has_error() and _skipped(r)]
         replies = [r for r in replies if r not in skipped]
         metrics["clients_skipped"] = len(skipped)
+        self.skipped_nodes = {r.metadata.src_node_id for r in skipped}  # read by client DP
         replies, rejected = self._screen(replies)
         metrics["clients_rejected"] = len(rejected)
         if not any(not r.has_error() for r in replies) and (

@@ -1,8 +1,11 @@
 """The client learning rate of each round: constant, or cosine from max to min over the rounds.
 
-OpenFedLLM and FlowerTune decay the client learning rate across rounds with
-``min + (max - min) * (1 + cos(pi * t / T)) / 2``; round 1 is ``t = 0``, so the first round
-trains at the maximum and the last one just above the minimum.
+OpenFedLLM decays the client learning rate across rounds with
+``min + (max - min) * (1 + cos(pi * t / T)) / 2`` for its 0-based round ``t = r - 1`` of ``T``:
+round 1 trains at the maximum and the last one above the minimum. This is that schedule.
+FlowerTune's templates pass Flower's 1-based round as ``t`` (``r / T``), one round further
+along the curve, so their last round trains at the minimum and a one-round run trains at the
+minimum throughout; we keep OpenFedLLM's convention for that reason.
 """
 
 from __future__ import annotations

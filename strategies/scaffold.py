@@ -3,14 +3,23 @@
 Flower has no SCAFFOLD strategy, so it is written here. The server keeps a control variate
 ``c`` per trained tensor and sends it beside the model arrays, in its own ArrayRecord
 (``scaffold-c``), so that the arrays the inner aggregation sees are the model's alone. Each
-client keeps its own ``c_i`` across rounds (in its node state), adds ``c - c_i`` to every
-gradient of every local step, and after K steps of learning rate ``eta_l`` sets
+client keeps its own ``c_i`` across rounds (in its node state), follows every AdamW step by
+the correction step ``w <- w - eta_l * (c - c_i)`` (``client_app/local_training.py``, as
+OpenFedLLM does; inside Adam the correction would be rescaled per coordinate, see
+``train_lora``), and after K steps of learning rate ``eta_l`` sets
 
     c_i+ = c_i - c + (x - y_i) / (K * eta_l)
 
 returning its model ``y_i`` and ``delta_c_i = c_i+ - c_i`` (record ``scaffold-delta-c``).
-The server moves ``x <- x + eta_g * (mean(y_i) - x)`` (the example-weighted mean, as FedAvg
-does) and ``c <- c + |S|/N * mean(delta_c_i)`` over the sampled set S of N nodes.
+With the correction outside Adam, ``c_i+`` is the client's mean AdamW step per unit of
+learning rate, the quantity ``c - c_i`` corrects.
+
+The server moves ``x <- x + eta_g * mean(y_i - x)`` and ``c <- c + |S|/N * mean(delta_c_i)``
+over the sampled set S of N nodes, both unweighted means over the same replies (the
+paper's). Example-weighting x but not c would aim x at the example-weighted objective and c
+at the unweighted one; example-weighting c as well cannot keep ``c = sum_i p_i c_i`` under
+partial participation without every node's example count. So SCAFFOLD ignores example
+counts for the arrays (its metrics are still example-weighted).
 """
 
 from __future__ import annotations
@@ -28,11 +37,6 @@ SERVER_C = "scaffold-c"
 DELTA_C = "scaffold-delta-c"
 
 Tensors = Mapping[str, torch.Tensor]
-
-
-def corrected_gradient(grad: torch.Tensor, c: torch.Tensor, c_i: torch.Tensor) -> torch.Tensor:
-    """The SCAFFOLD local step direction ``g - c_i + c``."""
-    return grad - c_i + c
 
 
 def client_control_update(
@@ -62,7 +66,7 @@ def _record(tensors: Tensors) -> ArrayRecord:
 
 
 class Scaffold(FedAvg):
-    """FedAvg's sampling and weighted mean plus SCAFFOLD's control variates."""
+    """FedAvg's sampling plus SCAFFOLD's control variates and unweighted server step."""
 
     def __init__(self, *, server_learning_rate: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -88,15 +92,22 @@ class Scaffold(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        deltas = []
+        deltas, models = [], []
         for reply in replies:
-            if not reply.has_error() and DELTA_C in reply.content:
+            if reply.has_error():
+                continue
+            # A DPO step runs without control variates: its client's c_i is unchanged.
+            if DELTA_C in reply.content:
                 deltas.append(_tensors(reply.content[DELTA_C]))
                 del reply.content[DELTA_C]
+            models.append(_tensors(reply.content[self.arrayrecord_key]))
+        # FedAvg's checks and example-weighted metrics; its weighted mean of x is not used.
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is None or self.current is None or self.control is None:
             return arrays, metrics
-        mean = _tensors(arrays)
-        x = {k: v + self.server_learning_rate * (mean[k] - v) for k, v in self.current.items()}
+        x = {
+            k: v + self.server_learning_rate * (sum(m[k] for m in models) / len(models) - v)
+            for k, v in self.current.items()
+        }
         self.control = server_control_update(self.control, deltas, max(self.num_nodes, 1))
         return _record(x), metrics

@@ -25,6 +25,7 @@ from models.wire import to_record
 from server_app.run_config import ALGORITHMS, RunConfig
 from strategies.algorithms import strategy_class
 from strategies.client_dp import DP_ALGORITHMS, ClientDP, ClientDPLayer, with_client_dp
+from strategies.depth_aggregation import FedBiAlign, top_block_keys
 from strategies.fedbiot import FedBiOT, FedBiOTMixin
 from tests.tiny import tiny
 
@@ -187,6 +188,100 @@ def test_the_server_optimizer_steps_on_the_noised_mean(models: FedBiOTModels) ->
     # x + lr * (mean + z - x): noise added after the server step would have std sigma*C/n.
     step = {k: lr * sum(u[k] for u in updates) / n for k in updates[0]}
     assert _offset(arrays, x, step).std() == pytest.approx(lr * sigma * c / n, rel=0.05)
+
+
+def _depth_round(
+    strategy: ClientDPLayer, updates: dict[int, Update], skips: frozenset[int] = frozenset()
+) -> tuple[ArrayRecord, ArrayRecord]:
+    """A round where node ``i`` returns ``x + updates[i]`` on the keys of ``updates[i]`` only
+    (FedBiAlign's top blocks), and the nodes in ``skips`` skip it (a DPO round)."""
+    x = to_record(strategy.models.adapter_state())
+    messages = list(strategy.configure_train(1, x, ConfigRecord(), Nodes(len(updates))))
+    replies = []
+    for message in messages:
+        node = message.metadata.dst_node_id
+        if node in skips:
+            metrics = MetricRecord({"dpo_skipped": 1, "num-examples": 0})
+            replies.append(Message(RecordDict({"metrics": metrics}), reply_to=message))
+            continue
+        update = updates[node]
+        arrays = ArrayRecord(
+            {k: Array((x[k].numpy() + v).astype(np.float32)) for k, v in update.items()}
+        )
+        metrics = MetricRecord({"train_loss": 1.0, "num-examples": 10 * node})
+        replies.append(
+            Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=message)
+        )
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    return x, arrays
+
+
+def _fedbialign(models: FedBiOTModels, settings: ClientDP) -> ClientDPLayer:
+    """Nodes 1, 2, 3 of adapter depths 1, 2, 2: the lower adapter block is trained by 2 of 3."""
+    return _strategy(models, 3, settings, FedBiAlign, node_depths={1: 1, 2: 2, 3: 2})
+
+
+def _block_updates(template: ArrayRecord, norm: float) -> tuple[set[str], dict[int, Update]]:
+    top = set(top_block_keys(template, 1))
+    updates = {node: _direction(template, norm, node) for node in (1, 2, 3)}
+    updates[1] = {k: v for k, v in updates[1].items() if k in top}
+    return top, updates
+
+
+def _per_key_offset(arrays: ArrayRecord, x: ArrayRecord, mean: Update, keys) -> np.ndarray:
+    return np.concatenate(
+        [(arrays[k].numpy().astype(np.float64) - x[k].numpy() - mean[k]).ravel() for k in keys]
+    )
+
+
+def test_a_block_trained_by_k_of_n_clients_is_their_mean_not_shrunk_by_k_over_n(
+    models: FedBiOTModels,
+) -> None:
+    strategy = _fedbialign(models, _dp(noise_multiplier=0.0, clipping_norm=10.0))
+    template = to_record(models.adapter_state())
+    top, updates = _block_updates(template, 0.5)
+
+    x, arrays = _depth_round(strategy, updates)
+
+    lower = set(template) - top
+    mean = {k: sum(u[k] for u in updates.values() if k in u) / 3 for k in top}
+    mean.update({k: (updates[2][k] + updates[3][k]) / 2 for k in lower})
+    assert np.abs(_offset(arrays, x, mean)).max() < 1e-6
+
+
+def test_each_block_is_noised_for_its_own_participants_at_one_sigma_charge(
+    models: FedBiOTModels,
+) -> None:
+    sigma, c = 2.0, 0.5
+    strategy = _fedbialign(models, _dp(sigma, c))
+    template = to_record(models.adapter_state())
+    top, updates = _block_updates(template, 0.1)  # below C: nothing clipped
+
+    x, arrays = _depth_round(strategy, updates)
+
+    lower = set(template) - top
+    mean = {k: sum(u[k] for u in updates.values() if k in u) / 3 for k in top}
+    mean.update({k: (updates[2][k] + updates[3][k]) / 2 for k in lower})
+    for keys, m in ((top, 3), (lower, 2)):
+        noise = _per_key_offset(arrays, x, mean, sorted(keys))
+        assert noise.size > 2000
+        assert noise.std() == pytest.approx(sigma * c / m, rel=0.05)
+    metrics = strategy.round_metrics[1]
+    assert metrics["dp_noise_std"] == pytest.approx(sigma * c / 2)
+    assert metrics["dp_epsilon"] == pytest.approx(_reference_epsilon(sigma, 1, 1e-5), rel=1e-9)
+
+
+def test_a_dpo_round_averages_over_the_clients_that_did_not_skip(models: FedBiOTModels) -> None:
+    strategy = _strategy(models, 3, _dp(noise_multiplier=0.0, clipping_norm=10.0))
+    template = to_record(models.adapter_state())
+    updates = {node: _direction(template, 0.5, node) for node in (1, 2, 3)}
+
+    x, arrays = _depth_round(strategy, updates, skips=frozenset({3}))
+
+    mean = {k: (updates[1][k] + updates[2][k]) / 2 for k in template}
+    assert np.abs(_offset(arrays, x, mean)).max() < 1e-6
+    assert strategy.round_metrics[1]["clients_skipped"] == 1
 
 
 def _reference_epsilon(sigma: float, rounds: int, delta: float) -> float:

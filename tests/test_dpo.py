@@ -1,4 +1,5 @@
-"""Client DPO: sequence log-probs, the loss against trl's, one step's effect, and metrics."""
+"""Client DPO: sequence log-probs, the loss against trl's, one step's effect, metrics, and
+the fixed reference (client and server)."""
 
 import math
 from pathlib import Path
@@ -7,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from trl import DPOConfig, DPOTrainer
 
 from client_app.dpo_training import (
@@ -17,9 +20,14 @@ from client_app.dpo_training import (
     train_dpo,
 )
 from models.blocks import get_blocks
+from models.fedbiot_models import FedBiOTModels
 from models.lora import LoraModel, LoraSpec
+from models.wire import from_record, to_record
+from server_app.checkpoint import load_checkpoint, restore, save_checkpoint
+from server_app.run_config import ConfigError, RunConfig
+from strategies.fedbiot import DPO_REFERENCE, FedBiOT
 from task_data import collate_pairs, load_preferences, tokenize_pair
-from tests.tiny import tiny
+from tests.tiny import tiny, tiny_fedbiot_models
 
 
 def _pair_batch(tokenizer, start: int = 0, pairs: int = 2) -> dict[str, torch.Tensor]:
@@ -145,3 +153,108 @@ def test_preference_metrics_against_a_fixed_reference() -> None:
         preference_metrics(lora, batches, reference[:2])
     with pytest.raises(ValueError, match="do not match"):
         preference_metrics(lora, batches, reference[::-1])
+
+
+def test_a_fixed_reference_does_not_drift_over_two_dpo_rounds() -> None:
+    lora, tokenizer = _lora()
+    batch = _pair_batch(tokenizer, pairs=4)
+    start = lora.state()  # the model at the start of DPO, as the server ships it
+    (start_logps,) = reference_logps(lora, [batch])
+    train_dpo(lora, (6, 7), iter([batch] * 2), 2, 5e-3, reference_state=start)  # round 1
+    received = lora.state()  # what DPO round 2 receives
+    gap = _log_ratio_gap(lora, batch, start_logps)
+    assert (gap > 0).all()  # round 1 taught every pair: the received model is not the start
+
+    # Round 2's first step is scored against the start of DPO, not against what it received.
+    fixed = train_dpo(lora, (6, 7), iter([batch]), 1, 5e-3, reference_state=start)
+    assert fixed.margin == pytest.approx(0.1 * gap.mean().item(), rel=1e-4, abs=1e-6)
+    assert fixed.accuracy == 1.0
+    lora.load_state(received)
+    drifting = train_dpo(lora, (6, 7), iter([batch]), 1, 5e-3)
+    assert drifting.margin == pytest.approx(0.0, abs=1e-6) and drifting.accuracy == 0.5
+
+    # Scoring the reference puts the received LoRA back before any step.
+    lora.load_state(received)
+    train_dpo(lora, (6, 7), iter([]), 0, 5e-3, reference_state=start)
+    after = lora.state()
+    assert all(torch.equal(after[name], value) for name, value in received.items())
+    partial = {k: v for k, v in start.items() if not k.startswith("blocks.0.")}
+    with pytest.raises(ValueError, match="reference lacks LoRA parameters"):
+        train_dpo(lora, (6, 7), iter([batch]), 1, 5e-3, reference_state=partial)
+
+
+class _Nodes(Grid):
+    """All a strategy asks the grid while sampling: which nodes are connected."""
+
+    def get_node_ids(self) -> list[int]:
+        return [1, 2]
+
+    def _unused(self, *args: object, **kwargs: object):
+        raise AssertionError("the server update must not send messages")
+
+    create_message = push_messages = pull_messages = send_and_receive = _unused
+    set_run = _unused
+    run = property(_unused)
+
+
+def _server_round(strategy: FedBiOT, server_round: int) -> tuple[ArrayRecord, list[Message]]:
+    """Configure a round; both clients return the adapter moved by ``server_round / 100``."""
+    x = to_record(strategy.models.adapter_state())
+    messages = list(strategy.configure_train(server_round, x, ConfigRecord(), _Nodes()))
+    replies = [
+        Message(
+            RecordDict(
+                {
+                    "arrays": ArrayRecord(
+                        {k: Array(v.numpy() + server_round / 100) for k, v in x.items()}
+                    ),
+                    "metrics": MetricRecord({"train_loss": 1.0, "num-examples": 5}),
+                }
+            ),
+            reply_to=message,
+        )
+        for message in messages
+    ]
+    strategy.aggregate_train(server_round, replies)
+    return x, messages
+
+
+def _fixed_strategy(models: FedBiOTModels) -> FedBiOT:
+    return FedBiOT(
+        models=models,
+        distiller=None,
+        distill_steps=0,
+        stage=lambda r: "sft" if r == 1 else "dpo",
+        fixed_dpo_reference=True,
+        min_train_nodes=2,
+        min_available_nodes=2,
+    )
+
+
+def test_the_server_ships_the_start_of_dpo_as_the_reference_across_rounds_and_resumes(
+    tmp_path: Path,
+) -> None:
+    models = tiny_fedbiot_models()
+    strategy = _fixed_strategy(models)
+    _, sft = _server_round(strategy, 1)
+    assert all(DPO_REFERENCE not in m.content for m in sft)
+    start, first = _server_round(strategy, 2)  # the first DPO round: its model is the anchor
+    _, second = _server_round(strategy, 3)
+    expected = {**from_record(start), **models.emulator_state()}
+    for message in first + second:
+        shipped = from_record(message.content[DPO_REFERENCE])
+        assert shipped.keys() == expected.keys()
+        assert all(torch.equal(shipped[k], v) for k, v in expected.items())
+    moved = from_record(second[0].content["arrays"])
+    assert not any(torch.equal(moved[k], v) for k, v in from_record(start).items())
+
+    save_checkpoint(tmp_path, 3, models, strategy, None)
+    resumed = _fixed_strategy(models)
+    resumed.round_offset = restore(
+        load_checkpoint(tmp_path / "latest.pt")[0], models, resumed, None
+    )
+    _, fourth = _server_round(resumed, 1)
+    shipped = from_record(fourth[0].content[DPO_REFERENCE])
+    assert all(torch.equal(shipped[k], v) for k, v in expected.items())
+    with pytest.raises(ConfigError, match="dpo-reference"):
+        RunConfig.from_flower({"dpo-reference": "initial"})

@@ -3,19 +3,18 @@ cosine learning-rate schedule."""
 
 from __future__ import annotations
 
-import itertools
-import math
-
 import pytest
 import torch
 
-from client_app.local_training import lora_proximal
+from client_app.local_training import lora_proximal, train_lora
+from models.blocks import get_blocks
+from models.lora import LoraModel, LoraSpec
+from models.response_logits import response_lm_loss
+from server_app.exchange_loop import round_config
+from server_app.run_config import RunConfig
 from strategies.lr_schedule import round_learning_rate
-from strategies.scaffold import (
-    client_control_update,
-    corrected_gradient,
-    server_control_update,
-)
+from strategies.scaffold import client_control_update, server_control_update
+from tests.tiny import chat_batch, tiny
 
 # Three clients with very different quadratics f_i(x) = 1/2 (x - b_i)^T A_i (x - b_i):
 # local steps drift each client towards its own optimum b_i.
@@ -30,11 +29,13 @@ def _grad(i: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def _local(i: int, x: torch.Tensor, c=None, c_i=None) -> torch.Tensor:
-    """K plain SGD steps; with control variates, SCAFFOLD's corrected steps."""
+    """K plain SGD steps; with control variates, each followed by SCAFFOLD's correction
+    step ``-LR * (c - c_i)`` (with SGD the same as correcting the gradient)."""
     y = x.clone()
     for _ in range(STEPS):
-        g = _grad(i, y)
-        y = y - LR * (g if c is None else corrected_gradient(g, c, c_i))
+        y = y - LR * _grad(i, y)
+        if c is not None:
+            y = y - LR * (c - c_i)
     return y
 
 
@@ -92,6 +93,68 @@ def test_scaffold_ends_closer_to_the_global_optimum_than_fedavg() -> None:
     assert scaffold < 1e-3 < fedavg / 100
 
 
+def _client_lora() -> tuple[LoraModel, list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """The tiny Llama with LoRA (no dropout), three batches and a SCAFFOLD correction
+    ``c - c_i`` for the LoRA of its last two blocks."""
+    model, tokenizer = tiny("tiny-llama")
+    n = len(get_blocks(model))
+    lora = LoraModel(model, tuple(range(n)), range(n), LoraSpec(r=4, alpha=8, dropout=0.0))
+    batches = []
+    for seed in range(3):
+        batch = chat_batch(tokenizer)
+        generator = torch.Generator().manual_seed(seed)
+        batch["input_ids"] = torch.randint(5, 1000, batch["input_ids"].shape, generator=generator)
+        batch["labels"] = torch.where(batch["labels"] == -100, -100, batch["input_ids"])
+        batches.append(batch)
+    generator = torch.Generator().manual_seed(7)
+    correction = {
+        k: 0.5 * torch.randn(p.shape, generator=generator)
+        for k, p in lora.params(CLIENT_BLOCKS).items()
+    }
+    return lora, batches, correction
+
+
+CLIENT_BLOCKS = (6, 7)
+CLIENT_LR = 1e-2
+
+
+def test_one_client_step_is_adamws_step_then_minus_lr_times_the_correction() -> None:
+    lora, batches, correction = _client_lora()
+    start = lora.state()
+    train_lora(lora, CLIENT_BLOCKS, iter(batches), 1, CLIENT_LR)
+    plain = lora.state(CLIENT_BLOCKS)
+    lora.load_state(start)
+    train_lora(lora, CLIENT_BLOCKS, iter(batches), 1, CLIENT_LR, correction=correction)
+    corrected = lora.state(CLIENT_BLOCKS)
+    for name, value in plain.items():
+        torch.testing.assert_close(corrected[name], value - CLIENT_LR * correction[name])
+
+
+def test_client_loop_with_correction_matches_a_hand_written_scaffold_adamw_loop() -> None:
+    lora, batches, correction = _client_lora()
+    start = lora.state()
+    train_lora(lora, CLIENT_BLOCKS, iter(batches), 3, CLIENT_LR, correction=correction)
+    got = lora.state(CLIENT_BLOCKS)
+    # The same three steps written out: AdamW on the clipped gradient, then -lr (c - c_i).
+    lora.load_state(start)
+    params = lora.params(CLIENT_BLOCKS)
+    lora.train_only(CLIENT_BLOCKS)
+    optimizer = torch.optim.AdamW(params.values(), lr=CLIENT_LR, weight_decay=0.0)
+    lora.peft.train()
+    for batch in batches:
+        response_lm_loss(lora.peft, batch).backward()
+        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            for name, p in params.items():
+                p -= CLIENT_LR * correction[name]
+    for name, p in params.items():
+        torch.testing.assert_close(got[name], p.detach())
+    with pytest.raises(ValueError, match="not trained here"):
+        train_lora(lora, (7,), iter(batches), 1, CLIENT_LR, correction=correction)
+
+
 def test_fedprox_term_has_gradient_mu_times_distance() -> None:
     generator = torch.Generator().manual_seed(0)
     anchor = {"a": torch.randn(3, 4, generator=generator), "b": torch.randn(5, generator=generator)}
@@ -108,10 +171,18 @@ def test_fedprox_term_has_gradient_mu_times_distance() -> None:
         torch.testing.assert_close(p.grad, mu * (p.detach() - anchor[k]))
 
 
-def test_cosine_schedule_goes_from_max_towards_min() -> None:
-    rates = [round_learning_rate(r, 10, 1e-3, 1e-5, "cosine") for r in range(1, 11)]
-    assert rates[0] == pytest.approx(1e-3)
-    assert all(a > b for a, b in itertools.pairwise(rates))
-    assert rates[5] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi / 2)))
-    assert rates[-1] > 1e-5
-    assert round_learning_rate(7, 10, 1e-3, 1e-5, "constant") == 1e-3
+@pytest.mark.parametrize(
+    ("server_round", "rate"),
+    # OpenFedLLM: min + (max - min)(1 + cos(pi (r - 1) / T)) / 2 with max 1e-3, min 1e-5,
+    # T = 4: cos(0) = 1, cos(pi/4) = 0.70711, cos(pi/2) = 0, cos(3 pi/4) = -0.70711.
+    [(1, 1e-3), (2, 8.55018e-4), (3, 5.05e-4), (4, 1.54982e-4)],
+)
+def test_cosine_schedule_sends_openfedllms_rate_of_each_round(
+    server_round: int, rate: float
+) -> None:
+    config = RunConfig(
+        num_server_rounds=4, learning_rate=1e-3, learning_rate_min=1e-5, lr_scheduler="cosine"
+    )
+    sent = round_config(config, server_round, "digest")["learning-rate"]
+    assert sent == pytest.approx(rate, rel=1e-5)
+    assert round_learning_rate(server_round, 4, 1e-3, 1e-5, "constant") == 1e-3
