@@ -39,8 +39,15 @@ def _check_rounds(run_dir: Path, rows: list[dict], rounds: int, task: str) -> No
     assert [r["round"] for r in rows] == list(range(rounds + 1))
     for row in rows[1:]:
         assert math.isfinite(row["train_loss"]) and row["clients_sampled"] == CLIENTS
-        assert row["clients_failed"] == 0 and math.isfinite(row[f"eval_adapfu_{task}_loss"])
-    assert rows[-1][f"eval_adapfu_{task}_loss"] != rows[0][f"eval_adapfu_{task}_loss"]
+        assert row["clients_failed"] == 0
+    # Held-out scores on the last (due) round, paired with the untrained model's.
+    last = rows[-1]
+    assert math.isfinite(last[f"eval_adapfu_{task}_loss"])
+    base = next(r[f"eval_base_{task}_loss"] for r in rows if f"eval_base_{task}_loss" in r)
+    assert last[f"eval_adapfu_{task}_loss"] == pytest.approx(
+        base + last[f"eval_adapfu_{task}_loss_vs_base"]
+    )
+    assert last[f"eval_adapfu_{task}_loss_vs_base"] != 0.0  # the trained model moved
     assert (run_dir / "adapfu" / "peft" / "adapter_config.json").is_file()
     with open(run_dir / "communication.csv") as f:
         per_node = list(csv.DictReader(f))

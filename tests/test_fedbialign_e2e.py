@@ -64,7 +64,9 @@ def test_fedbialign_mixed_depths_dp_and_selective_dpo(
     assert 0.0 <= dpo["dpo_reward_accuracy"] <= 1.0
     # Client-level DP: epsilon reported after every round, growing.
     assert 0 < sft["dp_epsilon"] < dpo["dp_epsilon"] < math.inf
-    assert sft["dp_noise_std"] == pytest.approx(0.5 * 1.0 / 3)
+    # Each block is averaged and noised over its own participants: the deepest adapter block
+    # is trained by the two depth-2 nodes only, so its noise std is the largest, sigma*C/2.
+    assert sft["dp_noise_std"] == pytest.approx(0.5 * 1.0 / 2)
     # Preference metrics before (last SFT round) and after DPO, for AdapEmu and AdapFu.
     for row in (sft, dpo):
         for variant in ("adapemu", "adapfu"):
