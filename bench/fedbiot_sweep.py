@@ -34,7 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FEDBIOT_CACHE", str(REPO / ".cache" / "fedbiot"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bench.case_study import finished  # noqa: E402
 from server_app.evaluation.confidence import wilson  # noqa: E402
+from server_app.server_eval import interval_cell  # noqa: E402
 from tests.flower_runtime import local_federation  # noqa: E402
 
 CLIENTS = 2
@@ -105,11 +107,6 @@ def last_row(run_dir: Path) -> dict | None:
     return rows[-1] if rows else None
 
 
-def finished(run_dir: Path, rounds: int) -> bool:
-    row = last_row(run_dir)
-    return row is not None and row["round"] == rounds
-
-
 def collect(runs: Path, names: list[str], config: dict) -> dict:
     """Every finished point's held-out metrics (the last row's ``eval_*`` keys)."""
     points = {}
@@ -122,16 +119,6 @@ def collect(runs: Path, names: list[str], config: dict) -> dict:
             "metrics": {k: v for k, v in row.items() if k.startswith("eval_")},
         }
     return points
-
-
-def _cell(metrics: dict, key: str, scale: float, digits: int) -> str:
-    if key not in metrics:
-        return "–"
-    value = metrics[key] * scale
-    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
-    if low is None or high is None:
-        return f"{value:.{digits}f}"
-    return f"{value:.{digits}f} [{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
 
 
 def base_metrics(points: dict) -> dict[str, float]:
@@ -163,8 +150,8 @@ def table(points: dict) -> str:
     ]
     base = base_metrics(points)
     if base:
-        lines.append(f"| – | base | {_cell(base, 'loss', 1, 3)} | – "
-                     f"| {_cell(base, 'accuracy', 100, 1)} | – | – | – |")  # fmt: skip
+        lines.append(f"| – | base | {interval_cell(base, 'loss', 1, 3)} | – "
+                     f"| {interval_cell(base, 'accuracy', 100, 1)} | – | – | – |")  # fmt: skip
     for name, point in points.items():
         metrics = point["metrics"]
         for variant in ("adapemu", "adapfu"):
@@ -173,12 +160,12 @@ def table(points: dict) -> str:
                 continue
             p = metrics.get(f"{key}_accuracy_vs_base_p")
             lines.append(
-                f"| {name} | {variant} | {_cell(metrics, f'{key}_loss', 1, 3)} "
-                f"| {_cell(metrics, f'{key}_loss_vs_base', 1, 3)} "
-                f"| {_cell(metrics, f'{key}_accuracy', 100, 1)} "
-                f"| {_cell(metrics, f'{key}_accuracy_vs_base', 100, 1)} "
+                f"| {name} | {variant} | {interval_cell(metrics, f'{key}_loss', 1, 3)} "
+                f"| {interval_cell(metrics, f'{key}_loss_vs_base', 1, 3)} "
+                f"| {interval_cell(metrics, f'{key}_accuracy', 100, 1)} "
+                f"| {interval_cell(metrics, f'{key}_accuracy_vs_base', 100, 1)} "
                 f"| {'–' if p is None else f'{p:.2g}'} "
-                f"| {_cell(metrics, f'{key}_macro_f1', 1, 3)} |"
+                f"| {interval_cell(metrics, f'{key}_macro_f1', 1, 3)} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -68,6 +68,7 @@ class LabelRanker:
         self.dtype = model.get_input_embeddings().weight.dtype
         self.prefix = list(prefix)
         self.counts = RankCounts()
+        self.trie_nodes = len(LabelTrie.build(tuple(self.labels)).tokens)
         self.cache = DynamicCache(config=getattr(model, "config", None))
         if self.prefix:
             self._forward(self.prefix, None, list(range(len(self.prefix))), keep_last=False)
@@ -133,7 +134,7 @@ class LabelRanker:
         self.counts.per_text_nodes.append(0)
         self.counts.prompt_tokens_run += len(suffix)
         self.counts.prompt_tokens_total += len(prompt)
-        self.counts.nodes_total += len(LabelTrie.build(tuple(self.labels)).tokens)
+        self.counts.nodes_total += self.trie_nodes
         last = (
             self._forward(
                 suffix, self._causal_mask(n, len(suffix)), list(range(n, len(prompt))), True

@@ -17,7 +17,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -58,6 +58,22 @@ def heldout_records(config: RunConfig) -> list[dict[str, str]]:
         )[1]
     records = load_records(config.task, "test", data_dir=data_dir)
     return [records[i] for i in heldout_test_indices(len(records), config.eval_examples)]
+
+
+def _read_cached(path: Path, texts: int, ranked: int) -> HeldoutResult | None:
+    """A cached base result, or None (logged, then recomputed) when the file is unreadable or
+    does not hold one score per held-out text: a cache is a convenience, never a source."""
+    try:
+        result = HeldoutResult(**json.loads(path.read_text()))
+        ok = len(result.nll) == len(result.tokens) == texts and len(result.predicted) == ranked
+    except (OSError, ValueError, TypeError) as error:
+        ok, reason = False, str(error)
+    else:
+        reason = "it does not hold one score per held-out text"
+    if ok:
+        return result
+    log(WARNING, "ignoring the cached base scores %s (%s); scoring the base again", path, reason)
+    return None
 
 
 def task_key(task: str) -> str:
@@ -168,9 +184,11 @@ class ServerEvaluator:
         peft = self.models.full.peft
         path = cache_root() / "heldout" / f"{self._base_key()}.json"
         if path.is_file():
-            self.base = HeldoutResult(**json.loads(path.read_text()))
-            log(INFO, "base model's held-out scores read from %s", path)
-            return self.base
+            cached = _read_cached(path, len(self.records), self.ranked)
+            if cached is not None:
+                self.base = cached
+                log(INFO, "base model's held-out scores read from %s", path)
+                return self.base
         with peft.disable_adapter():
             self.base = self._score(peft, "base held-out")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -322,13 +340,16 @@ class ServerEvaluator:
         )
 
 
-def _cell(summary: dict[str, float], name: str, scale: float = 1.0, digits: int = 3) -> str:
-    if name not in summary:
+def interval_cell(metrics: dict[str, float], name: str, scale: float = 1.0, digits: int = 3) -> str:
+    """``value [low, high]`` of ``name`` and its ``_ci_low``/``_ci_high`` keys, scaled; the value
+    alone when it has no interval, ``–`` when it is missing."""
+    if name not in metrics:
         return "–"
-    value, low, high = (
-        summary.get(f"{name}{s}", float("nan")) * scale for s in ("", "_ci_low", "_ci_high")
-    )
-    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+    value = metrics[name] * scale
+    low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
+    if low is None or high is None:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
 
 
 def summary_table(task: str, results: dict[str, dict[str, float]]) -> str:
@@ -350,10 +371,10 @@ def summary_table(task: str, results: dict[str, dict[str, float]]) -> str:
             "/".join(
                 str(int(summary[k])) for k in ("loss_examples", "accuracy_examples") if k in summary
             ),
-            _cell(summary, "loss"),
-            _cell(summary, "loss_vs_base"),
-            _cell(summary, "accuracy", 100, 1),
-            _cell(summary, "accuracy_vs_base", 100, 1),
+            interval_cell(summary, "loss"),
+            interval_cell(summary, "loss_vs_base"),
+            interval_cell(summary, "accuracy", 100, 1),
+            interval_cell(summary, "accuracy_vs_base", 100, 1),
             "–" if p is None else f"{p:.3g}",
             f"{summary['macro_f1']:.3f}" if "macro_f1" in summary else "–",
         ]

@@ -59,3 +59,15 @@ def test_macro_f1_counts_labels_only_predicted() -> None:
     # "c" is predicted but never gold: sklearn's macro average includes it with F1 0.
     assert macro_f1(["a", "b"], ["a", "c"]) == pytest.approx((1 + 0 + 0) / 3)
     assert macro_f1(["a", "a", "b"], ["a", "a", "b"]) == 1.0
+
+
+def test_a_bad_base_cache_is_ignored_not_trusted(tmp_path) -> None:
+    from server_app.server_eval import _read_cached
+
+    good = HeldoutResult([1.0, 2.0], [1, 2], ["a"], ["b"])
+    path = tmp_path / "base.json"
+    path.write_text(json.dumps(good.to_json()))
+    assert _read_cached(path, texts=2, ranked=1) == good
+    assert _read_cached(path, texts=3, ranked=1) is None  # other texts
+    path.write_text('{"nll": [1.0')
+    assert _read_cached(path, texts=2, ranked=1) is None  # truncated file

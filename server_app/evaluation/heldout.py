@@ -191,6 +191,11 @@ def score_records(
             prompts[0][: shared_prefix_length(prompts)],
         )
         for prompt, record in zip(progress(prompts, f"{description} ranking"), texts, strict=True):
+            if record.get("label") not in labels:
+                raise ValueError(
+                    f"held-out record {record.get('input', '')[:60]!r} has label "
+                    f"{record.get('label')!r}, which is not one of the {len(labels)} labels"
+                )
             best, _ = ranker.rank(prompt, labels.index(record["label"]))
             result.predicted.append(labels[best])
             result.gold.append(record["label"])
