@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# The default federation: SmolLM2-135M-Instruct, GSM8K split IID over 3 simulated clients.
+# The default federation: FedBiOT on SmolLM2-135M-Instruct, Banking77 split IID over 3 simulated
+# clients, with the recipe of docs/fedbiot-recipe.md; other tasks are one RUN_CONFIG away.
 # scripts/run_checked.py is `flwr run --stream` that exits non-zero when the run failed.
 run: install
 	$(BIN)/python scripts/run_checked.py . --stream --federation-config "num-supernodes=3" \

@@ -28,14 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from pathlib import Path
-from queue import Queue
 
 from transformers import AutoConfig
 
@@ -44,9 +38,9 @@ os.environ.setdefault("FEDBIOT_CACHE", str(REPO / ".cache" / "fedbiot"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.case_study_report import write_report  # noqa: E402
+from bench.federation_runs import finished, run_federations  # noqa: E402
 from models.loading import load_model, resolve_model_dir  # noqa: E402
 from server_app.evaluation.tasks import banking77  # noqa: E402
-from tests.flower_runtime import local_federation  # noqa: E402
 
 SEEDS = (0, 1, 42)
 CLIENTS = 3
@@ -134,15 +128,6 @@ def base_accuracy(model: str, seed: int, size: int, data_dir: Path) -> float:
     return float(result["accuracy"])
 
 
-def finished(run_dir: Path, rounds: int) -> bool:
-    """A run whose last round's row is written (``flwr run`` exits 0 even on failure)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return False
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return bool(rows) and rows[-1]["round"] == rounds
-
-
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -164,46 +149,18 @@ def main(argv: list[str] | None = None) -> Path:
     runs.mkdir(parents=True, exist_ok=True)
     blocks = num_blocks(args.model)
     rounds = int((QUICK if args.quick else REDUCED)["num-server-rounds"])
-    wall_file = args.out / "wall_seconds.json"
-    wall: dict[str, float] = json.loads(wall_file.read_text()) if wall_file.is_file() else {}
-    pending = [
+    configs = [
         run_config(args, row, seed, blocks, runs, threads)
         for seed in args.seeds
         # The longest rows first, so that the last job to finish is a short one.
         for row in sorted(args.rows, key=lambda r: r != "kdfed")
     ]
-    pending = [c for c in pending if not finished(runs / str(c["run-name"]), rounds)]
+    pending = [c for c in configs if not finished(runs / str(c["run-name"]), rounds)]
     start = time.perf_counter()
-    with ExitStack() as stack:
-        federations: Queue = Queue()
-        for job in range(args.jobs):
-            federations.put(stack.enter_context(local_federation(args.out / f".flwr-home-{job}")))
-        lock = threading.Lock()
-
-        def one_run(config: dict[str, object]) -> None:
-            run_dir = runs / str(config["run-name"])
-            shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts again
-            federation = federations.get()
-            try:
-                begin = time.perf_counter()
-                result = federation.run(config, supernodes=CLIENTS, timeout=args.timeout)
-                seconds = time.perf_counter() - begin
-            finally:
-                federations.put(federation)
-                # A node keeps the frozen weights per node id, and the ids are new every run:
-                # kept, the caches of 24 runs fill about 30 GB.
-                shutil.rmtree(str(config["cache-dir"]), ignore_errors=True)
-            with lock:
-                wall[run_dir.name] = seconds
-                wall_file.write_text(json.dumps(wall, indent=2, sort_keys=True))
-            if result.returncode or not finished(run_dir, rounds):
-                sys.stderr.write(result.stdout[-4000:] + result.stderr[-4000:])
-                raise SystemExit(f"{run_dir.name} failed")
-            print(f"{run_dir.name}: {seconds:.0f} s", flush=True)
-
-        with ThreadPoolExecutor(args.jobs) as pool:
-            for future in [pool.submit(one_run, c) for c in pending]:
-                future.result()
+    failed = run_federations(configs, args.out, CLIENTS, args.jobs, args.timeout)
+    if failed:
+        raise SystemExit(f"runs failed: {failed}")
+    wall = json.loads((args.out / "wall_seconds.json").read_text())
     study_seconds = time.perf_counter() - start
     sizes = QUICK if args.quick else REDUCED
     base_file = args.out / "base_accuracy.json"

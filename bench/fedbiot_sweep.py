@@ -22,22 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from pathlib import Path
-from queue import Queue
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FEDBIOT_CACHE", str(REPO / ".cache" / "fedbiot"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.case_study import finished  # noqa: E402
+from bench.federation_runs import run_federations  # noqa: E402
 from server_app.evaluation.confidence import wilson  # noqa: E402
 from server_app.server_eval import interval_cell  # noqa: E402
-from tests.flower_runtime import local_federation  # noqa: E402
 
 CLIENTS = 2
 # One client budget for every point: 4 rounds x 10 steps x batch 4 per client.
@@ -121,6 +114,24 @@ def collect(runs: Path, names: list[str], config: dict) -> dict:
     return points
 
 
+def previous_sweep(path: Path, model: str, common: dict) -> dict:
+    """An earlier ``sweep.json`` (copy ``docs/fedbiot-recipe/sweep.json`` into
+    ``--out`` to extend the committed sweep): a sweep can then run in parts on different
+    machines, and a point whose run folder is gone keeps its measured metrics. Points of
+    another model or other common settings would not compare, so such a file is refused."""
+    if not path.is_file():
+        return {}
+    document = json.loads(path.read_text())
+    differ = [key for key in sorted(set(common) | set(document.get("common", {})))
+              if common.get(key) != document.get("common", {}).get(key)]  # fmt: skip
+    if document.get("model") != model:
+        differ.insert(0, "model")
+    if differ:
+        raise SystemExit(f"{path} was made with other settings ({', '.join(differ)}): "
+                         "choose another --out")  # fmt: skip
+    return document
+
+
 def base_metrics(points: dict) -> dict[str, float]:
     """The untrained model's loss and accuracy on the validation texts: a run's own base keys
     where it wrote them, else recovered exactly from AdapFu's value and its paired difference
@@ -183,36 +194,15 @@ def main(argv: list[str] | None = None) -> Path:
     runs = args.out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     config = {**COMMON, **(QUICK if args.quick else {})}
-    rounds = int(config["num-server-rounds"])
-    pending = [n for n in args.points if not finished(runs / n, rounds)]
-    wall_file = args.out / "wall_seconds.json"
-    wall = json.loads(wall_file.read_text()) if wall_file.is_file() else {}
-    with ExitStack() as stack:
-        federations: Queue = Queue()
-        for job in range(min(args.jobs, len(pending))):
-            federations.put(stack.enter_context(local_federation(args.out / f".flwr-home-{job}")))
-
-        def one_run(name: str) -> None:
-            run_config = point_config(name, args, runs, threads)
-            shutil.rmtree(runs / name, ignore_errors=True)  # an interrupted run starts again
-            federation = federations.get()
-            try:
-                begin = time.perf_counter()
-                result = federation.run(run_config, supernodes=CLIENTS, timeout=args.timeout)
-                wall[name] = time.perf_counter() - begin
-            finally:
-                federations.put(federation)
-                shutil.rmtree(str(run_config["cache-dir"]), ignore_errors=True)
-            wall_file.write_text(json.dumps(wall, indent=2, sort_keys=True))
-            if result.returncode or not finished(runs / name, rounds):
-                sys.stderr.write(result.stdout[-4000:] + result.stderr[-4000:])
-                print(f"{name} failed", flush=True)
-                return
-            print(f"{name}: {wall[name]:.0f} s", flush=True)
-
-        with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(one_run, pending))
-    points = collect(runs, list(POINTS), config)
+    previous = previous_sweep(args.out / "sweep.json", args.model, config)
+    configs = [point_config(name, args, runs, threads) for name in args.points]
+    run_federations(configs, args.out, CLIENTS, args.jobs, args.timeout)
+    wall = {
+        **previous.get("wall_seconds", {}),
+        **json.loads((args.out / "wall_seconds.json").read_text()),
+    }
+    merged = {**previous.get("points", {}), **collect(runs, list(POINTS), config)}
+    points = {name: merged[name] for name in POINTS if name in merged}
     document = {"model": args.model, "common": config, "clients": CLIENTS,
                 "wall_seconds": wall, "points": points}  # fmt: skip
     (args.out / "sweep.json").write_text(json.dumps(document, indent=2, sort_keys=True))

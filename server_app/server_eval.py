@@ -227,7 +227,7 @@ class ServerEvaluator:
             return {}
         client_arrays = getattr(self.strategy, "client_arrays", None)
         if client_arrays is not None:
-            return self._local_only(client_arrays)
+            return self._local_only(server_round, client_arrays)
         base = self._base()
         scored: dict[str, HeldoutResult] = {}
         if "base" not in self.results:  # round 0, or the first due round after a resume
@@ -280,14 +280,18 @@ class ServerEvaluator:
             for metric, value in agreement(full, emulated, batches).items()
         }
 
-    def _local_only(self, client_arrays: dict) -> dict[str, float]:
-        """Each client's model: its loss per client, their mean and spread."""
+    def _local_only(self, server_round: int, client_arrays: dict) -> dict[str, float]:
+        """Each client's model: its loss per client, their mean and spread; per-text scores go
+        to heldout.jsonl (variant ``client<partition>``) for paired comparisons."""
         key = f"eval_adapfu_{self.task}_loss"
-        losses = {}
+        losses, rows = {}, []
         for partition, arrays in sorted(client_arrays.items()):
             self.models.set_adapter(from_record(arrays))
-            summary = self._score(self.models.full.peft, f"client {partition}").summary()
-            losses[partition] = summary["loss"]
+            result = self._score(self.models.full.peft, f"client {partition}")
+            losses[partition] = result.summary()["loss"]
+            rows.append({"round": server_round, "variant": f"client{partition}",
+                         "task": self.task, **result.to_json()})  # fmt: skip
+        self.recorder.append_jsonl("heldout.jsonl", rows)
         out = {f"{key}_client{partition}": value for partition, value in losses.items()}
         if losses:
             out[key] = statistics.fmean(losses.values())

@@ -44,6 +44,12 @@ def tiny_run_config(out: Path, run_name: str, **overrides: object) -> dict[str, 
     ``overrides`` (Python names, ``_`` for ``-``) replace the defaults."""
     config: dict[str, object] = {
         "model": "tiny-llama",
+        # The tests' task and method settings, not the default run's (Banking77 ranking).
+        "task": "gsm8k",
+        "banking77-eval": "generate",
+        "drop-rate": 0.5,
+        "learning-rate": 3e-4,
+        "batch-size": 2,
         "num-partitions": 2,
         "num-server-rounds": 1,
         "local-steps": 2,

@@ -65,7 +65,16 @@ def test_method_and_algorithm_run_end_to_end(
         for partition in (0, 1):
             assert (run_dir / "clients" / str(partition) / "peft" / "adapter_config.json").is_file()
             assert math.isfinite(rows[-1][f"eval_adapfu_gsm8k_loss_client{partition}"])
-        assert rows[-1]["eval_adapfu_gsm8k_loss_std"] >= 0
+        # Per-text scores of each client's own model, on the same texts, for paired tests.
+        texts = [json.loads(line) for line in (run_dir / "heldout.jsonl").read_text().splitlines()]
+        last = {t["variant"]: t for t in texts if t["round"] == rounds}
+        assert sorted(last) == ["client0", "client1"]
+        for partition in (0, 1):
+            scores = last[f"client{partition}"]
+            loss = sum(scores["nll"]) / sum(scores["tokens"])
+            assert loss == pytest.approx(rows[-1][f"eval_adapfu_gsm8k_loss_client{partition}"])
+        assert last["client0"]["tokens"] == last["client1"]["tokens"]
+        assert last["client0"]["nll"] != last["client1"]["nll"]  # two models, two data parts
     else:
         assert (run_dir / "adapfu" / "config.json").is_file()
         # The trained model moved away from the untrained one.

@@ -1,0 +1,208 @@
+"""bench.fedbiot_claims' analysis: per-text scores pooled over seeds, the table, the verdicts.
+
+Each run's ``heldout.jsonl`` holds, for its last round, every model's per-text response NLL,
+token count and (for ranked texts) predicted and gold label. Every run scores the same texts,
+so a text's scores are summed over seeds, and each interval is a bootstrap over texts of
+those sums: the seeds' training noise and the texts' sampling both show in it, and two methods
+are compared text by text (paired) on the same seeds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from server_app.evaluation.confidence import Interval, paired_ratio_difference, ratio
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """One model's per-text sums over seeds: NLL and tokens (every text), correct rankings
+    and rankings (the ranked texts)."""
+
+    nll: np.ndarray
+    tokens: np.ndarray
+    correct: np.ndarray
+    ranked: np.ndarray
+
+
+def last_scores(run_dir: Path) -> dict[str, dict]:
+    """Variant -> per-text scores of the run's last evaluated round."""
+    path = run_dir / "heldout.jsonl"
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    last = max((r["round"] for r in rows), default=None)
+    return {r["variant"]: r for r in rows if r["round"] == last}
+
+
+def _variant(scores: dict[str, dict], model: str) -> dict | None:
+    """A model's scores; ``local``: the client models' NLL and tokens summed per text (the
+    token-weighted mean over clients; local-only models are not ranked)."""
+    if model != "local":
+        return scores.get(model)
+    clients = [v for k, v in scores.items() if k.startswith("client")]
+    if not clients:
+        return None
+    return {
+        "nll": list(np.sum([c["nll"] for c in clients], axis=0)),
+        "tokens": list(np.sum([c["tokens"] for c in clients], axis=0)),
+        "predicted": [],
+        "gold": [],
+    }
+
+
+def pooled(run_dirs: list[Path], model: str) -> Pooled | None:
+    """``model``'s scores summed over the runs (seeds); None unless every run has them."""
+    parts = [_variant(last_scores(d), model) for d in run_dirs]
+    if not parts or any(p is None for p in parts):
+        return None
+    correct = [np.equal(p["predicted"], p["gold"]).astype(float) for p in parts]
+    return Pooled(
+        nll=np.sum([p["nll"] for p in parts], axis=0),
+        tokens=np.sum([p["tokens"] for p in parts], axis=0),
+        correct=np.sum(correct, axis=0) if all(len(c) for c in correct) else np.array([]),
+        ranked=np.full(len(parts[0]["predicted"]), float(len(parts))),
+    )
+
+
+def models_of(row: str) -> tuple[str, ...]:
+    if row.startswith("fedbiot") or row in ("fedot", "offsite"):
+        return ("adapemu", "adapfu")
+    return ("local",) if row == "local" else ("adapfu",)
+
+
+def _costs(run_dirs: list[Path], wall: dict[str, float], clients: int) -> dict[str, float]:
+    """Means over the runs: client train seconds per example, bytes per client (both ways,
+    the model download included), server compute seconds (pre-alignment, aggregation,
+    distillation), wall seconds."""
+    per_example, per_client, server = [], [], []
+    for run_dir in run_dirs:
+        config = json.loads((run_dir / "config.json").read_text())["run_config"]
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        trained = [r for r in rows if r["round"] > 0]
+        examples = int(config["local-steps"]) * int(config["batch-size"])
+        per_example.append(np.mean([r.get("train_seconds", np.nan) for r in trained]) / examples)
+        moved = sum(
+            r.get("bytes_up", 0) + r.get("bytes_down", 0) + r.get("bytes_model_download", 0)
+            for r in trained
+        )
+        per_client.append(moved / max(1, min(clients, int(trained[0]["clients_sampled"]))))
+        server.append(
+            rows[0].get("time_prealign_s", 0.0)
+            + sum(r.get("time_distill_s", 0.0) + r.get("time_aggregate_s", 0.0) for r in trained)
+        )
+    return {
+        "client_seconds_per_example": float(np.mean(per_example)),
+        "bytes_per_client": float(np.mean(per_client)),
+        "server_seconds": float(np.mean(server)),
+        "wall_seconds": float(np.mean([wall.get(d.name, np.nan) for d in run_dirs])),
+    }
+
+
+def model_table(
+    cells: dict[tuple[str, str], list[Path]], wall: dict[str, float], clients: int
+) -> list[dict]:
+    """One row per (method, partition, model) with every seed finished."""
+    table = []
+    for (row, partition), run_dirs in cells.items():
+        for model in models_of(row):
+            scores = pooled(run_dirs, model)
+            if scores is None:
+                continue
+            entry = {"method": row, "partition": partition, "model": model,
+                     "seeds": len(run_dirs), "texts": len(scores.nll),
+                     "ranked_texts": len(scores.correct),
+                     **ratio(scores.nll, scores.tokens).keys("loss")}  # fmt: skip
+            if len(scores.correct):
+                entry.update(ratio(scores.correct, scores.ranked).keys("accuracy"))
+            table.append({**entry, **_costs(run_dirs, wall, clients)})
+    return table
+
+
+# (claim, method a, model a, method b, model b): "a is better than b".
+CLAIMS = (
+    ("AdapFu > AdapEmu (FedBiOT beta 0.2)", "fedbiot-b0.2", "adapfu", "fedbiot-b0.2", "adapemu"),
+    ("AdapFu > AdapEmu (FedBiOT beta 0.5)", "fedbiot-b0.5", "adapfu", "fedbiot-b0.5", "adapemu"),
+    ("FedBiOT AdapFu >= FedOT AdapFu", "fedbiot-b0.2", "adapfu", "fedot", "adapfu"),
+    ("FedBiOT AdapFu >= offsite-tuning AdapFu", "fedbiot-b0.2", "adapfu", "offsite", "adapfu"),
+    ("federated (FedIT) > local-only", "fedit", "adapfu", "local", "local"),
+)
+
+
+def verdict(difference: Interval, higher_is_better: bool) -> str:
+    """``agrees`` when the interval of (a - b) lies on a's better side, ``disagrees`` when on
+    b's, ``cannot tell`` when it holds zero."""
+    low, high = (difference.low, difference.high) if higher_is_better else (
+        -difference.high, -difference.low)  # fmt: skip
+    if not np.isfinite(low):
+        return "cannot tell"
+    return "agrees" if low > 0 else "disagrees" if high < 0 else "cannot tell"
+
+
+def claims(cells: dict[tuple[str, str], list[Path]], partitions: list[str]) -> list[dict]:
+    """Every claim per partition: paired differences (a - b) of loss and accuracy with 95 %
+    intervals over texts, and the verdict on each."""
+    out = []
+    for partition in partitions:
+        for claim, row_a, model_a, row_b, model_b in CLAIMS:
+            dirs_a, dirs_b = cells.get((row_a, partition)), cells.get((row_b, partition))
+            a = pooled(dirs_a, model_a) if dirs_a else None
+            b = pooled(dirs_b, model_b) if dirs_b else None
+            entry: dict[str, object] = {"claim": claim, "partition": partition}
+            if a is None or b is None:
+                out.append({**entry, "verdict": "not run"})
+                continue
+            loss = paired_ratio_difference((a.nll, a.tokens), (b.nll, b.tokens))
+            entry.update(loss.keys("loss_difference"))
+            entry["verdict_loss"] = verdict(loss, higher_is_better=False)
+            if len(a.correct) and len(b.correct):
+                accuracy = paired_ratio_difference((a.correct, a.ranked), (b.correct, b.ranked))
+                entry.update(accuracy.keys("accuracy_difference"))
+                entry["verdict_accuracy"] = verdict(accuracy, higher_is_better=True)
+            out.append(entry)
+    return out
+
+
+def _cell(entry: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
+    if key not in entry:
+        return "–"
+    value, low, high = (scale * entry[k] for k in (key, f"{key}_ci_low", f"{key}_ci_high"))
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def write_report(document: dict, path: Path) -> Path:
+    """The table and the verdicts as Markdown."""
+    lines = [
+        f"# The seeds' claims on {document['model']} and Banking77",
+        "",
+        f"Command: `{document['command']}`; seeds {document['seeds']}, "
+        f"{document['clients']} clients; settings in claims.json. Loss: gold-label NLL per "
+        "token (nats); accuracy: exact ranking over the 77 labels; 95 % intervals "
+        "bootstrap texts, per-text scores summed over seeds.",
+        "",
+        "| method | partition | model | loss | accuracy % | client s/example "
+        "| MB per client | server s | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for e in document["table"]:
+        lines.append(
+            f"| {e['method']} | {e['partition']} | {e['model']} | {_cell(e, 'loss')} "
+            f"| {_cell(e, 'accuracy', 100, 1)} | {e['client_seconds_per_example']:.3f} "
+            f"| {e['bytes_per_client'] / 1e6:.1f} | {e['server_seconds']:.0f} "
+            f"| {e['wall_seconds']:.0f} |"
+        )
+    lines += ["", "| claim | partition | loss a − b | verdict | accuracy a − b (pp) | verdict |",
+              "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for c in document["claims"]:
+        lines.append(
+            f"| {c['claim']} | {c['partition']} | {_cell(c, 'loss_difference')} "
+            f"| {c.get('verdict_loss', c.get('verdict', '–'))} "
+            f"| {_cell(c, 'accuracy_difference', 100, 1)} "
+            f"| {c.get('verdict_accuracy', c.get('verdict', '–'))} |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,50 @@
+"""bench.fedbiot_claims' quick mode: real ``flwr run`` federations on the tiny model, per-text
+scores pooled over seeds, paired claims with intervals and a verdict, and the report."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from bench.claims_report import pooled, verdict
+from bench.fedbiot_claims import main
+from server_app.evaluation.confidence import Interval
+
+
+def test_claims_quick_mode_pairs_methods_on_the_same_texts(tmp_path: Path) -> None:
+    argv = ["--model", "tiny-llama", "--quick", "--rows", "fedbiot-b0.2", "fedot", "--partitions",
+            "iid", "--seeds", "0", "--jobs", "1", "--out", str(tmp_path)]  # fmt: skip
+    report = main(argv)
+    document = json.loads((tmp_path / "claims.json").read_text())
+    assert document["command"] == "python -m bench.fedbiot_claims " + " ".join(argv)
+    models = {(e["method"], e["model"]): e for e in document["table"]}
+    assert set(models) == {("fedbiot-b0.2", "adapemu"), ("fedbiot-b0.2", "adapfu"),
+                           ("fedot", "adapemu"), ("fedot", "adapfu")}  # fmt: skip
+    runs = tmp_path / "runs"
+    fedbiot = pooled([runs / "fedbiot-b0.2-iid-s0"], "adapfu")
+    fedot = pooled([runs / "fedot-iid-s0"], "adapfu")
+    assert fedbiot is not None and fedot is not None
+    # The table's loss is the run's own per-token loss; both methods scored the same texts.
+    entry = models[("fedbiot-b0.2", "adapfu")]
+    assert entry["loss"] == fedbiot.nll.sum() / fedbiot.tokens.sum()
+    assert entry["texts"] == 6 and entry["ranked_texts"] == 4
+    assert np.array_equal(fedbiot.tokens, fedot.tokens)
+    assert entry["bytes_per_client"] > 0 and entry["client_seconds_per_example"] > 0
+    verdicts = {c["claim"]: c for c in document["claims"]}
+    versus_fedot = verdicts["FedBiOT AdapFu >= FedOT AdapFu"]
+    difference = fedbiot.nll.sum() / fedbiot.tokens.sum() - fedot.nll.sum() / fedot.tokens.sum()
+    assert versus_fedot["loss_difference"] == difference
+    low, high = versus_fedot["loss_difference_ci_low"], versus_fedot["loss_difference_ci_high"]
+    assert low <= difference <= high
+    expected = "agrees" if high < 0 else "disagrees" if low > 0 else "cannot tell"
+    assert versus_fedot["verdict_loss"] == expected  # a lower loss is better
+    assert verdicts["federated (FedIT) > local-only"]["verdict"] == "not run"
+    assert "| FedBiOT AdapFu >= FedOT AdapFu | iid |" in report.read_text()
+
+
+def test_verdict_reads_the_interval_on_the_better_side() -> None:
+    assert verdict(Interval(0.05, 0.01, 0.09), higher_is_better=True) == "agrees"
+    assert verdict(Interval(0.05, 0.01, 0.09), higher_is_better=False) == "disagrees"
+    assert verdict(Interval(-0.2, -0.3, -0.1), higher_is_better=False) == "agrees"
+    assert verdict(Interval(0.01, -0.02, 0.04), higher_is_better=True) == "cannot tell"
+    assert verdict(Interval(np.nan, np.nan, np.nan), higher_is_better=True) == "cannot tell"
