@@ -5,18 +5,30 @@ The server sends the compressed frozen weights (``base`` ArrayRecord) and a mode
 ordinary Hugging Face model directory under its cache, keyed by the weights' digest; every
 later round sends only LoRA and names the digest. A process-level memo keeps the last model
 in memory, so simulated clients sharing a worker do not reload it every round.
+
+The digest is the full SHA-256 of the weights (``models.wire.state_digest``). A node hashes
+what it receives before writing it, and checks a stored entry once per process before loading
+it (the weights against the digest, every other file against the entry's manifest), so flipped
+bytes or a truncated folder never load: the reply fails, the server re-sends the weights, and
+the bad entry is replaced atomically. Names a message carries (the digest, tokenizer file
+names) become paths, so they are checked before any file is written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord
+from flwr.common.logger import log
+from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -24,11 +36,23 @@ from models.layout import Layout
 from models.loading import quiet_progress_off_terminal
 from models.lora import LoraModel, LoraSpec
 from models.quantization import load_plan
-from models.wire import from_record
+from models.wire import from_record, state_digest
 
 
 class MissingBaseError(RuntimeError):
     """The node has no cached copy of the compressed weights it was asked to use."""
+
+
+class CacheError(RuntimeError):
+    """A received package or a stored entry that must not be used (bad name, bad bytes)."""
+
+
+DIGEST = re.compile(r"[0-9a-f]{64}")
+# A plain file name: no separator, no "..", no leading dot, bounded length.
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*")
+WEIGHTS = "model.safetensors"
+MANIFEST = "fedbiot_manifest.json"
+OWN_FILES = frozenset({WEIGHTS, MANIFEST, "config.json", "fedbiot_layout.json"})
 
 
 @dataclass
@@ -43,6 +67,69 @@ class ClientModel:
 
 
 _MEMO: dict[tuple[str, LoraSpec, str], ClientModel] = {}
+# Entries hashed in this process, with the (name, mtime, size) of their files when they were.
+_VERIFIED: dict[str, tuple[tuple[str, int, int], ...]] = {}
+
+
+def checked_digest(value: object, key: str) -> str:
+    """``value`` if it is a full SHA-256 in lowercase hex; it names a cache folder."""
+    if not isinstance(value, str) or not DIGEST.fullmatch(value):
+        raise CacheError(f"{key}={str(value)[:80]!r} is not a 64-character lowercase hex digest")
+    return value
+
+
+def tokenizer_names(package: ConfigRecord) -> list[str]:
+    """The package's tokenizer file names, each a plain file name with its bytes present."""
+    key = "model-package key 'tokenizer-files'"
+    try:
+        names = json.loads(str(package["tokenizer-files"]))
+    except (KeyError, json.JSONDecodeError) as err:
+        raise CacheError(f"{key}: not a JSON list ({err})") from err
+    if not isinstance(names, list):
+        raise CacheError(f"{key}: not a JSON list")
+    for name in names:
+        if not isinstance(name, str) or len(name) > 128 or not FILE_NAME.fullmatch(name):
+            raise CacheError(f"{key}: {str(name)[:80]!r} is not a plain file name")
+        if name in OWN_FILES:
+            raise CacheError(f"{key}: {name!r} would overwrite the node's own {name}")
+        if f"tokenizer:{name}" not in package:
+            raise CacheError(f"{key}: {name!r} has no 'tokenizer:{name}' bytes")
+    return names
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _signature(directory: Path) -> tuple[tuple[str, int, int], ...]:
+    stats = ((p.name, p.stat()) for p in directory.iterdir())
+    return tuple(sorted((name, st.st_mtime_ns, st.st_size) for name, st in stats))
+
+
+def verify_entry(directory: Path, digest: str) -> None:
+    """Raise CacheError unless the weights hash to ``digest`` and every other file to the
+    manifest; hashes once per process while the files' mtimes and sizes stay the same."""
+    try:
+        signature = _signature(directory)
+        if _VERIFIED.get(str(directory)) == signature:
+            return
+        manifest = json.loads((directory / MANIFEST).read_text())
+        for name, expected in manifest.items():
+            if not FILE_NAME.fullmatch(name) or _sha256(directory / name) != expected:
+                raise CacheError(f"{name} does not match its SHA-256 in {MANIFEST}")
+        with safe_open(str(directory / WEIGHTS), framework="pt") as weights:
+            stored = {name: weights.get_tensor(name) for name in weights.keys()}  # noqa: SIM118
+        if state_digest(stored) != digest:
+            raise CacheError(f"{WEIGHTS} does not hash to the digest {digest}")
+    except CacheError:
+        raise
+    except Exception as err:  # unreadable, truncated or missing files, a bad manifest
+        raise CacheError(f"unreadable ({type(err).__name__}: {err})") from err
+    _VERIFIED[str(directory)] = signature
 
 
 def node_cache_dir(root: str, node_id: int) -> Path:
@@ -51,24 +138,54 @@ def node_cache_dir(root: str, node_id: int) -> Path:
     return base / "nodes" / str(node_id)
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def store_package(cache: Path, base: ArrayRecord, package: ConfigRecord) -> Path:
-    """Write the received weights and package as a model directory; return its path."""
-    digest = str(package["digest"])
+    """Write the received weights and package as a model directory; return its path.
+
+    A verified entry is kept; a bad one (flipped bytes, truncated) is replaced: the new entry
+    is written to a temporary folder and renamed into place.
+    """
+    digest = checked_digest(package.get("digest"), "model-package key 'digest'")
+    names = tokenizer_names(package)
     target = cache / digest
-    if target.exists():
-        return target
+    if target.exists() or target.is_symlink():
+        try:
+            verify_entry(target, digest)
+            return target
+        except CacheError as err:
+            log(WARNING, "Replacing the bad cached model at %s: %s", target, err)
+    tensors = {k: v.contiguous() for k, v in from_record(base).items()}
+    if state_digest(tensors) != digest:
+        raise CacheError(f"the weights received do not hash to their digest {digest}; not stored")
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{digest}-"))
     try:
-        tensors = {k: v.contiguous() for k, v in from_record(base).items()}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / "config.json").write_text(str(package["config-json"]))
         (tmp / "fedbiot_layout.json").write_text(str(package["layout-json"]))
-        for name in json.loads(str(package["tokenizer-files"])):
+        for name in names:
             (tmp / name).write_bytes(bytes(package[f"tokenizer:{name}"]))
-        os.rename(tmp, target)
+        others = sorted(p.name for p in tmp.iterdir() if p.name != WEIGHTS)
+        (tmp / MANIFEST).write_text(json.dumps({n: _sha256(tmp / n) for n in others}))
+        try:
+            if target.exists() or target.is_symlink():
+                old = tmp.with_name(tmp.name + "-bad")
+                os.rename(target, old)
+                os.rename(tmp, target)
+                _remove(old)
+            else:
+                os.rename(tmp, target)
+        except OSError as err:
+            raise CacheError(f"cannot replace the cached model at {target}: {err}") from err
+        _VERIFIED[str(target)] = _signature(target)  # hashed above, as it was written
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
     return target
 
 
@@ -77,12 +194,20 @@ def load_client_model(
 ) -> ClientModel:
     """The compressed model of ``digest`` with LoRA on all its blocks; its frozen weights
     in 4 or 8 bits where ``quantization`` asks and the node can (see models/quantization)."""
+    checked_digest(digest, "config key 'model-digest'")
     key = (digest, spec, quantization)
     if key in _MEMO:
         return _MEMO[key]
     directory = cache / digest
     if not directory.exists():
         raise MissingBaseError(f"no cached compressed model {digest} in {cache}")
+    try:
+        verify_entry(directory, digest)
+    except CacheError as err:
+        raise CacheError(
+            f"cached model at {directory} is bad, not loaded: {err}; "
+            "the server re-sends the weights after this failed reply and they replace it"
+        ) from err
     raw = json.loads((directory / "fedbiot_layout.json").read_text())
     layout = Layout(
         num_blocks=raw["num_blocks"],

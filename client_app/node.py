@@ -7,7 +7,13 @@ import torch
 from flwr.app import Context, Message
 
 from client_app.client_data import ClientData, client_data
-from client_app.model_cache import ClientModel, load_client_model, node_cache_dir, store_package
+from client_app.model_cache import (
+    CacheError,
+    ClientModel,
+    load_client_model,
+    node_cache_dir,
+    store_package,
+)
 from models.lora import LoraSpec
 from models.quantization import check_mode
 from server_app.run_config import RunConfig
@@ -21,11 +27,15 @@ def load_node(msg: Message, context: Context) -> tuple[RunConfig, ClientModel, i
     root = str(context.node_config.get("cache-dir", "") or config.cache_dir)
     cache = node_cache_dir(root, context.node_id)
     content = msg.content
-    if "base" in content:
-        store_package(cache, content["base"], content["model-package"])
     spec = LoraSpec(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
     quantization = check_mode(str(context.node_config.get("quantization", config.quantization)))
-    model = load_client_model(cache, str(content["config"]["model-digest"]), spec, quantization)
+    try:
+        if "base" in content:
+            store_package(cache, content["base"], content["model-package"])
+        digest = content["config"].get("model-digest")
+        model = load_client_model(cache, str(digest), spec, quantization)
+    except CacheError as err:  # the reply fails; the server names the node in its log too
+        raise CacheError(f"node {context.node_id}: {err}") from err
     if model.quantization == "none":  # bitsandbytes placed a quantized model already
         model.lora.peft.to(config.torch_device())
     partition_id = int(context.node_config.get("partition-id", 0))

@@ -6,12 +6,19 @@ emulator's and adapter's original weights, without LoRA) is saved next to it as
 it onto the full model's first blocks without complaint. Methods without an emulator
 (FedIT, central) have one trained model, the full model with LoRA: it is saved as
 ``adapfu/``. The local-only baseline saves each client's adapter.
+
+Each folder is written under a temporary name beside it and renamed when complete, so a run
+that dies while exporting leaves no half-written ``adapfu/`` that looks finished, and
+``resume-from`` on its last checkpoint finishes the export (``exports_complete``).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from flwr.app import ArrayRecord
@@ -32,24 +39,57 @@ def export_lora_model(
 ) -> Path:
     """``out/`` loads with ``AutoModelForCausalLM.from_pretrained``; ``out/peft/`` is the
     adapter (its module names count blocks by position in this model, see ``note``);
-    ``with_base`` also saves the model under the LoRA as ``out/base/``, the adapter's base."""
-    out.mkdir(parents=True, exist_ok=True)
-    lora.peft.save_pretrained(out / "peft")
-    (out / "peft" / "fedbiot_layout.json").write_text(json.dumps(note, indent=2))
+    ``with_base`` also saves the model under the LoRA as ``out/base/``, the adapter's base.
+    ``out/`` appears only complete (written elsewhere, then renamed)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}-partial-*"):  # a crashed export's leftovers
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-partial-"))
+    try:
+        _write_lora_model(lora, tokenizer, tmp, out, note, merged, with_base)
+        if out.exists():
+            old = tmp.with_name(tmp.name + "-old")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write_lora_model(
+    lora: LoraModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tmp: Path,
+    out: Path,
+    note: dict,
+    merged: bool,
+    with_base: bool,
+) -> None:
+    """The files of ``export_lora_model`` in ``tmp``; paths written into them name ``out``."""
+    lora.peft.save_pretrained(tmp / "peft")
+    (tmp / "peft" / "fedbiot_layout.json").write_text(json.dumps(note, indent=2))
     if with_base:
         base = copy.deepcopy(lora.peft).unload()
-        base.save_pretrained(out / "base")
-        tokenizer.save_pretrained(out / "base")
-        adapter_config = out / "peft" / "adapter_config.json"
+        base.save_pretrained(tmp / "base")
+        tokenizer.save_pretrained(tmp / "base")
+        adapter_config = tmp / "peft" / "adapter_config.json"
         config = json.loads(adapter_config.read_text())
         config["base_model_name_or_path"] = str((out / "base").resolve())
         adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True))
-    if not merged:
-        return out
-    merged_model = copy.deepcopy(lora.peft).merge_and_unload()
-    merged_model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    if merged:
+        merged_model = copy.deepcopy(lora.peft).merge_and_unload()
+        merged_model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def exports_complete(run_dir: Path, has_emulator: bool) -> bool:
+    """Whether ``export_outputs`` finished for this run folder (each folder is renamed into
+    place only once written)."""
+    names = ("adapemu", "adapfu") if has_emulator else ("adapfu",)
+    return all((run_dir / name).is_dir() for name in names)
 
 
 def export_outputs(models: FedBiOTModels, run_dir: Path) -> dict[str, Path]:

@@ -9,19 +9,18 @@ and afterwards only LoRA.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ConfigRecord
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models.blocks import extract_blocks
 from models.layout import Layout
 from models.lora import LoraModel, LoraSpec
-from models.wire import to_record
+from models.wire import from_record, state_digest, to_record
 
 
 def untied_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
@@ -40,15 +39,6 @@ def untied_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     return out
 
 
-def record_digest(record: ArrayRecord) -> str:
-    """Content hash of an ArrayRecord: the key under which clients cache the weights."""
-    digest = hashlib.sha256()
-    for name in sorted(record):
-        digest.update(name.encode())
-        digest.update(record[name].data)
-    return digest.hexdigest()[:16]
-
-
 class FedBiOTModels:
     """Compressed and full models with shared adapter LoRA, kept on the server."""
 
@@ -65,7 +55,8 @@ class FedBiOTModels:
         # With nothing dropped (LoRA on the whole model) one model serves as both.
         compressed = base if uncompressed else extract_blocks(base, layout.kept_blocks)
         self.frozen = to_record(untied_state(compressed))
-        self.frozen_digest = record_digest(self.frozen)
+        # Full SHA-256 of the tensors: the node's cache key, checked against its stored copy.
+        self.frozen_digest = state_digest(from_record(self.frozen))
         self.compressed_config = compressed.config.to_json_string()
         self.compressed = LoraModel(compressed, layout.kept_blocks, layout.kept_blocks, spec)
         if uncompressed:

@@ -6,7 +6,9 @@ parameter's dtype on load (``LoraModel.load_state`` does that).
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -43,3 +45,17 @@ def record_bytes(record: ArrayRecord | None) -> int:
 def state_bytes(state: dict[str, torch.Tensor]) -> int:
     """Raw tensor bytes, for a quick estimate without serialising."""
     return sum(math.prod(t.shape) * t.element_size() for t in state.values())
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """Full SHA-256 of named tensors (name, dtype, shape, bytes), in name order.
+
+    The server names the frozen weights by it and a node checks its stored copy against it,
+    so both sides hash tensors, not one serialisation (ArrayRecord bytes vs safetensors).
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()

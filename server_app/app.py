@@ -15,12 +15,17 @@ from client_app.step_memory import measure_training_memory
 from models.blocks import get_blocks
 from models.depth_memory import parse_depth_table
 from models.distillation import EmulatorDistiller
-from models.export import export_client_models, export_outputs
+from models.export import export_client_models, export_outputs, exports_complete
 from models.fedbiot_models import FedBiOTModels
 from models.loading import resolve_model_dir
 from models.lora import LoraSpec
 from models.wire import to_record
-from server_app.checkpoint import load_checkpoint, restore, save_checkpoint
+from server_app.checkpoint import (
+    check_resume_config,
+    load_checkpoint,
+    restore,
+    save_checkpoint,
+)
 from server_app.kdfed import run_kdfed
 from server_app.methods import MethodPlan, method_plan
 from server_app.results import RunRecorder
@@ -128,13 +133,20 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     checkpoint, resume_dir = (
         load_checkpoint(config.resume_from) if config.resume_from else ({}, None)
     )
+    if checkpoint:
+        check_resume_config(checkpoint["config"] or {}, config, Path(config.resume_from))
     if checkpoint and not plan.aggregates:
         raise ConfigError("resume-from: the local-only baseline keeps per-node state; rerun it")
     if checkpoint and checkpoint["round"] >= config.num_server_rounds:
-        raise ConfigError(
-            f"resume-from: the checkpoint is of round {checkpoint['round']}; "
-            f"num-server-rounds={config.num_server_rounds} leaves nothing to do"
+        finished = checkpoint["round"] > config.num_server_rounds or exports_complete(
+            resume_dir, plan.emulated
         )
+        if finished:
+            raise ConfigError(
+                f"resume-from: the checkpoint is of round {checkpoint['round']}; "
+                f"num-server-rounds={config.num_server_rounds} leaves nothing to do"
+            )
+        log(INFO, "Round %d was checkpointed; finishing the export", checkpoint["round"])
     recorder, base, tokenizer = open_run(config, plan, resume_dir, checkpoint.get("round"))
     layout = plan.layout(config, len(get_blocks(base)))
     spec = LoraSpec(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
@@ -217,7 +229,9 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             and every
             and (server_round % every == 0 or server_round == config.num_server_rounds)
         ):
-            save_checkpoint(recorder.dir / "checkpoints", server_round, models, strategy, distiller)
+            save_checkpoint(
+                recorder.dir / "checkpoints", server_round, models, strategy, distiller, config
+            )
         return result
 
     strategy.start(

@@ -4,12 +4,20 @@ Written after every round to ``<run>/checkpoints/round-<r>.pt`` (and ``latest.pt
 round number, the adapter and emulator LoRA, the aggregation algorithm's state (FedAvgM
 momentum, FedAdam/FedYogi/FedAdagrad moments, SCAFFOLD control variates), the fixed DPO
 reference, the distiller's optimizer state and how many public batches it has used, and the
-Python, NumPy and torch random states. ``resume-from`` loads one and the run continues with
-the next round.
+Python, NumPy and torch random states, and the run config. ``resume-from`` loads one and the
+run continues with the next round.
+
+Everything is stored as tensors and plain data, so a checkpoint loads with
+``torch.load(weights_only=True)`` (no pickled code runs); the state is serialised once and
+written inside an envelope with its SHA-256, checked on load, so flipped bytes never resume.
+A resume whose config differs from the checkpoint's in a key outside ``RESUMABLE_KEYS`` is
+refused: one metrics series never mixes two configurations.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import random
 import shutil
 from pathlib import Path
@@ -21,6 +29,30 @@ from flwr.app import Array, ArrayRecord
 
 from models.distillation import EmulatorDistiller
 from models.fedbiot_models import FedBiOTModels
+from server_app.run_config import ConfigError, RunConfig
+
+FORMAT = "fedbiot-checkpoint-2"
+# Run-config keys a resume may change: where and how long it runs, not what it computes.
+RESUMABLE_KEYS = frozenset(
+    {
+        "num-server-rounds",
+        "round-timeout",
+        "output-dir",
+        "run-name",
+        "checkpoint-every",
+        "eval-every",
+        "resume-from",
+        "data-dir",
+        "cache-dir",
+        "num-threads",
+        "device",
+    }
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is damaged, of another format, or not ours."""
+
 
 # Attributes of Flower's strategies (and ours) that carry state from round to round.
 _STRATEGY_STATE = (
@@ -35,21 +67,61 @@ _STRATEGY_STATE = (
 )
 
 
-def _plain(value: Any) -> Any:
-    """ArrayRecords become dicts of NumPy arrays, so the checkpoint needs no Flower types."""
+def to_plain(value: Any) -> Any:
+    """Flower and NumPy values as tensors and plain data (what ``weights_only`` loads)."""
     if isinstance(value, ArrayRecord):
-        return {"__arrayrecord__": {k: v.numpy() for k, v in value.items()}}
+        return {"__arrayrecord__": {k: _tensor(v.numpy()) for k, v in value.items()}}
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": _tensor(value)}
+    if isinstance(value, np.generic):
+        return value.item()
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(to_plain(v) for v in value)
     return value
 
 
-def _restore(value: Any) -> Any:
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array).copy())
+
+
+def from_plain(value: Any) -> Any:
+    """The values ``to_plain`` stored, as Flower and NumPy types again."""
     if isinstance(value, dict) and "__arrayrecord__" in value:
-        return ArrayRecord({k: Array(np.asarray(v)) for k, v in value["__arrayrecord__"].items()})
+        return ArrayRecord({k: Array(v.numpy()) for k, v in value["__arrayrecord__"].items()})
+    if isinstance(value, dict) and "__ndarray__" in value:
+        return value["__ndarray__"].numpy()
     if isinstance(value, dict):
-        return {k: _restore(v) for k, v in value.items()}
+        return {k: from_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(from_plain(v) for v in value)
     return value
+
+
+def check_resume_config(saved: dict[str, Any], config: RunConfig, path: Path) -> None:
+    """Refuse a resume whose config computes something else than the checkpoint's run.
+
+    ``num-server-rounds`` may change only with a constant learning rate: a schedule is
+    spread over the rounds, so more rounds would change the rates already used.
+    """
+    current = config.to_dict()
+    defaults = RunConfig().to_dict()  # keys added since the checkpoint keep their default
+    may_change = RESUMABLE_KEYS
+    if config.lr_scheduler != "constant":
+        may_change = may_change - {"num-server-rounds"}
+    differing = sorted(
+        key
+        for key in current.keys() | saved.keys()
+        if key not in may_change and saved.get(key, defaults.get(key)) != current.get(key)
+    )
+    if differing:
+        changes = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
+        raise ConfigError(
+            f"resume-from {path}: the run config differs from the checkpoint's in {changes}. "
+            f"A resume may change only {', '.join(sorted(may_change))}; start a new run "
+            "for another configuration"
+        )
 
 
 def save_checkpoint(
@@ -58,6 +130,7 @@ def save_checkpoint(
     models: FedBiOTModels,
     strategy: Any,
     distiller: EmulatorDistiller | None,
+    config: RunConfig | None = None,
 ) -> Path:
     """Write ``round-<r>.pt`` and ``latest.pt`` with the same content, each atomically."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -66,7 +139,7 @@ def save_checkpoint(
         "adapter": models.adapter_state(),
         "emulator": models.emulator_state(),
         "strategy": {
-            name: _plain(getattr(strategy, name))
+            name: to_plain(getattr(strategy, name))
             for name in _STRATEGY_STATE
             if getattr(strategy, name, None) is not None
         },
@@ -78,13 +151,22 @@ def save_checkpoint(
         },
         "rng": {
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": to_plain(np.random.get_state()),
             "torch": torch.get_rng_state(),
         },
+        "config": None if config is None else config.to_dict(),
+    }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    envelope = {
+        "format": FORMAT,
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8),
     }
     target = directory / f"round-{server_round}.pt"
     tmp = directory / "checkpoint.tmp"
-    torch.save(state, tmp)  # serialised once; latest.pt is a copy of the same bytes
+    torch.save(envelope, tmp)  # serialised once; latest.pt is a copy of the same bytes
     shutil.copyfile(tmp, directory / "latest.tmp")
     tmp.replace(target)
     (directory / "latest.tmp").replace(directory / "latest.pt")
@@ -99,7 +181,30 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], Path]:
         path = (nested if nested.is_dir() else path) / "latest.pt"
     if not path.is_file():
         raise FileNotFoundError(f"resume-from: no checkpoint at {path}")
-    return torch.load(path, weights_only=False), path.parent.parent
+    return read_checkpoint(path), path.parent.parent
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The state in a checkpoint file, after its SHA-256 matched; never runs pickled code."""
+    earlier = "resume from an earlier round-<r>.pt of the same folder"
+    try:
+        envelope = torch.load(path, weights_only=True)
+        if not isinstance(envelope, dict) or envelope.get("format") != FORMAT:
+            raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
+        payload = envelope["payload"].numpy().tobytes()
+        computed = hashlib.sha256(payload).hexdigest()
+        if computed != envelope["sha256"]:
+            raise CheckpointError(
+                f"{path} fails its SHA-256 check (stored {envelope['sha256']}, "
+                f"computed {computed}): the file is damaged; {earlier}"
+            )
+        return torch.load(io.BytesIO(payload), weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as err:  # torch's unpickler, zip reader or a missing entry
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}: {err}); {earlier}"
+        ) from err
 
 
 def restore(
@@ -113,11 +218,11 @@ def restore(
     if state["emulator"]:
         models.set_emulator(state["emulator"])
     for name, value in state["strategy"].items():
-        setattr(strategy, name, _restore(value))
+        setattr(strategy, name, from_plain(value))
     if distiller is not None and state["distiller"] is not None:
         distiller.optimizer.load_state_dict(state["distiller"]["optimizer"])
         distiller.skip_batches(state["distiller"]["batches_used"])
     random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
+    np.random.set_state(from_plain(state["rng"]["numpy"]))
     torch.set_rng_state(state["rng"]["torch"])
     return int(state["round"])

@@ -7,6 +7,7 @@ the nodes and records the arrays sent, the replies carry client models ``x + upd
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import dp_accounting
 import numpy as np
@@ -22,6 +23,7 @@ from models.fedbiot_models import FedBiOTModels
 from models.layout import fedbiot_layout
 from models.lora import LoraSpec
 from models.wire import to_record
+from server_app.checkpoint import load_checkpoint, restore, save_checkpoint
 from server_app.run_config import ALGORITHMS, RunConfig
 from strategies.algorithms import strategy_class
 from strategies.client_dp import DP_ALGORITHMS, ClientDP, ClientDPLayer, with_client_dp
@@ -291,7 +293,7 @@ def _reference_epsilon(sigma: float, rounds: int, delta: float) -> float:
 
 
 def test_reported_epsilon_is_the_rdp_accountants_and_survives_a_resume(
-    models: FedBiOTModels,
+    models: FedBiOTModels, tmp_path: Path
 ) -> None:
     sigma, n = 1.1, 3
     strategy = _strategy(models, n, _dp(sigma, population=5))
@@ -307,9 +309,9 @@ def test_reported_epsilon_is_the_rdp_accountants_and_survives_a_resume(
     assert epsilons[0] < epsilons[1] < epsilons[2]
 
     # A checkpoint carries the accountant: the resumed run's round 1 is round 4.
+    save_checkpoint(tmp_path, 3, models, strategy, None)  # through a weights_only file
     resumed = _strategy(models, n, _dp(sigma, population=5))
-    resumed.dp_accountant_state = strategy.dp_accountant_state
-    resumed.round_offset = 3
+    resumed.round_offset = restore(load_checkpoint(tmp_path)[0], models, resumed, None)
     _round(resumed, 1, n, [_direction(template, 0.1, i) for i in range(n)])
     assert resumed.round_metrics[4]["dp_epsilon"] == pytest.approx(
         _reference_epsilon(sigma, 4, 1e-5), rel=1e-9

@@ -35,7 +35,7 @@ def test_client_rebuilds_the_servers_compressed_model_exactly(name: str, tmp_pat
         torch.testing.assert_close(client.lora.peft(ids).logits, pair.compressed.peft(ids).logits)
     assert client.tokenizer.chat_template == tokenizer.chat_template
     with pytest.raises(MissingBaseError, match="no cached compressed model"):
-        load_client_model(tmp_path, "0123456789abcdef", spec)
+        load_client_model(tmp_path, "0" * 64, spec)
 
 
 def test_wire_round_trip_bytes_and_bad_values() -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM
 
 from models.blocks import get_blocks
-from models.export import export_outputs
+from models.export import export_lora_model, export_outputs, exports_complete
 from models.fedbiot_models import FedBiOTModels
 from models.layout import fedbiot_layout
 from models.lora import LoraSpec
@@ -61,3 +62,22 @@ def test_both_outputs_load_as_a_hugging_face_user_would(tmp_path: Path) -> None:
     assert (adapemu_base / "tokenizer_config.json").is_file()
     emulator = AutoModelForCausalLM.from_pretrained(adapemu_base)
     assert len(get_blocks(emulator)) == len(models.layout.kept_blocks)
+
+
+def test_an_export_that_fails_midway_leaves_no_folder_that_looks_complete(tmp_path: Path) -> None:
+    """The adapter is written, then the note cannot be: neither a new nor a replaced
+    ``adapfu/`` may show the half-written state, and no temporary folder stays behind."""
+    models = _trained_models()
+    out = tmp_path / "adapfu"
+    unwritable = {"variant": "adapfu", "bad": object()}  # json.dumps fails after save_pretrained
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        export_lora_model(models.full, models.tokenizer, out, unwritable)
+    assert not out.exists() and not exports_complete(tmp_path, models.has_emulator)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    export_outputs(models, tmp_path)
+    assert exports_complete(tmp_path, models.has_emulator)
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(TypeError):
+        export_lora_model(models.full, models.tokenizer, out, unwritable)
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapemu", "adapfu"]

@@ -1,13 +1,16 @@
 """A server that stops after round 1 and is resumed ends where an uninterrupted run ends; a
-finished run is not resumed again."""
+finished run is not resumed again, nor one from a damaged checkpoint or with another config;
+one that died while exporting is finished."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from server_app.checkpoint import from_plain, read_checkpoint
 from tests.flower_runtime import LocalFederation, tiny_run_config
 
 pytestmark = pytest.mark.xdist_group("resume")
@@ -51,21 +54,46 @@ def test_resumed_run_matches_the_uninterrupted_one(
     assert (stopped / "config-resumed-1.json").is_file()
     assert not (tmp_path / "ignored").exists()  # a resumed run writes into its own folder
 
-    whole = torch.load(tmp_path / "whole" / "checkpoints" / "latest.pt", weights_only=False)
-    resumed = torch.load(stopped / "checkpoints" / "latest.pt", weights_only=False)
+    whole = read_checkpoint(tmp_path / "whole" / "checkpoints" / "latest.pt")
+    resumed = read_checkpoint(stopped / "checkpoints" / "latest.pt")
     assert whole["round"] == resumed["round"] == 3
     for part in ("adapter", "emulator"):
         assert whole[part].keys() == resumed[part].keys()
         for name, value in whole[part].items():
             torch.testing.assert_close(resumed[part][name], value, rtol=1e-5, atol=1e-6)
     # The FedAdam moments were carried over, not restarted.
-    for name, value in whole["strategy"]["v_t"].items():
-        torch.testing.assert_close(
-            torch.as_tensor(resumed["strategy"]["v_t"][name]), torch.as_tensor(value)
-        )
+    whole_v, resumed_v = (from_plain(c["strategy"]["v_t"]) for c in (whole, resumed))
+    for name, value in whole_v.items():
+        torch.testing.assert_close(torch.as_tensor(resumed_v[name]), torch.as_tensor(value))
+
+    # A resume that would compute something else is refused, naming the keys.
+    extra = {"algorithm": "fedavg", "lora-alpha": 32, "resume-from": str(stopped)}
+    changed = _config(tmp_path, "changed", 4, **extra)
+    result = federation.run(changed, supernodes=2)
+    assert "algorithm: 'fedadam' -> 'fedavg'; lora-alpha: 16 -> 32" in result.stdout + result.stderr
+    # 64 flipped bytes in latest.pt are refused, naming the file.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(stopped, damaged)
+    latest = damaged / "checkpoints" / "latest.pt"
+    data = bytearray(latest.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    latest.write_bytes(bytes(data))
+    result = federation.run(_config(tmp_path, "d", 4, **{"resume-from": str(damaged)}), 2)
+    assert f"{latest} fails its SHA-256 check" in result.stdout + result.stderr
+    assert len((damaged / "metrics.jsonl").read_text().splitlines()) == 4
 
     # Resuming the finished run is refused before any model is loaded; nothing is added.
     again = _config(tmp_path, "again", 3, **{"resume-from": str(stopped)})
     result = federation.run(again, supernodes=2)
     assert "leaves nothing to do" in result.stdout + result.stderr
+    assert len((stopped / "metrics.jsonl").read_text().splitlines()) == 4
+
+    # A server that died while exporting, after its last checkpoint: the half-written export
+    # never took the final name, and resuming the checkpoint finishes the export.
+    shutil.rmtree(stopped / "adapfu")
+    (stopped / ".adapfu-partial-crashed").mkdir()
+    _run(federation, again)
+    assert (stopped / "adapfu" / "config.json").is_file()
+    assert not list(stopped.glob(".adapfu-partial-*"))
     assert len((stopped / "metrics.jsonl").read_text().splitlines()) == 4
