@@ -45,6 +45,9 @@ def _run(federation: LocalFederation, out: Path, method: str, algorithm: str, ro
         prox_epsilon=0.0 if algorithm == "fedprox" else 0.01,
         proximal_mu=1.0,
         lr_scheduler="cosine",
+        # The local baseline waits for every node: the run config's num-partitions (3) must
+        # give way to the 2 partitions the simulation engine gives the 2 nodes.
+        num_partitions=3 if method == "local" else 2,
     )
     return out / "run", federation.run_to_end(config, supernodes=2)
 
@@ -62,8 +65,13 @@ def test_method_and_algorithm_run_end_to_end(
     emulated = method in ("fedbiot", "fedot", "offsite")
     assert (run_dir / "adapemu" / "config.json").is_file() == emulated
     if method == "local":
+        # Both nodes trained, each on one half of the data (node config num-partitions=2).
+        assert sorted(p.name for p in (run_dir / "clients").iterdir()) == ["0", "1"]
         for partition in (0, 1):
-            assert (run_dir / "clients" / str(partition) / "peft" / "adapter_config.json").is_file()
+            peft = run_dir / "clients" / str(partition) / "peft"
+            assert (peft / "adapter_config.json").is_file()
+            layout = json.loads((peft / "fedbiot_layout.json").read_text())
+            assert (layout["partition_id"], layout["num_partitions"]) == (partition, 2)
             assert math.isfinite(rows[-1][f"eval_adapfu_gsm8k_loss_client{partition}"])
         assert rows[-1]["eval_adapfu_gsm8k_loss_std"] >= 0
     else:
