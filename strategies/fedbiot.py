@@ -39,7 +39,8 @@ from strategies.update_checks import Rejection, bound_norms, screen_replies, upd
 
 # The record of the fixed DPO reference's LoRA (run config ``dpo-reference='fixed'``).
 DPO_REFERENCE = "dpo-reference"
-# Client metrics that mean nothing once averaged over clients.
+# Client metrics that mean nothing once averaged over clients (ids, not quantities): kept
+# out of the aggregated metrics Flower prints and the run's metrics.jsonl.
 _PER_CLIENT_KEYS = frozenset({"partition-id", "num-partitions"})
 
 
@@ -235,10 +236,11 @@ class FedBiOTMixin:
         metrics["time_aggregate_s"] = time.perf_counter() - start
         if arrays is not None:
             self.models.set_adapter(from_record(arrays))
-        if train_metrics is not None:
-            metrics.update(
-                {k: float(v) for k, v in train_metrics.items() if k not in _PER_CLIENT_KEYS}
+        if train_metrics is not None:  # what Flower prints and keeps per round, too
+            train_metrics = MetricRecord(
+                {k: v for k, v in train_metrics.items() if k not in _PER_CLIENT_KEYS}
             )
+            metrics.update({k: float(v) for k, v in train_metrics.items()})
         if self.distiller is not None and self.distill_steps:
             start = time.perf_counter()
             metrics.update(self.distiller.run(self.distill_steps))

@@ -95,5 +95,9 @@ def test_method_and_algorithm_run_end_to_end(
     assert all(has_control) if algorithm == "scaffold" else not any(has_control)
     if algorithm == "scaffold":  # each client's control variate carried across rounds
         assert [r["scaffold_ci_updates"] for r in rows[1:]] == [1.0, 2.0]
+    # Flower's per-round aggregated metrics hold no average of partition ids.
+    log_lines = federation.last_output.splitlines()
+    aggregated = [line for line in log_lines if "Aggregated MetricRecord" in line]
+    assert aggregated and not any("partition-id" in line for line in aggregated), aggregated
     config = json.loads((run_dir / "config.json").read_text())
     assert config["method"] == method and config["run_config"]["algorithm"] == algorithm
