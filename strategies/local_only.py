@@ -59,9 +59,9 @@ class LocalOnly(FedAvg):
             if reply.has_error():
                 continue
             self.node_arrays[reply.metadata.src_node_id] = reply.content["arrays"]
-            metrics = reply.content["metrics"]
-            partition = int(metrics["partition-id"])
+            reply_metrics = reply.content["metrics"]
+            partition = int(reply_metrics["partition-id"])
             self.client_arrays[partition] = reply.content["arrays"]
-            self.client_partitions[partition] = int(metrics["num-partitions"])
+            self.client_partitions[partition] = int(reply_metrics["num-partitions"])
         _, metrics = super().aggregate_train(server_round, replies)
         return None, metrics
