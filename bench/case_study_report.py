@@ -25,10 +25,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from server_app.report import pyplot
 
 MEASURES = {
     "accuracy": "test accuracy",
@@ -176,6 +173,7 @@ def _bars(
     results: dict, key: str, title: str, path: Path, scale: float = 1.0, log: bool = False
 ) -> None:
     rows = list(results)
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(8, 3.6))
     means = [results[r][key]["mean"] * scale for r in rows]
     stds = [results[r][key]["std"] * scale for r in rows]
@@ -199,6 +197,7 @@ def _errorbars(
 
 
 def _sweeps(results: dict, blocks: int, path: Path) -> None:
+    plt = pyplot()
     figure, panels = plt.subplots(1, 3, figsize=(12, 3.6))
     ranks = sorted((int(r.removeprefix("fedit-r")), r) for r in results if r.startswith("fedit-r"))
     splits = sorted((int(r.removeprefix("split-q")), r) for r in results if r.startswith("split-q"))

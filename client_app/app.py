@@ -70,9 +70,10 @@ def _skip_reply(msg: Message, partition_id: int) -> Message:
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-def _common_metrics(model: ClientModel, partition_id: int) -> dict[str, float]:
+def _common_metrics(model: ClientModel, partition_id: int, partitions: int) -> dict[str, float]:
     return {
         "partition-id": partition_id,
+        "num-partitions": partitions,
         "client_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "client_quantized_bits": {"none": 32, "8bit": 8, "4bit": 4}[model.quantization],
     }
@@ -123,7 +124,7 @@ def train(msg: Message, context: Context) -> Message:
                 "dpo_skipped": 0,
                 "train_tokens": dpo.tokens,
                 "train_seconds": dpo.seconds,
-                **_common_metrics(model, partition_id),
+                **_common_metrics(model, partition_id, config.num_partitions),
                 "num-examples": len(pairs),
             }
         )
@@ -150,7 +151,7 @@ def train(msg: Message, context: Context) -> Message:
             "prox_loss": result.prox,
             "train_tokens": result.tokens,
             "train_seconds": result.seconds,
-            **_common_metrics(model, partition_id),
+            **_common_metrics(model, partition_id, config.num_partitions),
             "num-examples": len(data.train),
         }
     )

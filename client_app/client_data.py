@@ -59,7 +59,9 @@ def client_data(
     tokenizer: PreTrainedTokenizerBase,
     data_file: str = "",
 ) -> ClientData:
-    """Memoized per process: simulated clients are called once per round."""
+    """Memoized per process: simulated clients are called once per round. ``config``
+    carries the node's own ``num-partitions`` and ``partition_id`` is in range
+    (``client_app.node.node_partition``)."""
     if data_file:
         if not data_file.endswith((".json", ".jsonl")):
             raise ValueError(
@@ -67,12 +69,6 @@ def client_data(
                 "instruction/input/output records"
             )
         return _client_data(config, partition_id, tokenizer, data_file)
-    if not 0 <= partition_id < config.num_partitions:
-        raise ValueError(
-            f"node partition-id={partition_id} but run-config num-partitions="
-            f"{config.num_partitions}; start as many SuperNodes as partitions "
-            "(e.g. --federation-config num-supernodes=N)"
-        )
     if method_plan(config).single_client:
         partition_id = 0
     return _client_data(config, partition_id, tokenizer, "")

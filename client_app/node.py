@@ -3,6 +3,10 @@ model (stored from the message the first time the node is served) and its data."
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from flwr.app import Context, Message
 
@@ -19,9 +23,45 @@ from models.quantization import check_mode
 from server_app.run_config import RunConfig
 
 
+def node_partition(
+    node_config: Mapping[str, Any], node_id: int, run_partitions: int
+) -> tuple[int, int]:
+    """This node's ``(partition-id, num-partitions)`` from its node config.
+
+    Flower's simulation engine puts both in every node's config (``num-partitions`` is the
+    number of SuperNodes), and a deployed SuperNode gets them with ``--node-config``: they
+    win over the run config's ``num-partitions``, which only stands in where the node config
+    has none, so a federation of any size trains all of its data. A node with neither a
+    partition nor its own ``data-file`` is refused rather than silently given partition 0;
+    a ``data-file`` node without a partition id counts as partition 0 (seeds, metrics)."""
+    partitions = int(node_config.get("num-partitions", run_partitions))
+    if "partition-id" not in node_config:
+        if node_config.get("data-file"):
+            return 0, partitions
+        raise ValueError(
+            f"node {node_id}: its node config has neither partition-id nor data-file; start "
+            'the SuperNode with --node-config "partition-id=I num-partitions=N" or '
+            "\"data-file='/path/records.jsonl'\""
+        )
+    partition_id = int(node_config["partition-id"])
+    if not 0 <= partition_id < partitions:
+        source = "node config" if "num-partitions" in node_config else "run-config"
+        raise ValueError(
+            f"node {node_id}: partition-id={partition_id} but {source} num-partitions="
+            f"{partitions}; start as many SuperNodes as partitions "
+            "(e.g. --federation-config num-supernodes=N)"
+        )
+    return partition_id, partitions
+
+
 def load_node(msg: Message, context: Context) -> tuple[RunConfig, ClientModel, int, ClientData]:
-    """Config, the node's cached model on the run's device, partition id and data."""
+    """Config (with the node's own ``num-partitions``), the node's cached model on the run's
+    device, partition id and data."""
     config = RunConfig.from_flower(context.run_config)
+    partition_id, partitions = node_partition(
+        context.node_config, context.node_id, config.num_partitions
+    )
+    config = dataclasses.replace(config, num_partitions=partitions)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     root = str(context.node_config.get("cache-dir", "") or config.cache_dir)
@@ -38,7 +78,6 @@ def load_node(msg: Message, context: Context) -> tuple[RunConfig, ClientModel, i
         raise CacheError(f"node {context.node_id}: {err}") from err
     if model.quantization == "none":  # bitsandbytes placed a quantized model already
         model.lora.peft.to(config.torch_device())
-    partition_id = int(context.node_config.get("partition-id", 0))
     data_file = str(context.node_config.get("data-file", ""))
     data = client_data(config, partition_id, model.tokenizer, data_file)
     return config, model, partition_id, data

@@ -118,9 +118,13 @@ def export_outputs(models: FedBiOTModels, run_dir: Path) -> dict[str, Path]:
 
 
 def export_client_models(
-    models: FedBiOTModels, client_arrays: dict[int, ArrayRecord], run_dir: Path
+    models: FedBiOTModels,
+    client_arrays: dict[int, ArrayRecord],
+    run_dir: Path,
+    client_partitions: dict[int, int],
 ) -> dict[str, Path]:
-    """The local-only baseline: ``clients/<partition-id>/peft/``, one adapter per client."""
+    """The local-only baseline: ``clients/<partition-id>/peft/``, one adapter per client;
+    its ``fedbiot_layout.json`` names the partition and the number of partitions."""
     outputs = {}
     note = {"positions_are_blocks": list(range(models.layout.num_blocks))}
     for partition, arrays in sorted(client_arrays.items()):
@@ -129,7 +133,12 @@ def export_client_models(
             models.full,
             models.tokenizer,
             run_dir / "clients" / str(partition),
-            {"variant": "local", "partition_id": partition, **note},
+            {
+                "variant": "local",
+                "partition_id": partition,
+                "num_partitions": client_partitions[partition],
+                **note,
+            },
             merged=False,
         )
     return outputs

@@ -9,15 +9,16 @@ with a fixed seed, for tests and quick tries), a local model directory, or a hub
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Callable
+from logging import INFO
 from pathlib import Path
 
 import torch
+from flwr.common.logger import log
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -29,8 +30,6 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as hf_logging
-
-log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "smollm2-135m"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
@@ -79,7 +78,7 @@ def smollm2_dir() -> Path:
     """The embedded model as a safetensors directory, converted from GGUF on first use."""
 
     def convert(out: Path) -> None:
-        log.info("Converting the embedded SmolLM2-135M-Instruct GGUF (once, ~20 s)")
+        log(INFO, "Converting the embedded SmolLM2-135M-Instruct GGUF (once, ~20 s)")
         src = _gguf_dir()
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)

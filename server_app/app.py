@@ -79,9 +79,11 @@ def main(grid: Grid, context: Context) -> None:
         run_federation(grid, config)
 
 
-def _sampling(config: RunConfig, plan: MethodPlan) -> dict[str, float | int]:
-    """Strategy sampling arguments: one node for the single-client baselines, every node for
-    the local-only one, else the configured fraction and minimum."""
+def _sampling(config: RunConfig, plan: MethodPlan) -> dict[str, float | int | str]:
+    """Strategy sampling arguments: one node for the single-client baselines, every
+    connected node for the local-only one, else the configured fraction; the others wait
+    for ``min-train-nodes`` nodes. Not for ``num-partitions``: the run config's value need
+    not be the federation's size (the simulation engine gives each node its own)."""
     fraction_evaluate = config.fraction_evaluate if config.client_eval_examples else 0.0
     if plan.single_client:
         # Flower samples max(int(fraction * nodes), minimum) nodes: exactly one here.
@@ -92,22 +94,20 @@ def _sampling(config: RunConfig, plan: MethodPlan) -> dict[str, float | int]:
             "min_train_nodes": 1,
             "min_evaluate_nodes": 1 if fraction_evaluate else 0,
             "min_available_nodes": 1,
+            "node_wait_reason": f"method={plan.name} trains on one node",
         }
-    if not plan.aggregates:
-        return {
-            "fraction_train": 1.0,
-            "fraction_evaluate": 1.0 if fraction_evaluate else 0.0,
-            "min_train_nodes": config.num_partitions,
-            "min_evaluate_nodes": config.num_partitions if fraction_evaluate else 0,
-            "min_available_nodes": config.num_partitions,
-        }
-    min_nodes = min(config.min_train_nodes, config.num_partitions)
+    min_nodes = config.min_train_nodes
+    every = not plan.aggregates
+    reason = f"run-config min-train-nodes={min_nodes}"
     return {
-        "fraction_train": config.fraction_train,
-        "fraction_evaluate": fraction_evaluate,
+        "fraction_train": 1.0 if every else config.fraction_train,
+        "fraction_evaluate": 1.0 if every and fraction_evaluate else fraction_evaluate,
         "min_train_nodes": min_nodes,
         "min_evaluate_nodes": min_nodes if fraction_evaluate else 0,
         "min_available_nodes": min_nodes,
+        "node_wait_reason": f"{reason}; method=local then trains every connected node"
+        if every
+        else reason,
     }
 
 
@@ -202,6 +202,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         max_update_norm=config.max_update_norm,
         max_examples=config.example_cap(),
         fixed_dpo_reference=config.dpo_reference == "fixed",
+        node_wait_timeout=config.node_wait_timeout,
         **_sampling(config, plan),
         **algorithm_params,
     )
@@ -246,7 +247,9 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     if plan.aggregates:
         outputs = export_outputs(models, recorder.dir)
     else:
-        outputs = export_client_models(models, strategy.client_arrays, recorder.dir)
+        outputs = export_client_models(
+            models, strategy.client_arrays, recorder.dir, strategy.client_partitions
+        )
     log(INFO, "Saved %s", ", ".join(f"{k} to {v}" for k, v in outputs.items()))
     side_by_side = evaluator.open_ended(
         recorder.dir, config.open_ended_examples, config.eval_max_new_tokens

@@ -33,6 +33,7 @@ from server_app.run_config import ConfigError, RunConfig
 from server_app.run_setup import open_run
 from strategies.fedbiot import audit_entry
 from strategies.lr_schedule import round_learning_rate
+from strategies.node_wait import wait_for_nodes
 from strategies.reply_checks import screen_contents
 from strategies.shipment import Shipment
 
@@ -49,29 +50,13 @@ def _received_entry(server_round: int, step: int, reply: Message) -> dict[str, A
     }
 
 
-def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
-    """The connected node ids once at least ``count`` are connected."""
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= count:
-            return nodes
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"{len(nodes)} node(s) connected after {timeout:.0f} s, need {count}"
-            )
-        time.sleep(1.0)
-
-
 def sample_nodes(grid: Grid, config: RunConfig) -> list[int]:
-    """``fraction-train`` of the connected nodes, at least ``min-train-nodes`` (capped at
-    ``num-partitions``), drawn with Python's RNG as Flower's strategies do.
-
-    Not Flower's ``strategy_utils.sample_nodes``: it waits for nodes without a deadline
-    (a run with too few SuperNodes would hang instead of failing after ``round-timeout``)
-    and takes the sample size before it knows how many nodes are connected."""
-    needed = min(config.min_train_nodes, config.num_partitions)
-    nodes = wait_for_nodes(grid, needed, config.round_timeout)
+    """``fraction-train`` of the connected nodes, at least ``min-train-nodes``, drawn with
+    Python's RNG as Flower's strategies do, after at most ``node-wait-timeout`` seconds of
+    waiting for that many (``strategies.node_wait``)."""
+    needed = config.min_train_nodes
+    reason = f"run-config min-train-nodes={needed}"
+    nodes = wait_for_nodes(grid, needed, config.node_wait_timeout, reason)
     count = max(needed, int(config.fraction_train * len(nodes)))
     return sorted(random.sample(nodes, min(count, len(nodes))))
 

@@ -13,17 +13,28 @@ import argparse
 import json
 import math
 from pathlib import Path
+from types import ModuleType
 from typing import Any
-
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on servers and in CI
-import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
 
 LOSS_KEYS = ("train_loss", "distill_loss", "client_eval_loss")
 # Sample sizes, not results: left out of the metrics table.
 _COUNT_SUFFIXES = ("_examples", "_problems", "_tokens")
+
+
+def pyplot() -> ModuleType:
+    """matplotlib's pyplot on the file-only backend; matplotlib is an extra (``report``), so
+    a clear error says how to install it where it is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ModuleNotFoundError(
+            "the report's plots need matplotlib, which is not installed: "
+            'pip install ".[report]" (or pip install matplotlib)'
+        ) from None
+    matplotlib.use("Agg")  # files only: no display on servers and in CI
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
@@ -106,7 +117,9 @@ def communication_table(runs: list[dict]) -> list[str]:
     return lines
 
 
-def _plot(runs: list[dict], keys: list[str], title: str, ylabel: str, path: Path) -> bool:
+def _plot(
+    plt: ModuleType, runs: list[dict], keys: list[str], title: str, ylabel: str, path: Path
+) -> bool:
     """One line per run and key; False (no file) when no run has any of the keys."""
     figure, axes = plt.subplots(figsize=(7, 4))
     drawn = False
@@ -121,7 +134,7 @@ def _plot(runs: list[dict], keys: list[str], title: str, ylabel: str, path: Path
     if drawn:
         axes.set_title(title)
         axes.set_xlabel("round")
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         axes.set_ylabel(ylabel)
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7)
@@ -133,6 +146,7 @@ def _plot(runs: list[dict], keys: list[str], title: str, ylabel: str, path: Path
 
 def write_report(run_dirs: list[Path], out: Path) -> Path:
     """Write ``out/report.md`` and its plots; return the Markdown file's path."""
+    plt = pyplot()  # before any work: a missing matplotlib is said at once
     runs = [load_run(Path(d)) for d in run_dirs]
     out.mkdir(parents=True, exist_ok=True)
     keys = {k for run in runs for row in run["rows"] for k in row}
@@ -151,7 +165,7 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
     lines += ["## Communication", "", *communication_table(runs), ""]
     lines += ["## Plots", ""]
     for name, (plot_keys, title, ylabel) in plots.items():
-        if _plot(runs, plot_keys, title, ylabel, out / name):
+        if _plot(plt, runs, plot_keys, title, ylabel, out / name):
             lines += [f"![{title}]({name})", ""]
     target = out / "report.md"
     target.write_text("\n".join(lines))
@@ -163,7 +177,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="results/<run> folders")
     parser.add_argument("--out", type=Path, default=Path("reports/latest"))
     args = parser.parse_args(argv)
-    print(f"wrote {write_report(args.runs, args.out)}")
+    try:
+        print(f"wrote {write_report(args.runs, args.out)}")
+    except ModuleNotFoundError as error:
+        parser.exit(2, f"server_app.report: {error}\n")
 
 
 if __name__ == "__main__":

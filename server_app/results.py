@@ -28,14 +28,20 @@ _PACKAGES = (
 )
 
 
+# Optional packages, recorded only where installed: bitsandbytes quantizes a node's frozen
+# weights (the ``gpu`` extra); trl is the DPO reference of the tests (the ``dev`` extra).
+_OPTIONAL_PACKAGES = ("bitsandbytes", "trl")
+
+
 def package_versions() -> dict[str, str]:
     """Installed versions of the packages that decide a run's numbers."""
     versions = {"python": platform.python_version()}
-    for name in _PACKAGES:
+    for name in _PACKAGES + _OPTIONAL_PACKAGES:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
+            if name not in _OPTIONAL_PACKAGES:
+                versions[name] = "not installed"
     return versions
 
 

@@ -141,6 +141,7 @@ class RunConfig:
     data_dir: str = ""
     cache_dir: str = ""
     round_timeout: float = 7200.0
+    node_wait_timeout: float = 600.0
     checkpoint_every: int = 1
     resume_from: str = ""
     num_threads: int = 0
@@ -260,6 +261,7 @@ class RunConfig:
             (0 <= self.open_ended_examples <= 80, "open-ended-examples must be in [0, 80]"),
             (0.0 < self.test_fraction < 1.0, "test-fraction must be in (0, 1)"),
             (self.round_timeout > 0, "round-timeout must be > 0"),
+            (self.node_wait_timeout > 0, "node-wait-timeout must be > 0"),
             (self.checkpoint_every >= 0, "checkpoint-every must be >= 0 (0: never)"),
             (self.num_threads >= 0, "num-threads must be >= 0 (0: all cores)"),
             (

@@ -31,6 +31,7 @@ from flwr.serverapp.strategy import FedAvg
 from models.distillation import EmulatorDistiller
 from models.fedbiot_models import FedBiOTModels
 from models.wire import from_record, to_record
+from strategies.node_wait import wait_for_nodes
 from strategies.reply_checks import finite_state, screen_contents
 from strategies.scaffold import DELTA_C, Scaffold
 from strategies.shipment import Shipment
@@ -38,8 +39,9 @@ from strategies.update_checks import Rejection, bound_norms, screen_replies, upd
 
 # The record of the fixed DPO reference's LoRA (run config ``dpo-reference='fixed'``).
 DPO_REFERENCE = "dpo-reference"
-# Client metrics that mean nothing once averaged over clients.
-_PER_CLIENT_KEYS = frozenset({"partition-id"})
+# Client metrics that mean nothing once averaged over clients (ids, not quantities): kept
+# out of the aggregated metrics Flower prints and the run's metrics.jsonl.
+_PER_CLIENT_KEYS = frozenset({"partition-id", "num-partitions"})
 
 
 def audit_entry(server_round: int, message: Message) -> dict[str, Any]:
@@ -79,9 +81,14 @@ class FedBiOTMixin:
         max_update_norm: float = 0.0,
         max_examples: float = 0.0,
         fixed_dpo_reference: bool = False,
+        node_wait_timeout: float = 600.0,
+        node_wait_reason: str = "",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        # Flower's sampling waits for nodes without a deadline: ours waits first, bounded.
+        self.node_wait_timeout = node_wait_timeout
+        self.node_wait_reason = node_wait_reason
         self.max_norm_ratio = max_norm_ratio
         self.max_update_norm = max_update_norm
         self.max_examples = max_examples
@@ -169,6 +176,13 @@ class FedBiOTMixin:
         replies, more = bound_norms(replies, reference, self.max_update_norm)
         return replies, rejected + more
 
+    def _wait_for_nodes(self, grid: Grid, sample_minimum: int) -> None:
+        """At most ``node_wait_timeout`` seconds for the nodes Flower's sampling waits for
+        (``min_available_nodes``, at least the sample's minimum), then a clear error."""
+        needed = max(self.min_available_nodes, sample_minimum)  # type: ignore[attr-defined]
+        reason = self.node_wait_reason or f"min_available_nodes={needed}"
+        wait_for_nodes(grid, needed, self.node_wait_timeout, reason)
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -187,6 +201,7 @@ class FedBiOTMixin:
                     start.update(self.models.emulator_state())
                 self.dpo_reference = to_record(start)
             extra[DPO_REFERENCE] = self.dpo_reference
+        self._wait_for_nodes(grid, self.min_train_nodes)  # type: ignore[attr-defined]
         messages = super().configure_train(server_round, arrays, config, grid)
         decorated = self._with_fedbiot_records(server_round, messages, extra)
         self.shipment.metrics(server_round)["clients_sampled"] = len(decorated)
@@ -221,10 +236,11 @@ class FedBiOTMixin:
         metrics["time_aggregate_s"] = time.perf_counter() - start
         if arrays is not None:
             self.models.set_adapter(from_record(arrays))
-        if train_metrics is not None:
-            metrics.update(
-                {k: float(v) for k, v in train_metrics.items() if k not in _PER_CLIENT_KEYS}
+        if train_metrics is not None:  # what Flower prints and keeps per round, too
+            train_metrics = MetricRecord(
+                {k: v for k, v in train_metrics.items() if k not in _PER_CLIENT_KEYS}
             )
+            metrics.update({k: float(v) for k, v in train_metrics.items()})
         if self.distiller is not None and self.distill_steps:
             start = time.perf_counter()
             metrics.update(self.distiller.run(self.distill_steps))
@@ -249,6 +265,8 @@ class FedBiOTMixin:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
+        if self.fraction_evaluate > 0:  # type: ignore[attr-defined]
+            self._wait_for_nodes(grid, self.min_evaluate_nodes)  # type: ignore[attr-defined]
         messages = super().configure_evaluate(server_round, arrays, config, grid)
         return self._with_fedbiot_records(server_round, messages)
 

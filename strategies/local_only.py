@@ -23,6 +23,9 @@ class LocalOnly(FedAvg):
         super().__init__(**kwargs)
         self.node_arrays: dict[int, ArrayRecord] = {}
         self.client_arrays: dict[int, ArrayRecord] = {}  # by partition id
+        # Each client's num-partitions (its node config's, else the run config's): its
+        # exported model says which part of the data it was trained on.
+        self.client_partitions: dict[int, int] = {}
 
     def _own_arrays(self, messages: Iterable[Message]) -> list[Message]:
         out = []
@@ -56,7 +59,9 @@ class LocalOnly(FedAvg):
             if reply.has_error():
                 continue
             self.node_arrays[reply.metadata.src_node_id] = reply.content["arrays"]
-            partition = int(reply.content["metrics"]["partition-id"])
+            reply_metrics = reply.content["metrics"]
+            partition = int(reply_metrics["partition-id"])
             self.client_arrays[partition] = reply.content["arrays"]
+            self.client_partitions[partition] = int(reply_metrics["num-partitions"])
         _, metrics = super().aggregate_train(server_round, replies)
         return None, metrics

@@ -7,16 +7,17 @@ with -100), so the pair runs through the same response-only log-prob code as SFT
 
 from __future__ import annotations
 
-import logging
 import random
 import re
 from collections import Counter
 from collections.abc import Iterator
 from functools import lru_cache
+from logging import INFO
 from pathlib import Path
 from typing import TypedDict
 
 import torch
+from flwr.common.logger import log
 from transformers import PreTrainedTokenizerBase
 
 from task_data.formatting import (
@@ -27,8 +28,6 @@ from task_data.formatting import (
     collate,
 )
 from task_data.sources import DataError, default_data_dir, json_rows, read_field
-
-log = logging.getLogger(__name__)
 
 HH_RLHF = "hh-rlhf"
 _HH_FILE = Path("hh_rlhf") / "harmless-base-test.jsonl.gz"
@@ -180,7 +179,7 @@ def _load(name: str, data_dir: str) -> tuple[PreferencePair, ...]:
     if not pairs:
         raise DataError(f"{path}: no usable preference pairs (skipped: {dict(skipped)})")
     if skipped:
-        log.info("%s: %d pairs, skipped %s", path, len(pairs), dict(skipped))
+        log(INFO, "%s: %d pairs, skipped %s", path, len(pairs), dict(skipped))
     return tuple(pairs)
 
 

@@ -78,6 +78,7 @@ class LocalFederation:
     def __init__(self, home: Path, env: dict[str, str]) -> None:
         self.home = home
         self.env = env
+        self.last_output = ""  # the streamed log of the latest run_to_end
 
     def run(
         self, run_config: dict[str, object], supernodes: int, timeout: float = 600
@@ -107,6 +108,7 @@ class LocalFederation:
         --stream` exits 0 even when the ServerApp raised, so the rows are the proof; the
         streamed ServerApp log goes into the failure message."""
         result = self.run(run_config, supernodes, timeout)
+        self.last_output = result.stdout
         output = result.stdout[-6000:] + result.stderr[-3000:]
         assert result.returncode == 0, output
         run_dir = Path(str(run_config["output-dir"])) / str(run_config["run-name"])

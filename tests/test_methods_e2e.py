@@ -45,6 +45,9 @@ def _run(federation: LocalFederation, out: Path, method: str, algorithm: str, ro
         prox_epsilon=0.0 if algorithm == "fedprox" else 0.01,
         proximal_mu=1.0,
         lr_scheduler="cosine",
+        # The local baseline waits for every node: the run config's num-partitions (3) must
+        # give way to the 2 partitions the simulation engine gives the 2 nodes.
+        num_partitions=3 if method == "local" else 2,
     )
     return out / "run", federation.run_to_end(config, supernodes=2)
 
@@ -62,8 +65,13 @@ def test_method_and_algorithm_run_end_to_end(
     emulated = method in ("fedbiot", "fedot", "offsite")
     assert (run_dir / "adapemu" / "config.json").is_file() == emulated
     if method == "local":
+        # Both nodes trained, each on one half of the data (node config num-partitions=2).
+        assert sorted(p.name for p in (run_dir / "clients").iterdir()) == ["0", "1"]
         for partition in (0, 1):
-            assert (run_dir / "clients" / str(partition) / "peft" / "adapter_config.json").is_file()
+            peft = run_dir / "clients" / str(partition) / "peft"
+            assert (peft / "adapter_config.json").is_file()
+            layout = json.loads((peft / "fedbiot_layout.json").read_text())
+            assert (layout["partition_id"], layout["num_partitions"]) == (partition, 2)
             assert math.isfinite(rows[-1][f"eval_adapfu_gsm8k_loss_client{partition}"])
         # Per-text scores of each client's own model, on the same texts, for paired tests.
         texts = [json.loads(line) for line in (run_dir / "heldout.jsonl").read_text().splitlines()]
@@ -96,5 +104,9 @@ def test_method_and_algorithm_run_end_to_end(
     assert all(has_control) if algorithm == "scaffold" else not any(has_control)
     if algorithm == "scaffold":  # each client's control variate carried across rounds
         assert [r["scaffold_ci_updates"] for r in rows[1:]] == [1.0, 2.0]
+    # Flower's per-round aggregated metrics hold no average of partition ids.
+    log_lines = federation.last_output.splitlines()
+    aggregated = [line for line in log_lines if "Aggregated MetricRecord" in line]
+    assert aggregated and not any("partition-id" in line for line in aggregated), aggregated
     config = json.loads((run_dir / "config.json").read_text())
     assert config["method"] == method and config["run_config"]["algorithm"] == algorithm

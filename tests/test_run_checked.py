@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,25 @@ def test_a_run_whose_server_app_fails_exits_non_zero(
     output = result.stdout[-4000:] + result.stderr[-2000:]
     assert result.returncode == 1, output
     assert "ended as finished:failed" in result.stderr, output
+
+
+def test_a_run_that_cannot_get_its_nodes_fails_within_node_wait_timeout(
+    federation: LocalFederation, tmp_path: Path
+) -> None:
+    """The local baseline asks for 3 nodes of a 2-node federation: instead of waiting
+    forever, it fails after ``node-wait-timeout`` naming the counts and the reason, and the
+    wrapper exits 1."""
+    config = tiny_run_config(
+        tmp_path, "short", method="local", min_train_nodes=3, node_wait_timeout=3.0
+    )
+    command = [sys.executable, str(SCRIPT), str(REPO), "test", "--run-config", _overrides(config)]
+    command += ["--federation-config", "num-supernodes=2"]
+    start = time.monotonic()
+    result = subprocess.run(
+        command, env=federation.env, capture_output=True, text=True, timeout=300, check=False
+    )
+    output = result.stdout[-4000:] + result.stderr[-2000:]
+    assert result.returncode == 1, output
+    assert "expected 3 node(s) (run-config min-train-nodes=3" in output, output
+    assert "but 2 connected within node-wait-timeout=3 s" in output, output
+    assert time.monotonic() - start < 240, output

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import logging
 import math
 import os
 import secrets
@@ -41,9 +40,10 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from flwr.common.logger import log
 
 _INIT = str(Path(__file__).with_name("sandbox_init.py"))
 _NAMESPACES = ("--net", "--pid", "--fork", "--kill-child", "--mount", "--ipc", "--uts")
@@ -103,7 +103,8 @@ def namespaces_available() -> bool:
     except OSError as error:
         probe = SandboxResult(False, str(error))
     if not probe.passed:
-        log.warning(
+        log(
+            WARNING,
             "SANDBOX FALLBACK: generated code runs WITHOUT network, file-system and process "
             "isolation (unshare failed: %s). Run the server as root or allow unprivileged "
             "user namespaces to contain it.",
