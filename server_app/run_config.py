@@ -70,6 +70,7 @@ class RunConfig:
     task: str = "gsm8k"
     public_data: str = "gpteacher"
     split: str = "train"
+    subset: str = ""
     instruction_column: str = ""
     input_column: str = ""
     output_column: str = ""
@@ -374,7 +375,8 @@ class RunConfig:
         """The task's records of ``split`` (default: the ``split`` key) through the column
         mapping; errors name ``run-config task``."""
         data_dir, key = self.data_dir or None, "run-config task"
-        return load_records(self.task, split or self.split, data_dir, self.columns, key)
+        split = split or self.split
+        return load_records(self.task, split, data_dir, self.columns, key, self.subset)
 
     @property
     def resolved_eval_split(self) -> str:

@@ -123,6 +123,7 @@ class ServerEvaluator:
             perplexity_task=config.task,
             perplexity_split=config.split,
             perplexity_columns=config.columns,
+            perplexity_subset=config.subset,
             banking77_mode=config.banking77_eval,
             data_dir=config.data_dir or None,
         )

@@ -133,10 +133,12 @@ def load_alpaca_file(path: Path, columns: Columns = USUAL_COLUMNS) -> list[Recor
     return [to_record(where_of(path, n), row, columns) for n, row in json_rows(path)]
 
 
-def load_table_records(name: str, split: str, columns: Columns = USUAL_COLUMNS) -> list[Record]:
+def load_table_records(
+    name: str, split: str, columns: Columns = USUAL_COLUMNS, subset: str = ""
+) -> list[Record]:
     """Records of a source ``datasets`` loads; a column that is not there fails up front,
     naming the columns that are. Numbers (CSV readers type columns) become strings."""
-    names, rows = table_rows(name, split)
+    names, rows = table_rows(name, split, subset)
     for f in fields(Columns):
         named = getattr(columns, f.name)
         if (named or f.name in ("instruction", "output")) and (named or f.name) not in names:
@@ -226,7 +228,9 @@ TASKS = tuple(_LOADERS)
 
 
 @lru_cache(maxsize=16)
-def _load(name: str, split: str, data_dir: str, columns: Columns) -> tuple[Record, ...]:
+def _load(
+    name: str, split: str, data_dir: str, columns: Columns, subset: str
+) -> tuple[Record, ...]:
     if name in _LOADERS:
         splits, loader = _LOADERS[name]
         if split not in splits:
@@ -234,8 +238,9 @@ def _load(name: str, split: str, data_dir: str, columns: Columns) -> tuple[Recor
         records = loader(Path(data_dir), split)
         source = f"{name} ({split}) in {data_dir}"
     elif name.endswith(JSON_SUFFIXES):
-        if split != "train":
-            raise DataError(f"{name}: no split {split!r}; its splits are ['train']")
+        if split != "train" or subset:
+            what = f"no split {split!r}" if split != "train" else f"no subset {subset!r}"
+            raise DataError(f"{name}: {what}; a JSON file has split 'train' only")
         records = load_alpaca_file(Path(name).expanduser(), columns)
         source = name
     elif (
@@ -243,7 +248,7 @@ def _load(name: str, split: str, data_dir: str, columns: Columns) -> tuple[Recor
         or name.endswith(tuple(TABLE_SUFFIXES))
         or looks_like_hub_id(name)
     ):
-        records, source = load_table_records(name, split, columns), name
+        records, source = load_table_records(name, split, columns, subset), name
     else:
         raise DataError(
             f"unknown data set {name!r}: use one of {', '.join(TASKS)}, a file "
@@ -260,11 +265,14 @@ def load_records(
     data_dir: str | Path | None = None,
     columns: Columns = USUAL_COLUMNS,
     key: str = "",
+    subset: str = "",
 ) -> list[Record]:
     """Records of a shipped data set, a file, a folder or a hub id (cached per process).
-    ``key`` (e.g. ``run-config task``) prefixes errors, naming where the source was set."""
+    ``key`` (e.g. ``run-config task``) prefixes errors, naming where the source was set;
+    ``subset`` is a hub id's (or folder's) configuration. The shipped sets ignore
+    ``columns`` and ``subset``."""
     root = Path(data_dir) if data_dir else default_data_dir()
     try:
-        return [dict(r) for r in _load(name, split, str(root), columns)]
+        return [dict(r) for r in _load(name, split, str(root), columns, subset)]
     except DataError as error:
         raise DataError(f"{key}={name!r}: {error}" if key else str(error)) from None

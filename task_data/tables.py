@@ -67,14 +67,16 @@ def _load_dataset(source: str, path: str, split: str, **kwargs: object) -> Datas
     except ValueError as error:
         if "Unknown split" in str(error):
             raise DataError(f"{source}: no split {split!r} ({error})") from None
-        raise DataError(f"{source}: {error}") from None
+        message = " ".join(str(error).split())  # one line, as every data error
+        hint = " (set subset)" if "Config name is missing" in message else ""
+        raise DataError(f"{source}: {message}{hint}") from None
     except DatasetGenerationError as error:
         raise DataError(f"{source}: cannot be read ({error.__cause__ or error})") from None
 
 
-def _load_hub(name: str, split: str) -> Dataset:
+def _load_hub(name: str, split: str, subset: str) -> Dataset:
     try:
-        return _load_dataset(name, name, split)
+        return _load_dataset(name, name, split, name=subset or None)
     except ConnectionError as error:
         offline = os.environ.get("HF_HUB_OFFLINE", "")
         raise DataError(
@@ -97,17 +99,28 @@ def _decoded(data: Dataset) -> list[Row]:
     return rows
 
 
-def table_rows(name: str, split: str) -> tuple[list[str], list[Row]]:
+def _no_subset(source: str, subset: str, kind: str) -> None:
+    if subset:
+        raise DataError(
+            f"{source}: subset={subset!r} names a configuration of a hub id or of a folder "
+            f"that declares them; a {kind} has none"
+        )
+
+
+def table_rows(name: str, split: str, subset: str = "") -> tuple[list[str], list[Row]]:
     """Column names and rows of split ``split`` of a CSV/Parquet file, a folder (saved with
-    ``save_to_disk``, or of data files) or a hub id."""
+    ``save_to_disk``, or of data files) or a hub id; ``subset``: the configuration (hub ids
+    and folders that declare configurations, e.g. ``main`` of ``openai/gsm8k``)."""
     path = Path(name).expanduser()
     if path.is_dir():
         saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
         if saved:
+            _no_subset(name, subset, "save_to_disk folder")
             data = _pick(datasets.load_from_disk(str(path)), name, split)
         else:
-            data = _load_dataset(name, str(path), split)
+            data = _load_dataset(name, str(path), split, name=subset or None)
     elif path.is_file():
+        _no_subset(name, subset, "file")
         builder = TABLE_SUFFIXES.get(path.suffix)
         if builder is None:
             known = ", ".join((*JSON_SUFFIXES, *TABLE_SUFFIXES))
@@ -117,7 +130,7 @@ def table_rows(name: str, split: str) -> tuple[list[str], list[Row]]:
         _only_train(name, split)
         data = _load_dataset(name, builder, "train", data_files=str(path))
     elif looks_like_hub_id(name):
-        data = _load_hub(name, split)
+        data = _load_hub(name, split, subset)
     else:
         raise DataError(f"{name}: no such file or folder")
     return list(data.column_names), _decoded(data)

@@ -187,3 +187,25 @@ def test_metric_keys_name_the_data_set_not_its_path() -> None:
     assert task_key("/data/site/my-set.jsonl.gz") == "my_set"
     assert task_key("/data/saved-folder/") == "saved_folder"
     assert task_key("code-alpaca") == "code_alpaca"
+
+
+def test_subset_picks_a_configuration_as_on_the_hub(tmp_path: Path) -> None:
+    """A folder laid out like openai/gsm8k (configurations main and socratic, declared in its
+    README): ``subset`` picks one; without it the error says to set it."""
+    repo = tmp_path / "gsm8k-like"
+    for config, rows in (("main", ROWS[:3]), ("socratic", ROWS[3:])):
+        (repo / config).mkdir(parents=True)
+        pd.DataFrame(rows).to_parquet(repo / config / "train.parquet")
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n"
+        + "".join(
+            f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train.parquet\n"
+            for c in ("main", "socratic")
+        )
+        + "---\n"
+    )
+    assert RunConfig(task=str(repo), subset="socratic").task_records() == EXPECTED[3:]
+    with pytest.raises(DataError, match=r"Config name is missing.*'main', 'socratic'.*set subset"):
+        RunConfig(task=str(repo)).task_records()
+    with pytest.raises(DataError, match=r"rows.csv: subset='main' names a configuration"):
+        load_records(str(_write_all(tmp_path / "all")["csv"]), subset="main")

@@ -29,6 +29,7 @@ class EvalSettings:
     perplexity_task: str = "gsm8k"
     perplexity_split: str = "train"
     perplexity_columns: Columns = USUAL_COLUMNS
+    perplexity_subset: str = ""
     banking77_mode: str = "generate"
     gsm8k_shots: int = 0
     humaneval_samples: int = 1
@@ -80,6 +81,7 @@ def evaluate_tasks(
                 settings.perplexity_task,
                 split=settings.perplexity_split,
                 columns=settings.perplexity_columns,
+                hub_subset=settings.perplexity_subset,
                 **common,
             )
     return out

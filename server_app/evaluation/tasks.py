@@ -119,11 +119,13 @@ def perplexity(
     data_dir: str | None = None,
     split: str = "train",
     columns: Columns = USUAL_COLUMNS,
+    hub_subset: str = "",
 ) -> dict[str, float]:
     """exp(mean cross-entropy per response token) on the task's held-out split (the shipped
-    test split; else ``split``, read through ``columns``)."""
+    test split; else ``split`` of configuration ``hub_subset``, read through ``columns``)."""
     split = "test" if task in ("gsm8k", "banking77") else split
-    records = subset(load_records(task, split, data_dir, columns, "task"), size, seed)
+    records = load_records(task, split, data_dir, columns, "task", hub_subset)
+    records = subset(records, size, seed)
     examples = tokenize_records(tokenizer, records, seq_length)
     device = next(model.parameters()).device
     total, count = 0.0, 0
