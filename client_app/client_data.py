@@ -1,8 +1,9 @@
 """A client's own data: its partition of the task, split into train and held-out parts.
 
 The single-client baselines (central, offsite-tuning) hold the union of all partitions:
-partition 0 of 1. A SuperNode whose node config names a ``data-file`` (its own JSON/JSONL
-instruction file: the realistic deployment) trains on that file instead of a partition.
+partition 0 of 1. A SuperNode whose node config names a ``data-file`` (its own instruction
+data: a file, a folder or a hub id, read with the run's ``split`` and ``*-column`` keys: the
+realistic deployment) trains on that instead of a partition.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ def _client_data(
     config: RunConfig, partition_id: int, tokenizer: PreTrainedTokenizerBase, data_file: str
 ) -> ClientData:
     if data_file:
-        part = load_records(data_file)
+        key = "node config data-file"
+        part = load_records(data_file, config.split, columns=config.columns, key=key)
     else:
-        records = load_records(config.task, "train", data_dir=config.data_dir or None)
+        records = config.task_records()
         if config.resolved_eval_split == "validation":  # the server's held-out texts
             records = validation_split(records, config.eval_examples)[0]
         part = partition_records(
@@ -63,11 +65,6 @@ def client_data(
     carries the node's own ``num-partitions`` and ``partition_id`` is in range
     (``client_app.node.node_partition``)."""
     if data_file:
-        if not data_file.endswith((".json", ".jsonl")):
-            raise ValueError(
-                f"node config data-file={data_file!r}: expected a .json or .jsonl file of "
-                "instruction/input/output records"
-            )
         return _client_data(config, partition_id, tokenizer, data_file)
     if method_plan(config).single_client:
         partition_id = 0

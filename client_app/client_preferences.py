@@ -40,7 +40,8 @@ def preference_clients(text: str) -> frozenset[int] | None:
 
 def split_shared(config: RunConfig) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """(training pairs, held-out pairs) of the run's preference data set."""
-    pairs = load_preferences(config.preference_data, config.data_dir or None)
+    key = "run-config preference-data"
+    pairs = load_preferences(config.preference_data, config.data_dir or None, key)
     return split_preferences(pairs, config.test_fraction, config.seed)
 
 
@@ -53,7 +54,7 @@ def client_preferences(
 ) -> tuple[dict, ...]:
     """Tokenized pairs this client trains DPO on; empty when it has none."""
     if preference_file:
-        pairs = load_preferences(preference_file)
+        pairs = load_preferences(preference_file, key="node config preference-file")
     else:
         chosen = preference_clients(config.preference_clients)
         if chosen is not None and partition_id not in chosen:

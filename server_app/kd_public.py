@@ -81,7 +81,7 @@ class PublicSet:
 
 def _unread_test_records(config: RunConfig) -> list[dict]:
     """Test records the server's evaluation of this run never reads."""
-    test = load_records(config.task, "test", data_dir=config.data_dir or None)
+    test = config.task_records("test")
     used = set()
     if config.resolved_eval_split == "test":
         used = set(heldout_test_indices(len(test), config.eval_examples))
@@ -112,7 +112,8 @@ def public_set(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PublicS
             rows=tuple(len(c) for c in chunks),
             labels=tuple(label_token_ids(tokenizer, names)),
         )
-    records = load_records(config.public_data, "train", data_dir=config.data_dir or None)
+    key = "run-config public-data"
+    records = load_records(config.public_data, data_dir=config.data_dir or None, key=key)
     random.Random(config.seed).shuffle(records)
     examples = tokenize_records(tokenizer, records[:size], config.seq_length)
     chunks = [

@@ -17,6 +17,7 @@ import torch
 
 from models.quantization import QUANTIZATION_MODES
 from server_app.evaluation.suite import parse_tasks
+from task_data import Columns, load_preferences, load_records
 
 METHODS = (
     "fedbiot",
@@ -68,6 +69,12 @@ class RunConfig:
     model: str = "smollm2-135m"
     task: str = "banking77"
     public_data: str = "gpteacher"
+    split: str = "train"
+    subset: str = ""
+    instruction_column: str = ""
+    input_column: str = ""
+    output_column: str = ""
+    label_column: str = ""
     num_partitions: int = 3
     partitioner: str = "iid"
     dirichlet_alpha: float = 0.5
@@ -250,6 +257,12 @@ class RunConfig:
                 self.eval_split != "test" or self.task in TASKS_WITH_TEST_SPLIT,
                 f"eval-split='test' needs a task with a test split {TASKS_WITH_TEST_SPLIT}",
             ),
+            (bool(self.split.strip()), "split must name a split, e.g. 'train'"),
+            (
+                not (self.split == "test" and self.resolved_eval_split == "test"),
+                "split='test' would train on the texts the server evaluates: use "
+                "eval-split=validation, or train on another split",
+            ),
             (self.client_eval_examples >= 0, "client-eval-examples must be >= 0"),
             (self.eval_every >= 0, "eval-every must be >= 0"),
             (self.eval_generation_examples >= 0, "eval-generation-examples must be >= 0"),
@@ -347,13 +360,25 @@ class RunConfig:
         with DPO rounds): the bound an honest client can never exceed."""
         if self.max_num_examples:
             return self.max_num_examples
-        from task_data import load_preferences, load_records  # clients never need these
-
-        data_dir = self.data_dir or None
-        cap = len(load_records(self.task, "train", data_dir=data_dir))
+        cap = len(self.task_records())
         if "dpo" in self.resolved_stage:
-            cap = max(cap, len(load_preferences(self.preference_data, data_dir)))
+            key = "run-config preference-data"
+            pairs = load_preferences(self.preference_data, self.data_dir or None, key)
+            cap = max(cap, len(pairs))
         return cap
+
+    @property
+    def columns(self) -> Columns:
+        """The ``*-column`` keys: which columns of the task's data hold the record fields."""
+        c = self
+        return Columns(c.instruction_column, c.input_column, c.output_column, c.label_column)
+
+    def task_records(self, split: str = "") -> list[dict[str, str]]:
+        """The task's records of ``split`` (default: the ``split`` key) through the column
+        mapping; errors name ``run-config task``."""
+        data_dir, key = self.data_dir or None, "run-config task"
+        split = split or self.split
+        return load_records(self.task, split, data_dir, self.columns, key, self.subset)
 
     @property
     def resolved_eval_split(self) -> str:

@@ -30,7 +30,8 @@ def seed_everything(seed: int) -> None:
 
 
 def _public_records(config: RunConfig) -> list[dict]:
-    records = list(load_records(config.public_data, "train", data_dir=config.data_dir or None))
+    key = "run-config public-data"
+    records = load_records(config.public_data, data_dir=config.data_dir or None, key=key)
     random.Random(config.seed).shuffle(records)
     return records
 
@@ -50,7 +51,7 @@ def public_heldout_records(config: RunConfig, size: int) -> list[dict]:
 
 def check_task_data(config: RunConfig, plan: MethodPlan) -> None:
     """Fail before any model is loaded if the task's data cannot be split as configured."""
-    records = load_records(config.task, "train", data_dir=config.data_dir or None)
+    records = config.task_records()
     try:
         partition_records(
             records,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -37,8 +38,9 @@ from server_app.results import RunRecorder
 from server_app.run_config import RunConfig
 from server_app.run_setup import public_heldout_records
 from strategies.fedbiot import FedBiOTMixin
-from task_data import collate, load_records, tokenize_records
+from task_data import collate, tokenize_records
 from task_data.sources import default_data_dir
+from task_data.tables import JSON_SUFFIXES, TABLE_SUFFIXES
 from task_data.validation import heldout_test_indices, validation_split
 
 # Texts of each kind (task, public) on which the emulator's fidelity is measured.
@@ -51,12 +53,9 @@ def heldout_records(config: RunConfig) -> list[dict[str, str]]:
     (``eval-split``)."""
     if not config.eval_examples:
         return []
-    data_dir = config.data_dir or None
     if config.resolved_eval_split == "validation":
-        return validation_split(
-            load_records(config.task, "train", data_dir=data_dir), config.eval_examples
-        )[1]
-    records = load_records(config.task, "test", data_dir=data_dir)
+        return validation_split(config.task_records(), config.eval_examples)[1]
+    records = config.task_records("test")
     return [records[i] for i in heldout_test_indices(len(records), config.eval_examples)]
 
 
@@ -77,9 +76,12 @@ def _read_cached(path: Path, texts: int, ranked: int) -> HeldoutResult | None:
 
 
 def task_key(task: str) -> str:
-    """The task's name in metric keys: a file's stem, not its path."""
-    name = Path(task).stem if task.endswith((".json", ".jsonl")) else task
-    return name.replace("-", "_")
+    """The task's name in metric keys: the last name of its file, folder or hub id, without
+    the file suffix (``openai/gsm8k`` gives ``gsm8k``)."""
+    name = Path(task.rstrip("/")).name
+    for suffix in (*JSON_SUFFIXES, *TABLE_SUFFIXES):
+        name = name.removesuffix(suffix)
+    return re.sub(r"\W", "_", name)
 
 
 class ServerEvaluator:
@@ -119,6 +121,9 @@ class ServerEvaluator:
             seed=config.seed,
             max_new_tokens=config.eval_max_new_tokens,
             perplexity_task=config.task,
+            perplexity_split=config.split,
+            perplexity_columns=config.columns,
+            perplexity_subset=config.subset,
             banking77_mode=config.banking77_eval,
             data_dir=config.data_dir or None,
         )

@@ -1,5 +1,5 @@
-"""Data handling: shipped data sets, chat formatting with response-only labels, partitioning,
-and preference pairs for DPO."""
+"""Data handling: shipped data sets and what `datasets` loads, chat formatting with
+response-only labels, partitioning, and preference pairs for DPO."""
 
 from task_data.formatting import (
     IGNORE_INDEX,
@@ -22,13 +22,15 @@ from task_data.preferences import (
     tokenize_pair,
     tokenize_pairs,
 )
-from task_data.sources import TASKS, DataError, load_records
+from task_data.sources import TASKS, USUAL_COLUMNS, Columns, DataError, load_records
 
 __all__ = [
     "HH_RLHF",
     "IGNORE_INDEX",
     "PARTITIONERS",
     "TASKS",
+    "USUAL_COLUMNS",
+    "Columns",
     "DataError",
     "PreferencePair",
     "batch_iterator",

@@ -1,4 +1,5 @@
-"""Preference pairs for DPO: loading (HH-RLHF, own JSON/JSONL files), splitting, tokenizing.
+"""Preference pairs for DPO: loading (HH-RLHF, own files, folders, hub ids), splitting,
+tokenizing.
 
 A pair is a prompt (chat messages ending with a user turn) and two assistant answers,
 ``chosen`` and ``rejected``. Tokenized, each side is an ordinary SFT example (prompt masked
@@ -27,7 +28,8 @@ from task_data.formatting import (
     batch_iterator,
     collate,
 )
-from task_data.sources import DataError, default_data_dir, json_rows, read_field
+from task_data.sources import DataError, default_data_dir, json_rows, read_field, where_of
+from task_data.tables import JSON_SUFFIXES, TABLE_SUFFIXES, looks_like_hub_id, table_rows
 
 HH_RLHF = "hh-rlhf"
 _HH_FILE = Path("hh_rlhf") / "harmless-base-test.jsonl.gz"
@@ -75,10 +77,6 @@ def parse_hh_dialogue(text: str, where: str = "dialogue") -> list[Message]:
     return messages
 
 
-def _where(path: Path, number: int) -> str:
-    return f"{path} {'record' if path.suffix == '.json' else 'line'} {number}"
-
-
 def _keep(pair: PreferencePair, skipped: Counter[str]) -> bool:
     """Pairs with an empty or no-difference answer carry no preference: count them instead."""
     if not pair["chosen"].strip() or not pair["rejected"].strip():
@@ -102,8 +100,8 @@ def load_hh_rlhf(path: Path) -> tuple[list[PreferencePair], Counter[str]]:
     for n, row in json_rows(path):
         sides = {}
         for side in ("chosen", "rejected"):
-            where = f"{_where(path, n)} field {side!r}"
-            messages = parse_hh_dialogue(read_field(path, n, row, side), where)
+            where = f"{where_of(path, n)} field {side!r}"
+            messages = parse_hh_dialogue(read_field(where_of(path, n), row, side), where)
             if messages[-1]["role"] != "assistant":
                 raise DataError(f"{where}: the dialogue must end with an 'Assistant:' turn")
             sides[side] = messages
@@ -121,14 +119,14 @@ def load_hh_rlhf(path: Path) -> tuple[list[PreferencePair], Counter[str]]:
     return pairs, skipped
 
 
-def _prompt(path: Path, number: int, row: object) -> list[Message]:
+def _prompt(at: str, row: object) -> list[Message]:
     """A string prompt is one user turn; a list must be role/content messages ending with a
-    user turn (the answers follow it)."""
+    user turn (the answers follow it). ``at`` (source and line or row) prefixes errors."""
     if not isinstance(row, dict):
-        raise DataError(f"{_where(path, number)}: expected an object, got {type(row).__name__}")
+        raise DataError(f"{at}: expected an object, got {type(row).__name__}")
     if row.get("prompt") is None:
-        raise DataError(f"{_where(path, number)}: missing field 'prompt'")
-    where, value = f"{_where(path, number)} field 'prompt'", row["prompt"]
+        raise DataError(f"{at}: missing field 'prompt'")
+    where, value = f"{at} field 'prompt'", row["prompt"]
     if isinstance(value, str) and value.strip():
         return [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
@@ -144,23 +142,35 @@ def _prompt(path: Path, number: int, row: object) -> list[Message]:
     return messages
 
 
+def _pairs(rows: Iterator[tuple[str, object]]) -> tuple[list[PreferencePair], Counter[str]]:
+    """Pairs of ``(where, row)`` rows with ``prompt``, ``chosen``, ``rejected``."""
+    pairs: list[PreferencePair] = []
+    skipped: Counter[str] = Counter()
+    for where, row in rows:
+        pair: PreferencePair = {
+            "prompt": _prompt(where, row),
+            "chosen": read_field(where, row, "chosen"),
+            "rejected": read_field(where, row, "rejected"),
+        }
+        if _keep(pair, skipped):
+            pairs.append(pair)
+    return pairs, skipped
+
+
 def load_preference_file(path: Path) -> tuple[list[PreferencePair], Counter[str]]:
     """Pairs of a JSON list or (gzipped) JSONL file with ``prompt``, ``chosen``, ``rejected``.
 
     ``prompt`` is a string or a list of ``{role, content}`` messages. Returns the pairs and the
     skipped (empty or identical answer) rows counted by reason.
     """
-    pairs: list[PreferencePair] = []
-    skipped: Counter[str] = Counter()
-    for n, row in json_rows(path):
-        pair: PreferencePair = {
-            "prompt": _prompt(path, n, row),
-            "chosen": read_field(path, n, row, "chosen"),
-            "rejected": read_field(path, n, row, "rejected"),
-        }
-        if _keep(pair, skipped):
-            pairs.append(pair)
-    return pairs, skipped
+    return _pairs((where_of(path, n), row) for n, row in json_rows(path))
+
+
+def load_preference_table(name: str) -> tuple[list[PreferencePair], Counter[str]]:
+    """Pairs of the 'train' split of a CSV/Parquet file, a folder or a hub id, with the
+    columns of a preference file."""
+    _, rows = table_rows(name, "train")
+    return _pairs((f"{name} row {n}", row) for n, row in enumerate(rows, start=1))
 
 
 @lru_cache(maxsize=4)
@@ -168,13 +178,21 @@ def _load(name: str, data_dir: str) -> tuple[PreferencePair, ...]:
     if name == HH_RLHF:
         path = Path(data_dir) / _HH_FILE
         pairs, skipped = load_hh_rlhf(path)
-    elif name.endswith((".json", ".jsonl", ".jsonl.gz")):
+    elif name.endswith(JSON_SUFFIXES):
         path = Path(name).expanduser()
         pairs, skipped = load_preference_file(path)
+    elif (
+        Path(name).expanduser().exists()
+        or name.endswith(tuple(TABLE_SUFFIXES))
+        or looks_like_hub_id(name)
+    ):
+        path = Path(name)
+        pairs, skipped = load_preference_table(name)
     else:
-        raise ValueError(
-            f"unknown preference data {name!r}: use {HH_RLHF!r} or a path to a .json/.jsonl "
-            "file of prompt/chosen/rejected records"
+        raise DataError(
+            f"unknown preference data {name!r}: use {HH_RLHF!r}, a file "
+            f"({', '.join((*JSON_SUFFIXES, *TABLE_SUFFIXES))}) or folder of prompt/chosen/"
+            "rejected records, or a hub id owner/name"
         )
     if not pairs:
         raise DataError(f"{path}: no usable preference pairs (skipped: {dict(skipped)})")
@@ -183,17 +201,23 @@ def _load(name: str, data_dir: str) -> tuple[PreferencePair, ...]:
     return tuple(pairs)
 
 
-def load_preferences(name_or_path: str, data_dir: str | Path | None = None) -> list[PreferencePair]:
-    """Pairs of the shipped HH-RLHF harmless-base set (``"hh-rlhf"``) or of a local file
-    (cached per process; skipped rows are logged)."""
+def load_preferences(
+    name_or_path: str, data_dir: str | Path | None = None, key: str = ""
+) -> list[PreferencePair]:
+    """Pairs of the shipped HH-RLHF harmless-base set (``"hh-rlhf"``), a file, a folder or a
+    hub id (cached per process; skipped rows are logged). ``key`` prefixes errors."""
     root = Path(data_dir) if data_dir else default_data_dir()
+    try:
+        pairs = _load(name_or_path, str(root))
+    except DataError as error:
+        raise DataError(f"{key}={name_or_path!r}: {error}" if key else str(error)) from None
     return [
         {
             "prompt": [{"role": m["role"], "content": m["content"]} for m in p["prompt"]],
             "chosen": p["chosen"],
             "rejected": p["rejected"],
         }
-        for p in _load(name_or_path, str(root))
+        for p in pairs
     ]
 
 

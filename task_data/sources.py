@@ -1,7 +1,10 @@
-"""Load the shipped data sets (and a node's own JSON/JSONL file) as Alpaca-form records.
+"""Load the shipped data sets, and what ``datasets`` loads, as Alpaca-form records.
 
 Every record has ``instruction``, ``input`` and ``output`` strings; Banking77 records also
-carry ``label``. Malformed files fail with ``DataError`` naming the file and line.
+carry ``label``. Besides the shipped names, a source is a JSON/JSONL file (read here, so that
+errors name the line), or a CSV/Parquet file, a ``save_to_disk`` folder, a folder of data
+files or a hub id (``task_data.tables``); ``Columns`` maps its columns onto the fields.
+Malformed data fails with ``DataError`` naming the source and line or row.
 """
 
 from __future__ import annotations
@@ -11,8 +14,18 @@ import gzip
 import json
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
+
+from task_data.errors import DataError
+from task_data.tables import (
+    JSON_SUFFIXES,
+    TABLE_SUFFIXES,
+    looks_like_hub_id,
+    table_rows,
+    utf8_text,
+)
 
 Record = dict[str, str]
 
@@ -21,8 +34,18 @@ BANKING77_INSTRUCTION = (
 )
 
 
-class DataError(ValueError):
-    """A data file is missing, unreadable or malformed; the message names file and line."""
+@dataclass(frozen=True)
+class Columns:
+    """The column holding each record field ('': the field's own name); run-config keys
+    ``instruction-column`` and so on. The shipped data sets have their own columns."""
+
+    instruction: str = ""
+    input: str = ""
+    output: str = ""
+    label: str = ""
+
+
+USUAL_COLUMNS = Columns()
 
 
 def default_data_dir() -> Path:
@@ -39,12 +62,8 @@ def require_file(path: Path) -> Path:
 
 def json_rows(path: Path) -> Iterator[tuple[int, object]]:
     """(line number, row) for a JSON list, a JSONL file or a gzipped JSONL file."""
-    require_file(path)
-    if path.suffix == ".gz":
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            text = f.read()
-    else:
-        text = path.read_text(encoding="utf-8")
+    data = require_file(path).read_bytes()
+    text = utf8_text(path, gzip.decompress(data) if path.suffix == ".gz" else data)
     if path.suffix == ".json":
         try:
             rows = json.loads(text)
@@ -63,8 +82,13 @@ def json_rows(path: Path) -> Iterator[tuple[int, object]]:
             raise DataError(f"{path} line {number}: invalid JSON ({err.msg})") from err
 
 
-def read_field(path: Path, number: int, row: object, name: str, optional: bool = False) -> str:
-    where = f"{path} {'record' if path.suffix == '.json' else 'line'} {number}"
+def where_of(path: Path, number: int) -> str:
+    """``file line N`` (JSONL) or ``file record N`` (a JSON list), for error messages."""
+    return f"{path} {'record' if path.suffix == '.json' else 'line'} {number}"
+
+
+def read_field(where: str, row: object, name: str, optional: bool = False) -> str:
+    """String field ``name`` of ``row``; ``where`` (source and line or row) prefixes errors."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object, got {type(row).__name__}")
     if name not in row or row[name] is None:
@@ -74,23 +98,60 @@ def read_field(path: Path, number: int, row: object, name: str, optional: bool =
     value = row[name]
     if not isinstance(value, str):
         raise DataError(f"{where}: field {name!r} must be a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(
+            f"{where}: field {name!r} holds a lone surrogate (\\ud800-\\udfff)"
+        ) from None
     return value
 
 
-def load_alpaca_file(path: Path) -> list[Record]:
+def to_record(where: str, row: object, columns: Columns) -> Record:
+    """An Alpaca record from ``row``: instruction and output required, input and label
+    optional unless their column is named."""
+    record = {}
+    for f in fields(Columns):
+        named = getattr(columns, f.name)
+        column = named or f.name
+        optional = f.name in ("input", "label") and not named
+        if isinstance(row, dict) and not optional and row.get(column) is None:
+            key = f"{f.name}-column"
+            why = f"{key}={named!r}" if named else f"set {key} to the column that holds it"
+            raise DataError(
+                f"{where}: missing field {column!r} ({why}); it has fields {sorted(row)}"
+            )
+        value = read_field(where, row, column, optional)
+        if value or f.name != "label":
+            record[f.name] = value
+    return record
+
+
+def load_alpaca_file(path: Path, columns: Columns = USUAL_COLUMNS) -> list[Record]:
     """A JSON list or JSONL file of instruction/input/output records (input optional; an
     optional ``label`` feeds the Dirichlet and natural partitioners)."""
+    return [to_record(where_of(path, n), row, columns) for n, row in json_rows(path)]
+
+
+def load_table_records(
+    name: str, split: str, columns: Columns = USUAL_COLUMNS, subset: str = ""
+) -> list[Record]:
+    """Records of a source ``datasets`` loads; a column that is not there fails up front,
+    naming the columns that are. Numbers (CSV readers type columns) become strings."""
+    names, rows = table_rows(name, split, subset)
+    for f in fields(Columns):
+        named = getattr(columns, f.name)
+        if (named or f.name in ("instruction", "output")) and (named or f.name) not in names:
+            key = f"{f.name}-column"
+            what = f"{key}={named!r} names no column" if named else f"no {f.name!r} column"
+            raise DataError(f"{name}: {what}; its columns are {names} (set {key})")
     records = []
-    for n, row in json_rows(path):
-        record = {
-            "instruction": read_field(path, n, row, "instruction"),
-            "input": read_field(path, n, row, "input", optional=True),
-            "output": read_field(path, n, row, "output"),
+    for number, row in enumerate(rows, start=1):
+        row = {
+            k: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+            for k, v in row.items()
         }
-        label = read_field(path, n, row, "label", optional=True)
-        if label:
-            record["label"] = label
-        records.append(record)
+        records.append(to_record(f"{name} ({split}) row {number}", row, columns))
     return records
 
 
@@ -98,9 +159,9 @@ def _gsm8k(root: Path, split: str) -> list[Record]:
     path = root / "gsm8k" / f"{split}.jsonl"
     return [
         {
-            "instruction": read_field(path, n, r, "question"),
+            "instruction": read_field(where_of(path, n), r, "question"),
             "input": "",
-            "output": read_field(path, n, r, "answer"),
+            "output": read_field(where_of(path, n), r, "answer"),
         }
         for n, r in json_rows(path)
     ]
@@ -130,7 +191,8 @@ def _instances(root: Path, relative: str) -> list[Record]:
     path = root / relative
     records = []
     for number, row in json_rows(path):
-        instruction = read_field(path, number, row, "instruction")
+        where = where_of(path, number)
+        instruction = read_field(where, row, "instruction")
         instances = row.get("instances") if isinstance(row, dict) else None
         if not isinstance(instances, list) or not instances:
             raise DataError(f"{path} line {number}: missing field 'instances'")
@@ -138,8 +200,8 @@ def _instances(root: Path, relative: str) -> list[Record]:
             records.append(
                 {
                     "instruction": instruction,
-                    "input": read_field(path, number, instance, "input", optional=True),
-                    "output": read_field(path, number, instance, "output"),
+                    "input": read_field(where, instance, "input", optional=True),
+                    "output": read_field(where, instance, "output"),
                 }
             )
     return records
@@ -166,20 +228,31 @@ TASKS = tuple(_LOADERS)
 
 
 @lru_cache(maxsize=16)
-def _load(name: str, split: str, data_dir: str) -> tuple[Record, ...]:
+def _load(
+    name: str, split: str, data_dir: str, columns: Columns, subset: str
+) -> tuple[Record, ...]:
     if name in _LOADERS:
         splits, loader = _LOADERS[name]
         if split not in splits:
-            raise ValueError(f"data set {name!r} has no {split!r} split (it has {splits})")
+            raise DataError(f"data set {name!r} has no {split!r} split (it has {splits})")
         records = loader(Path(data_dir), split)
         source = f"{name} ({split}) in {data_dir}"
-    elif name.endswith((".json", ".jsonl")):
-        records = load_alpaca_file(Path(name).expanduser())
+    elif name.endswith(JSON_SUFFIXES):
+        if split != "train" or subset:
+            what = f"no split {split!r}" if split != "train" else f"no subset {subset!r}"
+            raise DataError(f"{name}: {what}; a JSON file has split 'train' only")
+        records = load_alpaca_file(Path(name).expanduser(), columns)
         source = name
+    elif (
+        Path(name).expanduser().exists()
+        or name.endswith(tuple(TABLE_SUFFIXES))
+        or looks_like_hub_id(name)
+    ):
+        records, source = load_table_records(name, split, columns, subset), name
     else:
-        raise ValueError(
-            f"unknown data set {name!r}: use one of {', '.join(TASKS)} "
-            "or a path to a .json/.jsonl file of instruction/input/output records"
+        raise DataError(
+            f"unknown data set {name!r}: use one of {', '.join(TASKS)}, a file "
+            f"({', '.join((*JSON_SUFFIXES, *TABLE_SUFFIXES))}), a folder, or a hub id owner/name"
         )
     if not records:
         raise DataError(f"{source}: no records")
@@ -187,8 +260,19 @@ def _load(name: str, split: str, data_dir: str) -> tuple[Record, ...]:
 
 
 def load_records(
-    name: str, split: str = "train", data_dir: str | Path | None = None
+    name: str,
+    split: str = "train",
+    data_dir: str | Path | None = None,
+    columns: Columns = USUAL_COLUMNS,
+    key: str = "",
+    subset: str = "",
 ) -> list[Record]:
-    """Records of a shipped data set or of a local file (cached per process)."""
+    """Records of a shipped data set, a file, a folder or a hub id (cached per process).
+    ``key`` (e.g. ``run-config task``) prefixes errors, naming where the source was set;
+    ``subset`` is a hub id's (or folder's) configuration. The shipped sets ignore
+    ``columns`` and ``subset``."""
     root = Path(data_dir) if data_dir else default_data_dir()
-    return [dict(r) for r in _load(name, split, str(root))]
+    try:
+        return [dict(r) for r in _load(name, split, str(root), columns, subset)]
+    except DataError as error:
+        raise DataError(f"{key}={name!r}: {error}" if key else str(error)) from None

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from server_app.evaluation import humaneval, tasks
 from server_app.evaluation.confidence import wilson
+from task_data import USUAL_COLUMNS, Columns
 
 EVAL_TASKS = ("gsm8k", "banking77", "humaneval", "perplexity")
 
@@ -26,6 +27,9 @@ class EvalSettings:
     seed: int
     max_new_tokens: int = 256
     perplexity_task: str = "gsm8k"
+    perplexity_split: str = "train"
+    perplexity_columns: Columns = USUAL_COLUMNS
+    perplexity_subset: str = ""
     banking77_mode: str = "generate"
     gsm8k_shots: int = 0
     humaneval_samples: int = 1
@@ -71,7 +75,15 @@ def evaluate_tasks(
                 **common,
             )
         else:
-            out[task] = tasks.perplexity(model, tokenizer, settings.perplexity_task, **common)
+            out[task] = tasks.perplexity(
+                model,
+                tokenizer,
+                settings.perplexity_task,
+                split=settings.perplexity_split,
+                columns=settings.perplexity_columns,
+                hub_subset=settings.perplexity_subset,
+                **common,
+            )
     return out
 
 

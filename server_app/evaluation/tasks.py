@@ -19,7 +19,7 @@ from models.response_logits import response_logits
 from server_app.evaluation.answers import extract_answer
 from server_app.evaluation.generation import chat_prompt, generate
 from server_app.evaluation.heldout import macro_f1
-from task_data import collate, load_records, tokenize_records
+from task_data import USUAL_COLUMNS, Columns, collate, load_records, tokenize_records
 from task_data.sources import default_data_dir
 
 GSM8K_ZERO_SHOT = '{question}\nSolve it step by step and end with "The answer is N".'
@@ -117,10 +117,15 @@ def perplexity(
     seq_length: int = 512,
     batch_size: int = 4,
     data_dir: str | None = None,
+    split: str = "train",
+    columns: Columns = USUAL_COLUMNS,
+    hub_subset: str = "",
 ) -> dict[str, float]:
-    """exp(mean cross-entropy per response token) on the task's held-out split."""
-    split = "test" if task in ("gsm8k", "banking77") else "train"
-    records = subset(load_records(task, split, data_dir=data_dir), size, seed)
+    """exp(mean cross-entropy per response token) on the task's held-out split (the shipped
+    test split; else ``split`` of configuration ``hub_subset``, read through ``columns``)."""
+    split = "test" if task in ("gsm8k", "banking77") else split
+    records = load_records(task, split, data_dir, columns, "task", hub_subset)
+    records = subset(records, size, seed)
     examples = tokenize_records(tokenizer, records, seq_length)
     device = next(model.parameters()).device
     total, count = 0.0, 0
