@@ -150,7 +150,7 @@ def test_a_message_naming_a_bad_digest_fails_with_the_node_and_key(
     context = Context(
         run_id=1,
         node_id=11,
-        node_config={"cache-dir": str(tmp_path)},
+        node_config={"cache-dir": str(tmp_path), "partition-id": 0, "num-partitions": 2},
         state=RecordDict(),
         run_config={},
     )
