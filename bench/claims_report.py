@@ -40,18 +40,20 @@ def last_scores(run_dir: Path) -> dict[str, dict]:
 
 
 def _variant(scores: dict[str, dict], model: str) -> dict | None:
-    """A model's scores; ``local``: the client models' NLL and tokens summed per text (the
-    token-weighted mean over clients; local-only models are not ranked)."""
-    if model != "local":
-        return scores.get(model)
-    clients = [v for k, v in scores.items() if k.startswith("client")]
-    if not clients:
+    """A model's per-text NLL, tokens, correct rankings and rankings; ``local``: the client
+    models' scores summed per text (a token-weighted mean loss and a mean accuracy over the
+    clients' models)."""
+    if model == "local":
+        parts = [v for k, v in scores.items() if k.startswith("client")]
+    else:
+        parts = [scores[model]] if model in scores else []
+    if not parts:
         return None
     return {
-        "nll": list(np.sum([c["nll"] for c in clients], axis=0)),
-        "tokens": list(np.sum([c["tokens"] for c in clients], axis=0)),
-        "predicted": [],
-        "gold": [],
+        "nll": np.sum([p["nll"] for p in parts], axis=0),
+        "tokens": np.sum([p["tokens"] for p in parts], axis=0),
+        "correct": np.sum([np.equal(p["predicted"], p["gold"]) for p in parts], axis=0),
+        "ranked": np.sum([np.ones(len(p["predicted"])) for p in parts], axis=0),
     }
 
 
@@ -60,12 +62,11 @@ def pooled(run_dirs: list[Path], model: str) -> Pooled | None:
     parts = [_variant(last_scores(d), model) for d in run_dirs]
     if not parts or any(p is None for p in parts):
         return None
-    correct = [np.equal(p["predicted"], p["gold"]).astype(float) for p in parts]
+    ranked = all(len(p["ranked"]) for p in parts)
     return Pooled(
-        nll=np.sum([p["nll"] for p in parts], axis=0),
-        tokens=np.sum([p["tokens"] for p in parts], axis=0),
-        correct=np.sum(correct, axis=0) if all(len(c) for c in correct) else np.array([]),
-        ranked=np.full(len(parts[0]["predicted"]), float(len(parts))),
+        **{key: np.sum([p[key] for p in parts], axis=0) for key in ("nll", "tokens")},
+        correct=np.sum([p["correct"] for p in parts], axis=0) if ranked else np.array([]),
+        ranked=np.sum([p["ranked"] for p in parts], axis=0) if ranked else np.array([]),
     )
 
 
@@ -73,6 +74,9 @@ def models_of(row: str) -> tuple[str, ...]:
     if row.startswith("fedbiot") or row in ("fedot", "offsite"):
         return ("adapemu", "adapfu")
     return ("local",) if row == "local" else ("adapfu",)
+
+
+COSTS = ("client_seconds_per_example", "bytes_per_client", "server_seconds", "wall_seconds")
 
 
 def _costs(run_dirs: list[Path], wall: dict[str, float], clients: int) -> dict[str, float]:
@@ -108,6 +112,14 @@ def model_table(
 ) -> list[dict]:
     """One row per (method, partition, model) with every seed finished."""
     table = []
+    base = next((b for d in cells.values() if (b := pooled(d, "base")) is not None), None)
+    if base is not None:
+        # Every run scores the same texts with the same untrained model: one row, no costs.
+        table.append({"method": "base", "partition": "–", "model": "base",
+                      "texts": len(base.nll), "ranked_texts": len(base.correct),
+                      **ratio(base.nll, base.tokens).keys("loss"),
+                      **ratio(base.correct, base.ranked).keys("accuracy"),
+                      **dict.fromkeys(COSTS, float("nan"))})  # fmt: skip
     for (row, partition), run_dirs in cells.items():
         for model in models_of(row):
             scores = pooled(run_dirs, model)
@@ -123,8 +135,11 @@ def model_table(
     return table
 
 
-# (claim, method a, model a, method b, model b): "a is better than b".
+# (claim, method a, model a, method b, model b): "a is better than b"; "base" is the untrained
+# model as scored in method b's own runs.
 CLAIMS = (
+    ("FedBiOT AdapFu > base (beta 0.2)", "fedbiot-b0.2", "adapfu", "fedbiot-b0.2", "base"),
+    ("FedIT AdapFu > base", "fedit", "adapfu", "fedit", "base"),
     ("AdapFu > AdapEmu (FedBiOT beta 0.2)", "fedbiot-b0.2", "adapfu", "fedbiot-b0.2", "adapemu"),
     ("AdapFu > AdapEmu (FedBiOT beta 0.5)", "fedbiot-b0.5", "adapfu", "fedbiot-b0.5", "adapemu"),
     ("FedBiOT AdapFu >= FedOT AdapFu", "fedbiot-b0.2", "adapfu", "fedot", "adapfu"),
@@ -174,6 +189,10 @@ def _cell(entry: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
     return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
+def _number(value: float, digits: int) -> str:
+    return f"{value:.{digits}f}" if np.isfinite(value) else "–"
+
+
 def write_report(document: dict, path: Path) -> Path:
     """The table and the verdicts as Markdown."""
     lines = [
@@ -191,9 +210,9 @@ def write_report(document: dict, path: Path) -> Path:
     for e in document["table"]:
         lines.append(
             f"| {e['method']} | {e['partition']} | {e['model']} | {_cell(e, 'loss')} "
-            f"| {_cell(e, 'accuracy', 100, 1)} | {e['client_seconds_per_example']:.3f} "
-            f"| {e['bytes_per_client'] / 1e6:.1f} | {e['server_seconds']:.0f} "
-            f"| {e['wall_seconds']:.0f} |"
+            f"| {_cell(e, 'accuracy', 100, 1)} | {_number(e['client_seconds_per_example'], 3)} "
+            f"| {_number(e['bytes_per_client'] / 1e6, 1)} | {_number(e['server_seconds'], 0)} "
+            f"| {_number(e['wall_seconds'], 0)} |"
         )
     lines += ["", "| claim | partition | loss a − b | verdict | accuracy a − b (pp) | verdict |",
               "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip

@@ -61,7 +61,8 @@ QUICK = {
     "public-examples": 8,
 }
 # Point name -> the keys that make it; bN: drop rate, pN: pre-alignment steps, aN: adapter
-# blocks, dN: distillation steps per round.
+# blocks, dN: distillation steps per round, sN: local steps per round (s40: four times the
+# common client budget, for FedIT and FedBiOT alike).
 POINTS: dict[str, dict[str, object]] = {
     "fedit": {"method": "fedit"},
     "b0.0": {"drop-rate": 0.0, "prealign-steps": 0},
@@ -72,6 +73,14 @@ POINTS: dict[str, dict[str, object]] = {
     "b0.1-p100": {"drop-rate": 0.1, "prealign-steps": 100},
     "b0.2-p100-a4": {"drop-rate": 0.2, "prealign-steps": 100, "adapter-layers": 4},
     "b0.2-p100-d20": {"drop-rate": 0.2, "prealign-steps": 100, "distill-steps": 20},
+    "fedit-s40": {"method": "fedit", "local-steps": 40},
+    "b0.2-p100-s40": {"drop-rate": 0.2, "prealign-steps": 100, "local-steps": 40},
+    "b0.2-p100-a8-s40": {
+        "drop-rate": 0.2,
+        "prealign-steps": 100,
+        "adapter-layers": 8,
+        "local-steps": 40,
+    },
 }
 
 
@@ -79,6 +88,8 @@ def point_config(name: str, args: argparse.Namespace, runs: Path, threads: int) 
     point = {"method": "fedbiot", **POINTS[name]}
     if args.quick and "prealign-steps" in point:
         point["prealign-steps"] = 2
+    if args.quick:
+        point.pop("local-steps", None)
     return {
         "model": args.model,
         **COMMON,

@@ -18,8 +18,9 @@ def test_claims_quick_mode_pairs_methods_on_the_same_texts(tmp_path: Path) -> No
     document = json.loads((tmp_path / "claims.json").read_text())
     assert document["command"] == "python -m bench.fedbiot_claims " + " ".join(argv)
     models = {(e["method"], e["model"]): e for e in document["table"]}
-    assert set(models) == {("fedbiot-b0.2", "adapemu"), ("fedbiot-b0.2", "adapfu"),
-                           ("fedot", "adapemu"), ("fedot", "adapfu")}  # fmt: skip
+    assert set(models) == {("base", "base"), ("fedbiot-b0.2", "adapemu"),
+                           ("fedbiot-b0.2", "adapfu"), ("fedot", "adapemu"),
+                           ("fedot", "adapfu")}  # fmt: skip
     runs = tmp_path / "runs"
     fedbiot = pooled([runs / "fedbiot-b0.2-iid-s0"], "adapfu")
     fedot = pooled([runs / "fedot-iid-s0"], "adapfu")
@@ -39,6 +40,13 @@ def test_claims_quick_mode_pairs_methods_on_the_same_texts(tmp_path: Path) -> No
     expected = "agrees" if high < 0 else "disagrees" if low > 0 else "cannot tell"
     assert versus_fedot["verdict_loss"] == expected  # a lower loss is better
     assert verdicts["federated (FedIT) > local-only"]["verdict"] == "not run"
+    # The untrained model: one row, scored on the same texts, and the claim against it.
+    base = pooled([runs / "fedbiot-b0.2-iid-s0"], "base")
+    assert base is not None and np.array_equal(base.tokens, fedbiot.tokens)
+    assert models[("base", "base")]["loss"] == base.nll.sum() / base.tokens.sum()
+    versus_base = verdicts["FedBiOT AdapFu > base (beta 0.2)"]
+    to_base = fedbiot.nll.sum() / fedbiot.tokens.sum() - base.nll.sum() / base.tokens.sum()
+    assert versus_base["loss_difference"] == to_base
     assert "| FedBiOT AdapFu >= FedOT AdapFu | iid |" in report.read_text()
 
 
@@ -48,3 +56,21 @@ def test_verdict_reads_the_interval_on_the_better_side() -> None:
     assert verdict(Interval(-0.2, -0.3, -0.1), higher_is_better=False) == "agrees"
     assert verdict(Interval(0.01, -0.02, 0.04), higher_is_better=True) == "cannot tell"
     assert verdict(Interval(np.nan, np.nan, np.nan), higher_is_better=True) == "cannot tell"
+
+
+def test_local_only_pools_its_client_models_per_text(tmp_path: Path) -> None:
+    """Local-only has one model per client: a text's loss sums their NLL and tokens, and its
+    accuracy counts how many of them rank the gold label first."""
+    rows = [
+        {"round": 2, "variant": "client0", "nll": [1.0, 2.0], "tokens": [1, 2],
+         "predicted": ["a", "b"], "gold": ["a", "c"]},
+        {"round": 2, "variant": "client1", "nll": [3.0, 4.0], "tokens": [1, 2],
+         "predicted": ["a", "c"], "gold": ["a", "c"]},
+        {"round": 1, "variant": "client1", "nll": [9.0, 9.0], "tokens": [1, 2],
+         "predicted": ["x", "x"], "gold": ["a", "c"]},
+    ]  # fmt: skip
+    (tmp_path / "heldout.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    local = pooled([tmp_path], "local")
+    assert local is not None
+    assert local.nll.tolist() == [4.0, 6.0] and local.tokens.tolist() == [2, 4]
+    assert local.correct.tolist() == [2, 1] and local.ranked.tolist() == [2, 2]
