@@ -33,6 +33,7 @@ from server_app.run_config import ConfigError, RunConfig
 from server_app.run_setup import model_fields, open_run, public_batches
 from server_app.server_eval import ServerEvaluator
 from server_app.split_learning import run_split
+from server_app.superlink_guard import check_superlink
 from strategies.algorithms import strategy_class
 from strategies.client_dp import ClientDP, with_client_dp
 from strategies.depth_aggregation import FedBiAlign
@@ -198,6 +199,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         ),
         stage=config.stage_of,
         audit_path=recorder.dir / "sent_arrays.jsonl",
+        before_write=check_superlink,
         max_norm_ratio=config.max_update_norm_ratio,
         max_update_norm=config.max_update_norm,
         max_examples=config.example_cap(),
@@ -244,6 +246,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         evaluate_config=ConfigRecord(),
         evaluate_fn=evaluate_and_checkpoint,
     )
+    check_superlink()
     if plan.aggregates:
         outputs = export_outputs(models, recorder.dir)
     else:

@@ -30,6 +30,7 @@ from flwr.app import Array, ArrayRecord
 from models.distillation import EmulatorDistiller
 from models.fedbiot_models import FedBiOTModels
 from server_app.run_config import ConfigError, RunConfig
+from server_app.superlink_guard import check_superlink
 
 FORMAT = "fedbiot-checkpoint-2"
 # Run-config keys a resume may change: where and how long it runs, not what it computes.
@@ -133,6 +134,7 @@ def save_checkpoint(
     config: RunConfig | None = None,
 ) -> Path:
     """Write ``round-<r>.pt`` and ``latest.pt`` with the same content, each atomically."""
+    check_superlink()
     directory.mkdir(parents=True, exist_ok=True)
     state = {
         "round": server_round,

@@ -31,6 +31,7 @@ from server_app.methods import method_plan
 from server_app.results import RunRecorder
 from server_app.run_config import ConfigError, RunConfig
 from server_app.run_setup import open_run
+from server_app.superlink_guard import check_superlink
 from strategies.fedbiot import audit_entry
 from strategies.lr_schedule import round_learning_rate
 from strategies.node_wait import wait_for_nodes
@@ -107,6 +108,7 @@ class RoundTrip:
             )
             for node, body in contents.items()
         ]
+        check_superlink()
         with open(self.run_dir / "sent_arrays.jsonl", "a") as f:
             for message in messages:
                 f.write(json.dumps({**audit_entry(server_round, message), "step": step}) + "\n")
@@ -120,6 +122,7 @@ class RoundTrip:
                 log(INFO, "round %d step %d: error reply %s", server_round, step, reply.error)
             else:
                 replies[reply.metadata.src_node_id] = reply
+        check_superlink()
         with open(self.run_dir / "received_arrays.jsonl", "a") as f:
             for _, reply in sorted(replies.items()):
                 f.write(json.dumps(_received_entry(server_round, step, reply)) + "\n")

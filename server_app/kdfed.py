@@ -49,6 +49,7 @@ from server_app.kd_public import (
 from server_app.run_config import RunConfig
 from server_app.run_setup import model_fields
 from server_app.server_eval import ServerEvaluator
+from server_app.superlink_guard import check_superlink
 from strategies.shipment import Shipment
 
 MESSAGE_TYPE = "train.kdfed"
@@ -127,6 +128,7 @@ def run_kdfed(grid: Grid, config: RunConfig) -> Path:
             metrics["payload_bytes_down"],
         )
         evaluator(server_round, ArrayRecord())
+    check_superlink()
     outputs = export_outputs(models, recorder.dir)
     log(INFO, "Saved %s", ", ".join(f"{k} to {v}" for k, v in outputs.items()))
     evaluator.open_ended(recorder.dir, config.open_ended_examples, config.eval_max_new_tokens)

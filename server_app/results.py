@@ -14,6 +14,7 @@ from typing import Any
 
 from models.layout import Layout
 from server_app.run_config import RunConfig
+from server_app.superlink_guard import check_superlink
 
 _PACKAGES = (
     "flwr",
@@ -46,7 +47,8 @@ def package_versions() -> dict[str, str]:
 
 
 class RunRecorder:
-    """Creates ``<output-dir>/<run-name>/`` and appends one JSON object per round."""
+    """Creates ``<output-dir>/<run-name>/`` and appends one JSON object per round; every write
+    first checks that the SuperLink still answers (``server_app.superlink_guard``)."""
 
     def __init__(
         self, config: RunConfig, resume_dir: Path | None = None, resume_round: int | None = None
@@ -68,6 +70,7 @@ class RunRecorder:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def _truncate(self, last_round: int) -> None:
+        check_superlink()
         path = self.dir / "metrics.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         self.rows = [r for r in rows if r["round"] <= last_round]
@@ -79,6 +82,7 @@ class RunRecorder:
             comm.write_text("".join(kept))
 
     def write_config(self, layout: Layout, extra: dict[str, Any]) -> None:
+        check_superlink()
         document = {
             "run_config": self.config.to_dict(),
             "versions": package_versions(),
@@ -92,16 +96,19 @@ class RunRecorder:
 
     def write_json(self, name: str, document: object) -> None:
         """A JSON side file of the run (e.g. ``depth_memory.json``)."""
+        check_superlink()
         (self.dir / name).write_text(json.dumps(document, indent=2, sort_keys=True))
 
     def append_jsonl(self, name: str, rows: list[dict[str, Any]]) -> None:
         """Rows appended to a JSON-lines side file (e.g. ``update_history.jsonl``)."""
+        check_superlink()
         with open(self.dir / name, "a") as f:
             for row in rows:
                 f.write(json.dumps(_finite(row), sort_keys=True) + "\n")
 
     def append_round(self, record: dict[str, Any]) -> None:
         """Append to ``metrics.jsonl`` and rewrite ``metrics.csv`` (one column per key seen)."""
+        check_superlink()
         clean = _finite({**record, "server_peak_rss_mb": _peak_rss_mb()})
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(clean, sort_keys=True) + "\n")
@@ -115,6 +122,7 @@ class RunRecorder:
     def append_communication(self, server_round: int, per_node: dict[int, dict[str, int]]) -> None:
         """One row per node and round in ``communication.csv``: the bytes each client got
         and sent, measured from the actual ArrayRecords."""
+        check_superlink()
         path = self.dir / "communication.csv"
         new = not path.exists()
         with open(path, "a", newline="") as f:

@@ -37,6 +37,7 @@ from server_app.preference_eval import PreferenceEvaluator
 from server_app.results import RunRecorder
 from server_app.run_config import RunConfig
 from server_app.run_setup import public_heldout_records
+from server_app.superlink_guard import check_superlink
 from strategies.fedbiot import FedBiOTMixin
 from task_data import collate, tokenize_records
 from task_data.sources import default_data_dir
@@ -198,6 +199,7 @@ class ServerEvaluator:
             self.base = self._score(peft, "base held-out")
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.tmp")
+        check_superlink()
         partial.write_text(json.dumps(self.base.to_json()))
         partial.replace(path)  # atomic: a concurrent run never reads half a file
         return self.base
@@ -257,6 +259,7 @@ class ServerEvaluator:
         )
         if server_round == self.last_round:
             table = summary_table(self.task, self.results)
+            check_superlink()
             (self.recorder.dir / "heldout_summary.md").write_text(table)
             log(INFO, "held-out evaluation after round %d:\n%s", server_round, table)
         return out
@@ -331,6 +334,7 @@ class ServerEvaluator:
         """Base, AdapEmu and AdapFu answers to ``size`` open-ended questions, side by side."""
         if not size or hasattr(self.strategy, "client_arrays"):
             return None
+        check_superlink()
         tokenizer = self.models.tokenizer
 
         def answers(model) -> Callable[[list[list[int]]], list[str]]:

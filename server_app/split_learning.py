@@ -53,6 +53,7 @@ from server_app.exchange_loop import (
 from server_app.run_config import ConfigError, RunConfig
 from server_app.run_setup import model_fields
 from server_app.server_eval import ServerEvaluator
+from server_app.superlink_guard import check_superlink
 from strategies.shipment import Shipment
 
 MESSAGE_TYPE = "train.split"
@@ -254,6 +255,7 @@ def run_split(grid: Grid, config: RunConfig) -> Path:
             shipment.metrics(server_round)["bytes_down"],
         )
         evaluator(server_round, ArrayRecord())
+    check_superlink()
     outputs = export_outputs(models, recorder.dir)
     log(INFO, "Saved %s", ", ".join(f"{name} to {path}" for name, path in outputs.items()))
     evaluator.open_ended(recorder.dir, config.open_ended_examples, config.eval_max_new_tokens)

@@ -77,6 +77,7 @@ class FedBiOTMixin:
         learning_rate: Callable[[int], float] | None = None,
         stage: Callable[[int], str] | None = None,
         audit_path: Path | None = None,
+        before_write: Callable[[], None] | None = None,
         max_norm_ratio: float = 0.0,
         max_update_norm: float = 0.0,
         max_examples: float = 0.0,
@@ -99,6 +100,8 @@ class FedBiOTMixin:
         self.round_offset = 0
         self._round_arrays: ArrayRecord | None = None
         self.audit_path = audit_path
+        # The ServerApp's check before it writes its run folder (a gone SuperLink raises).
+        self.before_write = before_write
         self.models = models
         self.distiller = distiller
         self.distill_steps = distill_steps if distiller is not None else 0
@@ -136,6 +139,8 @@ class FedBiOTMixin:
                 )
             )
         if self.audit_path is not None:
+            if self.before_write is not None:
+                self.before_write()
             with open(self.audit_path, "a") as f:
                 for message in out:
                     f.write(json.dumps(audit_entry(server_round, message)) + "\n")

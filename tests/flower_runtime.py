@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,18 +75,19 @@ def tiny_run_config(out: Path, run_name: str, **overrides: object) -> dict[str, 
 class LocalFederation:
     """Handle on a running SuperLink: ``run()`` submits this repo's app with ``flwr run``."""
 
-    def __init__(self, home: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, home: Path, env: dict[str, str], superlink: subprocess.Popen | None = None
+    ) -> None:
         self.home = home
         self.env = env
+        self.superlink = superlink  # the flower-superlink process, for tests that kill it
         self.last_output = ""  # the streamed log of the latest run_to_end
 
-    def run(
-        self, run_config: dict[str, object], supernodes: int, timeout: float = 600
-    ) -> subprocess.CompletedProcess:
+    def _command(self, run_config: dict[str, object], supernodes: int) -> list[str]:
         overrides = " ".join(
             f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in run_config.items()
         )
-        command = [
+        return [
             str(BIN / "flwr"),
             "run",
             str(REPO),
@@ -97,8 +98,24 @@ class LocalFederation:
             "--run-config",
             overrides,
         ]
+
+    def run(
+        self, run_config: dict[str, object], supernodes: int, timeout: float = 600
+    ) -> subprocess.CompletedProcess:
         return subprocess.run(
-            command, env=self.env, capture_output=True, text=True, timeout=timeout, check=False
+            self._command(run_config, supernodes),
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def start(self, run_config: dict[str, object], supernodes: int) -> subprocess.Popen:
+        """Submit a run without waiting for it (its log goes to ``<home>/flwr-run.log``)."""
+        log = open(self.home / "flwr-run.log", "w")  # noqa: SIM115 - the child holds it
+        return subprocess.Popen(
+            self._command(run_config, supernodes), env=self.env, stdout=log, stderr=log
         )
 
     def run_to_end(
@@ -163,11 +180,12 @@ def local_federation(home: Path) -> Iterator[LocalFederation]:
     )
     try:
         _wait_for_port(port, process)
-        yield LocalFederation(home, env)
+        yield LocalFederation(home, env, process)
     finally:
         try:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=20)
         except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(process.pid, signal.SIGKILL)
+            with suppress(ProcessLookupError):  # a test may have killed it already
+                os.killpg(process.pid, signal.SIGKILL)
         log_file.close()
