@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.loading import smollm2_dir
 from task_data.preferences import load_preferences
@@ -33,4 +35,12 @@ def test_the_embedded_model_conversion_is_logged_through_flower(
     with caplog_records() as records:
         converted = smollm2_dir()
     assert any("Converting the embedded SmolLM2-135M-Instruct GGUF" in r for r in records)
-    assert (converted / "config.json").is_file()
+    # The converted model is the instruct model: dequantized weights, tied head, chat template.
+    model = AutoModelForCausalLM.from_pretrained(converted).eval()
+    tokenizer = AutoTokenizer.from_pretrained(converted)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(question, add_generation_prompt=True, return_tensors="pt")
+    ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+    with torch.no_grad():
+        answer = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tokenizer.decode(answer[0, ids.shape[1] :])
