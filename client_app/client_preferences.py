@@ -13,7 +13,7 @@ from functools import lru_cache
 
 from transformers import PreTrainedTokenizerBase
 
-from server_app.run_config import RunConfig
+from federation.run_config import RunConfig
 from task_data import (
     PreferencePair,
     load_preferences,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from client_app.local_training import lora_steps
+from federation.local_training import lora_steps
 from models.lora import LoraModel
 from models.response_logits import response_logits, response_positions
 

@@ -4,7 +4,7 @@ Flower has no SCAFFOLD strategy, so it is written here. The server keeps a contr
 ``c`` per trained tensor and sends it beside the model arrays, in its own ArrayRecord
 (``scaffold-c``), so that the arrays the inner aggregation sees are the model's alone. Each
 client keeps its own ``c_i`` across rounds (in its node state), follows every AdamW step by
-the correction step ``w <- w - eta_l * (c - c_i)`` (``client_app/local_training.py``, as
+the correction step ``w <- w - eta_l * (c - c_i)`` (``federation/local_training.py``, as
 OpenFedLLM does; inside Adam the correction would be rescaled per coordinate, see
 ``train_lora``), and after K steps of learning rate ``eta_l`` sets
 

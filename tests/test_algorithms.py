@@ -23,7 +23,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from server_app.run_config import RunConfig
+from federation.run_config import RunConfig
 from strategies.algorithms import inner_strategy
 from strategies.scaffold import DELTA_C, SERVER_C
 

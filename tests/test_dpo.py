@@ -19,12 +19,12 @@ from client_app.dpo_training import (
     sequence_logps,
     train_dpo,
 )
+from federation.run_config import ConfigError, RunConfig
 from models.blocks import get_blocks
 from models.fedbiot_models import FedBiOTModels
 from models.lora import LoraModel, LoraSpec
 from models.wire import from_record, to_record
 from server_app.checkpoint import load_checkpoint, restore, save_checkpoint
-from server_app.run_config import ConfigError, RunConfig
 from strategies.fedbiot import DPO_REFERENCE, FedBiOT
 from task_data import collate_pairs, load_preferences, tokenize_pair
 from tests.tiny import tiny, tiny_fedbiot_models

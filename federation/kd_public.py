@@ -31,6 +31,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from federation.run_config import ConfigError, RunConfig
 from models.kd_logits import (
     Payload,
     TopKTargets,
@@ -45,7 +46,6 @@ from models.response_logits import response_lm_loss, response_logits, response_p
 from models.wire import from_record, to_record
 from server_app.evaluation.suite import parse_tasks
 from server_app.evaluation.tasks import subset
-from server_app.run_config import ConfigError, RunConfig
 from task_data import collate, load_records, tokenize_records
 from task_data.formatting import prompt_ids
 from task_data.sources import default_data_dir

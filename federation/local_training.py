@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from client_app.proximal import EffectiveWeightProximal
+from federation.proximal import EffectiveWeightProximal
 from models.lora import LoraModel
 from models.response_logits import response_lm_loss, response_logits
 
