@@ -36,14 +36,12 @@ from federation.kd_public import (
     soft_labels,
     to_targets,
 )
+from federation.messages import ACTIVATIONS, GRADIENT
 from models.lora import LoraModel
 from models.split_model import ClientPart, pack_forward, unpack_activations, unwrap
 from models.wire import from_record, to_record
 from task_data import batch_iterator
 
-# Records of the split messages: the server's gradient, the client's activations.
-GRADIENT = "gradient"
-ACTIVATIONS = "activations"
 KD_LORA = "kdfed-lora"
 SPLIT_LORA = "split-lora"
 SPLIT_ADAM = "split-adam"

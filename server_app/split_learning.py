@@ -30,7 +30,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from client_app.exchange import ACTIVATIONS, GRADIENT
+from federation.messages import ACTIVATIONS, GRADIENT
 from federation.run_config import ConfigError, RunConfig
 from models.blocks import extract_blocks, get_blocks
 from models.export import export_outputs

@@ -33,21 +33,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-SERVER_C = "scaffold-c"
-DELTA_C = "scaffold-delta-c"
+from federation.messages import DELTA_C, SERVER_C
 
 Tensors = Mapping[str, torch.Tensor]
-
-
-def client_control_update(
-    c: Tensors, c_i: Tensors, x: Tensors, y: Tensors, steps: int, learning_rate: float
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Option II: returns ``(c_i+, delta_c_i)``."""
-    new, delta = {}, {}
-    for name in c:
-        new[name] = c_i[name] - c[name] + (x[name] - y[name]) / (steps * learning_rate)
-        delta[name] = new[name] - c_i[name]
-    return new, delta
 
 
 def server_control_update(

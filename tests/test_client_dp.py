@@ -18,7 +18,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from federation.run_config import ALGORITHMS, RunConfig
+from federation.run_choices import ALGORITHMS
+from federation.run_config import RunConfig
 from models.blocks import get_blocks
 from models.fedbiot_models import FedBiOTModels
 from models.layout import fedbiot_layout
