@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from client_app.local_training import train_lora
 from client_app.model_cache import load_client_model, store_package
+from federation.local_training import train_lora
 from models.blocks import extract_blocks, get_blocks
 from models.fedbiot_models import FedBiOTModels
 from models.flops import training_flops_per_token

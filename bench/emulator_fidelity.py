@@ -27,6 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FEDBIOT_CACHE", str(REPO / ".cache" / "fedbiot"))
 
+from federation.run_config import RunConfig  # noqa: E402
 from models.blocks import get_blocks  # noqa: E402
 from models.distillation import EmulatorDistiller  # noqa: E402
 from models.fedbiot_models import FedBiOTModels  # noqa: E402
@@ -34,7 +35,6 @@ from models.fidelity import agreement  # noqa: E402
 from models.layout import fedbiot_layout  # noqa: E402
 from models.loading import load_model  # noqa: E402
 from models.lora import LoraSpec  # noqa: E402
-from server_app.run_config import RunConfig  # noqa: E402
 from server_app.run_setup import public_batches, public_heldout_records  # noqa: E402
 from task_data import collate, load_records, tokenize_records  # noqa: E402
 from task_data.validation import validation_split  # noqa: E402

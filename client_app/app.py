@@ -22,16 +22,21 @@ from client_app.client_data import ClientData
 from client_app.client_preferences import client_preferences
 from client_app.dpo_training import train_dpo
 from client_app.exchange import kdfed_train, split_step
-from client_app.local_training import response_loss, train_lora
 from client_app.model_cache import ClientModel
 from client_app.node import load_node
+from federation.local_training import client_control_update, response_loss, train_lora
+from federation.messages import (
+    BUDGET_ACTION,
+    DELTA_C,
+    DEPTH_KEY,
+    DPO_REFERENCE,
+    SERVER_C,
+    budget_reply,
+)
+from federation.methods import method_plan
+from federation.run_config import RunConfig
 from models.depth_memory import node_budget_gb, parse_budget_map
 from models.wire import from_record, to_record
-from server_app.methods import method_plan
-from server_app.run_config import RunConfig
-from strategies.depth_aggregation import BUDGET_ACTION, DEPTH_KEY, budget_reply
-from strategies.fedbiot import DPO_REFERENCE
-from strategies.scaffold import DELTA_C, SERVER_C, client_control_update
 from task_data import batch_iterator, collate, pair_batch_iterator
 
 app = ClientApp()

@@ -13,8 +13,8 @@ from functools import lru_cache
 
 from transformers import PreTrainedTokenizerBase
 
-from server_app.methods import method_plan
-from server_app.run_config import RunConfig
+from federation.methods import method_plan
+from federation.run_config import RunConfig
 from task_data import load_records, partition_records, tokenize_records, train_test_split
 from task_data.validation import validation_split
 

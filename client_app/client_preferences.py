@@ -1,10 +1,11 @@
-"""A client's preference pairs for DPO rounds, and the server's held-out pairs.
+"""A client's preference pairs for DPO rounds.
 
 The preference set (``preference-data``) is split once, with the run's seed, into a
-held-out part the server scores (reward accuracy) and a training part that is partitioned
-IID across the clients named by ``preference-clients``. A SuperNode may instead name its
-own file with node config ``preference-file``. A client with neither has no preference
-data: it skips DPO rounds (selective alignment).
+held-out part the server scores (reward accuracy) and a training part
+(``federation.preferences.split_shared``) that is partitioned IID across the clients named
+by ``preference-clients``. A SuperNode may instead name its own file with node config
+``preference-file``. A client with neither has no preference data: it skips DPO rounds
+(selective alignment).
 """
 
 from __future__ import annotations
@@ -13,14 +14,9 @@ from functools import lru_cache
 
 from transformers import PreTrainedTokenizerBase
 
-from server_app.run_config import RunConfig
-from task_data import (
-    PreferencePair,
-    load_preferences,
-    partition_records,
-    split_preferences,
-    tokenize_pairs,
-)
+from federation.preferences import split_shared
+from federation.run_config import RunConfig
+from task_data import load_preferences, partition_records, tokenize_pairs
 
 
 def preference_clients(text: str) -> frozenset[int] | None:
@@ -36,13 +32,6 @@ def preference_clients(text: str) -> frozenset[int] | None:
     if any(i < 0 for i in ids):
         raise ValueError(f"run-config preference-clients={text!r}: ids must be >= 0")
     return ids
-
-
-def split_shared(config: RunConfig) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """(training pairs, held-out pairs) of the run's preference data set."""
-    key = "run-config preference-data"
-    pairs = load_preferences(config.preference_data, config.data_dir or None, key)
-    return split_preferences(pairs, config.test_fraction, config.seed)
 
 
 @lru_cache(maxsize=4)

@@ -3,7 +3,7 @@
 ``kdfed_train``: one message per round. The client's own LoRA lives in its node state and
 never travels; it trains on the node's data with the KL term towards the soft labels that
 came with the message (none in round 1), then answers with its soft labels on the public
-set (``server_app/kd_public``).
+set (``federation/kd_public``).
 
 ``split_step``: one message per training step. A ClientApp may run in a fresh process for
 each message, so nothing can wait in memory between two steps: the client LoRA and its
@@ -27,10 +27,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from torch import nn
 
 from client_app.node import load_node
-from models.lora import LoraModel
-from models.split_model import ClientPart, pack_forward, unpack_activations, unwrap
-from models.wire import from_record, to_record
-from server_app.kd_public import (
+from federation.kd_public import (
     SOFT_LABELS,
     kd_steps,
     payload_record,
@@ -39,11 +36,12 @@ from server_app.kd_public import (
     soft_labels,
     to_targets,
 )
+from federation.messages import ACTIVATIONS, GRADIENT
+from models.lora import LoraModel
+from models.split_model import ClientPart, pack_forward, unpack_activations, unwrap
+from models.wire import from_record, to_record
 from task_data import batch_iterator
 
-# Records of the split messages: the server's gradient, the client's activations.
-GRADIENT = "gradient"
-ACTIVATIONS = "activations"
 KD_LORA = "kdfed-lora"
 SPLIT_LORA = "split-lora"
 SPLIT_ADAM = "split-adam"

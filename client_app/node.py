@@ -18,9 +18,9 @@ from client_app.model_cache import (
     node_cache_dir,
     store_package,
 )
+from federation.run_config import RunConfig
 from models.lora import LoraSpec
 from models.quantization import check_mode
-from server_app.run_config import RunConfig
 
 
 def node_partition(

@@ -1,7 +1,7 @@
 """Adapter depth from a client's memory budget and the *measured* memory of each depth.
 
 A client of depth ``s`` trains the LoRA of the last ``s`` adapter blocks. What each depth
-costs is measured by ``client_app.step_memory`` (one real client training step per depth),
+costs is measured by ``federation.step_memory`` (one real client training step per depth),
 not estimated from parameter counts. Budgets come from each SuperNode's node config
 (``memory-budget-gb``) or, in simulation, from a run-config map of partitions to budgets.
 GB here is 10^9 bytes.

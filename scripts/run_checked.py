@@ -30,7 +30,7 @@ from flwr.common.config import flatten_dict, parse_config_args
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from server_app.run_config import ConfigError, RunConfig  # noqa: E402 - after the path
+from federation.run_config import ConfigError, RunConfig  # noqa: E402 - after the path
 
 BIN = Path(sys.executable).parent
 STARTED = re.compile(r"Successfully started run (\d+)")

@@ -11,7 +11,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from transformers import AutoConfig
 
-from client_app.step_memory import measure_training_memory
+from federation.methods import MethodPlan, method_plan
+from federation.run_config import ConfigError, RunConfig
+from federation.step_memory import measure_training_memory
 from models.blocks import get_blocks
 from models.depth_memory import parse_depth_table
 from models.distillation import EmulatorDistiller
@@ -27,9 +29,7 @@ from server_app.checkpoint import (
     save_checkpoint,
 )
 from server_app.kdfed import run_kdfed
-from server_app.methods import MethodPlan, method_plan
 from server_app.results import RunRecorder
-from server_app.run_config import ConfigError, RunConfig
 from server_app.run_setup import model_fields, open_run, public_batches
 from server_app.server_eval import ServerEvaluator
 from server_app.split_learning import run_split

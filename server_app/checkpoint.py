@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from federation.run_config import ConfigError, RunConfig
 from models.distillation import EmulatorDistiller
 from models.fedbiot_models import FedBiOTModels
-from server_app.run_config import ConfigError, RunConfig
 from server_app.superlink_guard import check_superlink
 
 FORMAT = "fedbiot-checkpoint-2"

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+from federation.run_choices import EVAL_TASKS
 from models.loading import load_model
-from server_app.evaluation.suite import EVAL_TASKS, EvalSettings, evaluate_tasks
+from server_app.evaluation.suite import EvalSettings, evaluate_tasks
 from server_app.results import package_versions
 
 

@@ -27,9 +27,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from server_app.methods import method_plan
+from federation.methods import method_plan
+from federation.run_config import ConfigError, RunConfig
 from server_app.results import RunRecorder
-from server_app.run_config import ConfigError, RunConfig
 from server_app.run_setup import open_run
 from server_app.superlink_guard import check_superlink
 from strategies.fedbiot import audit_entry

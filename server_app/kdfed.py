@@ -3,7 +3,7 @@
 A round: every sampled client trains its own LoRA (kept in its node state, never sent) on
 its private data, aligned by a KL term with the soft labels the server sent last round
 (``loss = (1 - kd-weight) * task + kd-weight * KL``), then uploads its soft labels on the
-public set (``server_app/kd_public``). The server averages them, weighted by the clients'
+public set (``federation/kd_public``). The server averages them, weighted by the clients'
 example counts (``aggregate_soft_labels``), distils the average into the global model
 (``kd-distill-steps`` AdamW steps at ``distill-lr``, optimizer state kept across rounds),
 evaluates the global model and sends the average back with the next round's message.
@@ -25,6 +25,15 @@ from flwr.app import ArrayRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from federation.kd_public import (
+    SOFT_LABELS,
+    kd_steps,
+    payload_record,
+    public_set,
+    record_payload,
+    to_targets,
+)
+from federation.run_config import RunConfig
 from models.blocks import get_blocks
 from models.export import export_outputs
 from models.fedbiot_models import FedBiOTModels
@@ -38,15 +47,6 @@ from server_app.exchange_loop import (
     sample_nodes,
     start_run,
 )
-from server_app.kd_public import (
-    SOFT_LABELS,
-    kd_steps,
-    payload_record,
-    public_set,
-    record_payload,
-    to_targets,
-)
-from server_app.run_config import RunConfig
 from server_app.run_setup import model_fields
 from server_app.server_eval import ServerEvaluator
 from server_app.superlink_guard import check_superlink

@@ -13,10 +13,9 @@ from __future__ import annotations
 import torch
 from peft import PeftModel
 
-from client_app.client_preferences import split_shared
-from client_app.dpo_training import preference_metrics, reference_logps
+from federation.preferences import preference_metrics, reference_logps, split_shared
+from federation.run_config import RunConfig
 from models.fedbiot_models import FedBiOTModels
-from server_app.run_config import RunConfig
 from task_data import collate_pairs, tokenize_pairs
 
 

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from federation.run_config import RunConfig
 from models.layout import Layout
-from server_app.run_config import RunConfig
 from server_app.superlink_guard import check_superlink
 
 _PACKAGES = (

@@ -14,11 +14,11 @@ import torch
 from flwr.common.logger import log
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from federation.methods import MethodPlan
+from federation.run_config import ConfigError, RunConfig
 from models.fedbiot_models import FedBiOTModels
 from models.loading import load_model
-from server_app.methods import MethodPlan
 from server_app.results import RunRecorder
-from server_app.run_config import ConfigError, RunConfig
 from task_data import batch_iterator, load_records, partition_records, tokenize_records
 
 

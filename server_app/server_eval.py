@@ -25,6 +25,8 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
 
+from federation.run_choices import parse_tasks
+from federation.run_config import RunConfig
 from models.fedbiot_models import FedBiOTModels
 from models.fidelity import agreement
 from models.loading import cache_root
@@ -32,10 +34,9 @@ from models.wire import from_record
 from server_app.evaluation.generation import generate
 from server_app.evaluation.heldout import HeldoutResult, score_records
 from server_app.evaluation.open_ended import side_by_side
-from server_app.evaluation.suite import EvalSettings, evaluate_tasks, metric_keys, parse_tasks
+from server_app.evaluation.suite import EvalSettings, evaluate_tasks, metric_keys
 from server_app.preference_eval import PreferenceEvaluator
 from server_app.results import RunRecorder
-from server_app.run_config import RunConfig
 from server_app.run_setup import public_heldout_records
 from server_app.superlink_guard import check_superlink
 from strategies.fedbiot import FedBiOTMixin

@@ -30,7 +30,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from client_app.exchange import ACTIVATIONS, GRADIENT
+from federation.messages import ACTIVATIONS, GRADIENT
+from federation.run_config import ConfigError, RunConfig
 from models.blocks import extract_blocks, get_blocks
 from models.export import export_outputs
 from models.fedbiot_models import FedBiOTModels
@@ -50,7 +51,6 @@ from server_app.exchange_loop import (
     sample_nodes,
     start_run,
 )
-from server_app.run_config import ConfigError, RunConfig
 from server_app.run_setup import model_fields
 from server_app.server_eval import ServerEvaluator
 from server_app.superlink_guard import check_superlink

@@ -34,7 +34,7 @@ from flwr.serverapp.strategy import (
     Krum,
 )
 
-from server_app.run_config import RunConfig
+from federation.run_config import RunConfig
 from strategies.fedbiot import FedBiOTMixin
 from strategies.local_only import LocalOnly
 from strategies.scaffold import Scaffold

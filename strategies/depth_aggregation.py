@@ -24,17 +24,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
+from federation.messages import BUDGET_QUERY, BUDGET_RECORD, DEPTH_KEY
 from models.depth_memory import BUDGET_KEY, choose_depths
 from models.wire import from_record, to_record
 from strategies.fedbiot import FedBiOTMixin
 from strategies.update_checks import Rejection, update_norm, update_problem
 from strategies.update_history import UpdateHistory, UpdateRow, update_stats
-
-DEPTH_KEY = "adapter-depth"
-# A ClientApp answers this with ``@app.query("memory_budget")`` (see ``budget_reply``).
-BUDGET_ACTION = "memory_budget"  # the ClientApp's @app.query handler
-BUDGET_QUERY = f"{MessageType.QUERY}.{BUDGET_ACTION}"
-BUDGET_RECORD = "budget"
 
 
 def block_of(name: str) -> int:
@@ -166,14 +161,6 @@ def screen_depth_replies(
     for rejection in rejected:
         log(WARNING, "Rejected the update of node %d: %s", rejection.node, rejection.reason)
     return kept, rejected
-
-
-def budget_reply(message: Message, budget_gb: float) -> Message:
-    """A ClientApp's answer to ``BUDGET_QUERY``: its memory budget in GB."""
-    return Message(
-        RecordDict({BUDGET_RECORD: MetricRecord({BUDGET_KEY: float(budget_gb)})}),
-        reply_to=message,
-    )
 
 
 def _weight(content: RecordDict, key: str) -> float:

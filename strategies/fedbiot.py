@@ -28,17 +28,16 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from federation.messages import DELTA_C, DPO_REFERENCE
 from models.distillation import EmulatorDistiller
 from models.fedbiot_models import FedBiOTModels
 from models.wire import from_record, to_record
 from strategies.node_wait import wait_for_nodes
 from strategies.reply_checks import finite_state, screen_contents
-from strategies.scaffold import DELTA_C, Scaffold
+from strategies.scaffold import Scaffold
 from strategies.shipment import Shipment
 from strategies.update_checks import Rejection, bound_norms, screen_replies, update_problem
 
-# The record of the fixed DPO reference's LoRA (run config ``dpo-reference='fixed'``).
-DPO_REFERENCE = "dpo-reference"
 # Client metrics that mean nothing once averaged over clients (ids, not quantities): kept
 # out of the aggregated metrics Flower prints and the run's metrics.jsonl.
 _PER_CLIENT_KEYS = frozenset({"partition-id", "num-partitions"})

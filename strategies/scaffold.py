@@ -4,7 +4,7 @@ Flower has no SCAFFOLD strategy, so it is written here. The server keeps a contr
 ``c`` per trained tensor and sends it beside the model arrays, in its own ArrayRecord
 (``scaffold-c``), so that the arrays the inner aggregation sees are the model's alone. Each
 client keeps its own ``c_i`` across rounds (in its node state), follows every AdamW step by
-the correction step ``w <- w - eta_l * (c - c_i)`` (``client_app/local_training.py``, as
+the correction step ``w <- w - eta_l * (c - c_i)`` (``federation/local_training.py``, as
 OpenFedLLM does; inside Adam the correction would be rescaled per coordinate, see
 ``train_lora``), and after K steps of learning rate ``eta_l`` sets
 
@@ -33,21 +33,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-SERVER_C = "scaffold-c"
-DELTA_C = "scaffold-delta-c"
+from federation.messages import DELTA_C, SERVER_C
 
 Tensors = Mapping[str, torch.Tensor]
-
-
-def client_control_update(
-    c: Tensors, c_i: Tensors, x: Tensors, y: Tensors, steps: int, learning_rate: float
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Option II: returns ``(c_i+, delta_c_i)``."""
-    new, delta = {}, {}
-    for name in c:
-        new[name] = c_i[name] - c[name] + (x[name] - y[name]) / (steps * learning_rate)
-        delta[name] = new[name] - c_i[name]
-    return new, delta
 
 
 def server_control_update(

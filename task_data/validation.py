@@ -38,3 +38,12 @@ def heldout_test_indices(total: int, size: int) -> list[int]:
     if not size or size >= total:
         return list(range(total))
     return random.Random(VALIDATION_SEED).sample(range(total), size)
+
+
+def subset(items: list, size: int, seed: int) -> list:
+    """A fixed random subset (all of it when ``size`` is 0 or larger than the list): the
+    server's evaluation draws its texts with it, and KD-FedLLM's public set leaves out
+    exactly those texts, so both sides must draw the same way."""
+    if not size or size >= len(items):
+        return list(items)
+    return random.Random(seed).sample(items, size)

@@ -23,9 +23,9 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from server_app.run_config import RunConfig
+from federation.messages import DELTA_C, SERVER_C
+from federation.run_config import RunConfig
 from strategies.algorithms import inner_strategy
-from strategies.scaffold import DELTA_C, SERVER_C
 
 NODES = (11, 12, 13)
 EXAMPLES = (10.0, 30.0, 60.0)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from federation.methods import method_plan
+from federation.run_config import ConfigError, RunConfig
 from server_app.app import run_federation
-from server_app.methods import method_plan
-from server_app.run_config import ConfigError, RunConfig
 from server_app.run_setup import check_task_data
 
 

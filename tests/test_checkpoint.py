@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from federation.run_config import ConfigError, RunConfig
 from models.fedbiot_models import FedBiOTModels
 from server_app.checkpoint import (
     CheckpointError,
@@ -17,7 +18,6 @@ from server_app.checkpoint import (
     restore,
     save_checkpoint,
 )
-from server_app.run_config import ConfigError, RunConfig
 from strategies.algorithms import strategy_class
 from tests.tiny import tiny_fedbiot_models
 

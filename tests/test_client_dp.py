@@ -18,13 +18,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
+from federation.run_choices import ALGORITHMS
+from federation.run_config import RunConfig
 from models.blocks import get_blocks
 from models.fedbiot_models import FedBiOTModels
 from models.layout import fedbiot_layout
 from models.lora import LoraSpec
 from models.wire import to_record
 from server_app.checkpoint import load_checkpoint, restore, save_checkpoint
-from server_app.run_config import ALGORITHMS, RunConfig
 from strategies.algorithms import strategy_class
 from strategies.client_dp import DP_ALGORITHMS, ClientDP, ClientDPLayer, with_client_dp
 from strategies.depth_aggregation import FedBiAlign, top_block_keys

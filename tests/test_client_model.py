@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from client_app.model_cache import MissingBaseError, load_client_model, store_package
+from federation.run_config import ConfigError, RunConfig
 from models.blocks import get_blocks
 from models.fedbiot_models import FedBiOTModels
 from models.layout import fedbiot_layout
 from models.lora import LoraSpec
 from models.quantization import check_mode
 from models.wire import from_record, record_bytes, to_record
-from server_app.run_config import ConfigError, RunConfig
 from tests.tiny import TINY, tiny
 
 

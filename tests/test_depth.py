@@ -10,18 +10,16 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from federation.messages import BUDGET_QUERY, DEPTH_KEY, budget_reply
 from models.depth_memory import (
     MemoryBudgetError,
 )
 from models.fedbiot_models import FedBiOTModels
 from models.wire import from_record, to_record
 from strategies.depth_aggregation import (
-    BUDGET_QUERY,
-    DEPTH_KEY,
     FedBiAlign,
     HeterogeneousDepthFedAvg,
     block_of,
-    budget_reply,
     per_block_weighted_mean,
 )
 from tests.tiny import ADAPTER_REGION as REGION

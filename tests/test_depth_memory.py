@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client_app.step_memory import _peak_extra_bytes, measure_training_memory, module_bytes
+from federation.step_memory import _peak_extra_bytes, measure_training_memory, module_bytes
 from models.depth_memory import (
     GB,
     MemoryBudgetError,

@@ -12,20 +12,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from trl import DPOConfig, DPOTrainer
 
-from client_app.dpo_training import (
-    dpo_loss,
-    preference_metrics,
-    reference_logps,
-    sequence_logps,
-    train_dpo,
-)
+from client_app.dpo_training import train_dpo
+from federation.messages import DPO_REFERENCE
+from federation.preferences import dpo_loss, preference_metrics, reference_logps, sequence_logps
+from federation.run_config import ConfigError, RunConfig
 from models.blocks import get_blocks
 from models.fedbiot_models import FedBiOTModels
 from models.lora import LoraModel, LoraSpec
 from models.wire import from_record, to_record
 from server_app.checkpoint import load_checkpoint, restore, save_checkpoint
-from server_app.run_config import ConfigError, RunConfig
-from strategies.fedbiot import DPO_REFERENCE, FedBiOT
+from strategies.fedbiot import FedBiOT
 from task_data import collate_pairs, load_preferences, tokenize_pair
 from tests.tiny import tiny, tiny_fedbiot_models
 

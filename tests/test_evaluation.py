@@ -15,9 +15,9 @@ from server_app.evaluation.tasks import (
     banking77,
     macro_f1,
     perplexity,
-    subset,
 )
 from task_data import collate, load_records, tokenize_records
+from task_data.validation import subset
 from tests.tiny import tiny
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from server_app.kd_public import public_set
-from server_app.run_config import RunConfig
+from federation.kd_public import public_set
+from federation.run_config import RunConfig
 from tests.flower_runtime import LocalFederation, tiny_run_config
 from tests.tiny import tiny
 

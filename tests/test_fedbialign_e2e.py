@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from client_app.step_memory import measure_training_memory
+from federation.step_memory import measure_training_memory
 from models.blocks import get_blocks
 from models.fedbiot_models import FedBiOTModels
 from models.layout import fedbiot_layout

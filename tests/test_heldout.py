@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from client_app.local_training import response_loss
+from federation.local_training import response_loss
 from models.blocks import get_blocks
 from models.label_scores import label_log_likelihoods, label_token_ids
 from models.lora import LoraModel, LoraSpec

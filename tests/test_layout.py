@@ -2,9 +2,9 @@
 
 import pytest
 
+from federation.methods import method_plan
+from federation.run_config import RunConfig
 from models.layout import fedbiot_layout, fedot_layout, full_layout, uniform_keep
-from server_app.methods import method_plan
-from server_app.run_config import RunConfig
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 from client_app.client_data import client_data
-from server_app.run_config import ConfigError, RunConfig
+from federation.run_config import ConfigError, RunConfig
 from server_app.server_eval import task_key
 from task_data import Columns, DataError, load_preferences, load_records
 

@@ -4,8 +4,8 @@ import itertools
 
 import torch
 
-from client_app.local_training import train_lora
-from client_app.proximal import EffectiveWeightProximal
+from federation.local_training import train_lora
+from federation.proximal import EffectiveWeightProximal
 from models.blocks import get_blocks
 from models.layout import fedbiot_layout
 from models.lora import LoraModel, LoraSpec

@@ -4,7 +4,7 @@ import tomllib
 
 import pytest
 
-from server_app.run_config import ConfigError, RunConfig
+from federation.run_config import ConfigError, RunConfig
 from tests.flower_runtime import REPO
 
 REQUIRED_KEYS = (

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client_app.local_training import lora_proximal, train_lora
+from federation.local_training import client_control_update, lora_proximal, train_lora
+from federation.run_config import RunConfig
 from models.blocks import get_blocks
 from models.lora import LoraModel, LoraSpec
 from models.response_logits import response_lm_loss
 from server_app.exchange_loop import round_config
-from server_app.run_config import RunConfig
 from strategies.lr_schedule import round_learning_rate
-from strategies.scaffold import client_control_update, server_control_update
+from strategies.scaffold import server_control_update
 from tests.tiny import chat_batch, tiny
 
 # Three clients with very different quadratics f_i(x) = 1/2 (x - b_i)^T A_i (x - b_i):

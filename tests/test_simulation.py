@@ -22,9 +22,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from models.blocks import block_path, get_blocks
 from models.loading import cache_root, load_model
 from server_app.evaluate import main as evaluate_main
-from server_app.evaluation.tasks import subset
 from server_app.report import write_report
 from task_data import load_records
+from task_data.validation import subset
 from tests.flower_runtime import tiny_run_config
 
 ROUNDS = 2

@@ -3,7 +3,7 @@
 import pytest
 
 from client_app.client_data import _client_data
-from server_app.run_config import ConfigError, RunConfig
+from federation.run_config import ConfigError, RunConfig
 from server_app.server_eval import heldout_records, task_key
 from task_data import load_records, tokenize_records
 from task_data.validation import validation_split

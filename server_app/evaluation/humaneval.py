@@ -15,8 +15,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from server_app.evaluation.generation import chat_prompt, generate
 from server_app.evaluation.passk import pass_at_k
 from server_app.evaluation.sandbox import run_programs
-from server_app.evaluation.tasks import subset
 from task_data.sources import default_data_dir
+from task_data.validation import subset
 
 ASK = "Complete this Python function. Reply with the whole function in a code block.\n\n"
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL | re.IGNORECASE)

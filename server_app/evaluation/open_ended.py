@@ -9,8 +9,8 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from server_app.evaluation.generation import chat_prompt
-from server_app.evaluation.tasks import subset
 from task_data.sources import default_data_dir
+from task_data.validation import subset
 
 
 def load_questions(data_dir: str | None = None) -> list[dict]:

@@ -15,8 +15,6 @@ from server_app.evaluation import humaneval, tasks
 from server_app.evaluation.confidence import wilson
 from task_data import USUAL_COLUMNS, Columns
 
-EVAL_TASKS = ("gsm8k", "banking77", "humaneval", "perplexity")
-
 
 @dataclass(frozen=True)
 class EvalSettings:
@@ -35,17 +33,6 @@ class EvalSettings:
     humaneval_samples: int = 1
     humaneval_ks: tuple[int, ...] = (1,)
     data_dir: str | None = None
-
-
-def parse_tasks(value: str, run_task: str) -> tuple[str, ...]:
-    """``"gsm8k,perplexity"`` -> tasks; ``"auto"`` -> the run's task if it has a metric."""
-    if value == "auto":
-        return (run_task,) if run_task in ("gsm8k", "banking77") else ()
-    names = tuple(t.strip() for t in value.split(",") if t.strip())
-    unknown = [t for t in names if t not in EVAL_TASKS]
-    if unknown:
-        raise ValueError(f"unknown evaluation task(s) {unknown}; choose from {EVAL_TASKS} or auto")
-    return names
 
 
 def evaluate_tasks(

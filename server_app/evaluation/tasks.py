@@ -21,16 +21,10 @@ from server_app.evaluation.generation import chat_prompt, generate
 from server_app.evaluation.heldout import macro_f1
 from task_data import USUAL_COLUMNS, Columns, collate, load_records, tokenize_records
 from task_data.sources import default_data_dir
+from task_data.validation import subset
 
 GSM8K_ZERO_SHOT = '{question}\nSolve it step by step and end with "The answer is N".'
 GSM8K_SHOT = "Question: {question}\nAnswer: {answer}\n\n"
-
-
-def subset(items: list, size: int, seed: int) -> list:
-    """A fixed random subset (all of it when ``size`` is 0 or larger than the list)."""
-    if not size or size >= len(items):
-        return list(items)
-    return random.Random(seed).sample(items, size)
 
 
 def gsm8k(

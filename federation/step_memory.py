@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from client_app.local_training import train_lora
+from federation.local_training import train_lora
 from models.depth_memory import GB
 from models.lora import LoraModel
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from federation.run_config import RunConfig
 from models.layout import Layout, fedbiot_layout, fedot_layout, full_layout
-from server_app.run_config import RunConfig
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ from flwr.app import ArrayRecord
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from federation.run_choices import parse_tasks
+from federation.run_config import ConfigError, RunConfig
 from models.kd_logits import (
     Payload,
     TopKTargets,
@@ -43,13 +45,10 @@ from models.label_scores import label_log_likelihoods, label_token_ids
 from models.lora import LoraModel
 from models.response_logits import response_lm_loss, response_logits, response_positions
 from models.wire import from_record, to_record
-from server_app.evaluation.suite import parse_tasks
-from server_app.evaluation.tasks import subset
-from server_app.run_config import ConfigError, RunConfig
 from task_data import collate, load_records, tokenize_records
 from task_data.formatting import prompt_ids
 from task_data.sources import default_data_dir
-from task_data.validation import heldout_test_indices
+from task_data.validation import heldout_test_indices, subset
 
 CLASSIFICATION_TASKS = ("banking77",)
 WIRE_DTYPE = "fp16"

@@ -15,49 +15,24 @@ from typing import Any
 
 import torch
 
+from federation.run_choices import (
+    ALGORITHMS,
+    DPO_REFERENCES,
+    EVAL_SPLITS,
+    LR_SCHEDULERS,
+    METHODS,
+    PARTITIONERS,
+    SPLIT_DTYPES,
+    STAGES,
+    TASKS_WITH_TEST_SPLIT,
+    parse_tasks,
+)
 from models.quantization import QUANTIZATION_MODES
-from server_app.evaluation.suite import parse_tasks
 from task_data import Columns, load_preferences, load_records
-
-METHODS = (
-    "fedbiot",
-    "fedit",
-    "fedot",
-    "offsite",
-    "local",
-    "central",
-    "fedbialign",
-    "kdfed",
-    "split",
-)
-SPLIT_DTYPES = ("fp32", "fp16", "bf16-as-fp16")
-ALGORITHMS = (
-    "fedavg",
-    "fedprox",
-    "fedavgm",
-    "scaffold",
-    "fedadam",
-    "fedyogi",
-    "fedadagrad",
-    "fedmedian",
-    "fedtrimmedavg",
-    "krum",
-)
-PARTITIONERS = ("iid", "dirichlet", "natural")
-LR_SCHEDULERS = ("constant", "cosine")
-STAGES = ("auto", "sft", "dpo", "sft+dpo")
-DPO_REFERENCES = ("round", "fixed")
 
 
 class ConfigError(ValueError):
     """A run-config value is unknown, of the wrong type or out of range."""
-
-
-# Where the server's held-out texts come from: the task's test split, or a validation part of
-# its training split that no client trains on (task_data/validation.py); "auto": the test
-# split where the task has one.
-EVAL_SPLITS = ("auto", "test", "validation")
-TASKS_WITH_TEST_SPLIT = ("gsm8k", "banking77")
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,14 @@ parameters; SCAFFOLD moves the weights by ``-lr * (c - c_i)`` after every AdamW 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from client_app.proximal import EffectiveWeightProximal
+from federation.proximal import EffectiveWeightProximal
 from models.lora import LoraModel
 from models.response_logits import response_lm_loss, response_logits
 
@@ -80,6 +80,23 @@ def lora_proximal(
     """FedProx's ``(mu/2) * ||w - w_t||^2`` over the trained LoRA parameters."""
     total = sum(((p - anchor[name]) ** 2).sum() for name, p in params.items())
     return 0.5 * mu * total
+
+
+def client_control_update(
+    c: Mapping[str, torch.Tensor],
+    c_i: Mapping[str, torch.Tensor],
+    x: Mapping[str, torch.Tensor],
+    y: Mapping[str, torch.Tensor],
+    steps: int,
+    learning_rate: float,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """SCAFFOLD option II after ``steps`` steps from ``x`` to ``y`` (strategies/scaffold.py
+    has the server's half): returns ``(c_i+, delta_c_i)``."""
+    new, delta = {}, {}
+    for name in c:
+        new[name] = c_i[name] - c[name] + (x[name] - y[name]) / (steps * learning_rate)
+        delta[name] = new[name] - c_i[name]
+    return new, delta
 
 
 def train_lora(

@@ -1,0 +1,35 @@
+"""Names of the records and queries server and clients exchange, beyond Flower's own.
+
+The strategies and server loops write these records and the ClientApp reads them (or the
+other way round), so the names live below both apps; neither side imports the other's.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Message, MessageType, MetricRecord, RecordDict
+
+from models.depth_memory import BUDGET_KEY
+
+# SCAFFOLD (strategies/scaffold.py): the server's control variate ``c`` beside the model
+# arrays, and the client's ``delta_c_i`` in its reply.
+SERVER_C = "scaffold-c"
+DELTA_C = "scaffold-delta-c"
+# The record of the fixed DPO reference's LoRA (run config ``dpo-reference='fixed'``).
+DPO_REFERENCE = "dpo-reference"
+# FedBiAlign: a node's adapter depth, in its train config.
+DEPTH_KEY = "adapter-depth"
+# A ClientApp answers this with ``@app.query("memory_budget")`` (see ``budget_reply``).
+BUDGET_ACTION = "memory_budget"  # the ClientApp's @app.query handler
+BUDGET_QUERY = f"{MessageType.QUERY}.{BUDGET_ACTION}"
+BUDGET_RECORD = "budget"
+# Records of the split messages: the server's gradient, the client's activations.
+GRADIENT = "gradient"
+ACTIVATIONS = "activations"
+
+
+def budget_reply(message: Message, budget_gb: float) -> Message:
+    """A ClientApp's answer to ``BUDGET_QUERY``: its memory budget in GB."""
+    return Message(
+        RecordDict({BUDGET_RECORD: MetricRecord({BUDGET_KEY: float(budget_gb)})}),
+        reply_to=message,
+    )
