@@ -63,12 +63,12 @@ def test_macro_f1_by_hand() -> None:
     assert macro_f1(gold, predicted) == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
 
 
-def test_banking77_scores_a_real_model_in_both_modes() -> None:
+def test_banking77_generate_mode_counts_only_label_names() -> None:
+    """The untrained tiny model's free text names no intent: nothing may count as right
+    (a parser that mapped any text onto some label would score it above zero)."""
     model, tokenizer = tiny("tiny-llama")
-    for mode in ("generate", "rank"):
-        result = banking77(model, tokenizer, size=3, seed=0, mode=mode)
-        assert result["examples"] == 3
-        assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["macro_f1"] <= 1.0
+    result = banking77(model, tokenizer, size=3, seed=0, mode="generate")
+    assert result == {"accuracy": 0.0, "macro_f1": 0.0, "examples": 3}
 
 
 def test_banking77_rank_mode_predicts_the_label_the_model_favours() -> None:

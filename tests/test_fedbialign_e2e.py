@@ -61,22 +61,26 @@ def test_fedbialign_mixed_depths_dp_and_selective_dpo(
     assert math.isfinite(sft["train_loss"]) and sft["clients_failed"] == 0
     # Round 2 is DPO; partition 2 has no preference pairs and skips it.
     assert dpo["clients_skipped"] == 1 and math.isfinite(dpo["dpo_loss"])
-    assert 0.0 <= dpo["dpo_reward_accuracy"] <= 1.0
+    # Each DPO step starts at the reference (loss log 2) and descends on its own pairs.
+    assert dpo["dpo_loss"] < math.log(2) and dpo["dpo_reward_margin"] > 0
     # Client-level DP: epsilon reported after every round, growing.
     assert 0 < sft["dp_epsilon"] < dpo["dp_epsilon"] < math.inf
     # Each block is averaged and noised over its own participants: the deepest adapter block
     # is trained by the two depth-2 nodes only, so its noise std is the largest, sigma*C/2.
     assert sft["dp_noise_std"] == pytest.approx(0.5 * 1.0 / 2)
-    # Preference metrics before (last SFT round) and after DPO, for AdapEmu and AdapFu.
-    for row in (sft, dpo):
-        for variant in ("adapemu", "adapfu"):
-            assert 0.0 <= row[f"eval_{variant}_pref_reward_accuracy"] <= 1.0
-            assert math.isfinite(row[f"eval_{variant}_pref_reward_margin"])
+    # Held-out preference pairs before (last SFT round) and after DPO: the DPO round moves
+    # both AdapEmu and AdapFu towards the chosen answers (margin and loss; the accuracy of
+    # four pairs moves in steps of 25 points, too coarse to order two runs by).
+    for variant in ("adapemu", "adapfu"):
+        key = f"eval_{variant}_pref"
+        assert dpo[f"{key}_reward_margin"] > sft[f"{key}_reward_margin"], variant
+        assert dpo[f"{key}_loss"] < sft[f"{key}_loss"], variant
     history = [
         json.loads(line) for line in (run_dir / "update_history.jsonl").read_text().splitlines()
     ]
     assert sorted(r["depth"] for r in history if r["round"] == 1) == [1, 2, 2]
-    assert json.loads((run_dir / "depth_memory.json").read_text()) == pytest.approx(
-        {str(k): v for k, v in measured.items()}
-    )
+    # The table the server wrote is the one the depths were chosen from: node 0's budget
+    # lies between its two entries.
+    table = json.loads((run_dir / "depth_memory.json").read_text())
+    assert sorted(table) == ["1", "2"] and table["1"] < between < table["2"]
     assert (run_dir / "adapfu" / "config.json").is_file()
