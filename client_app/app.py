@@ -24,7 +24,7 @@ from client_app.dpo_training import train_dpo
 from client_app.exchange import kdfed_train, split_step
 from client_app.local_training import response_loss, train_lora
 from client_app.model_cache import ClientModel
-from client_app.node import load_node
+from client_app.node import load_node, offer_reply, release_reply
 from models.depth_memory import node_budget_gb, parse_budget_map
 from models.wire import from_record, to_record
 from server_app.methods import method_plan
@@ -32,6 +32,7 @@ from server_app.run_config import RunConfig
 from strategies.depth_aggregation import BUDGET_ACTION, DEPTH_KEY, budget_reply
 from strategies.fedbiot import DPO_REFERENCE
 from strategies.scaffold import DELTA_C, SERVER_C, client_control_update
+from strategies.shipment import OFFER_ACTION, RELEASE_ACTION
 from task_data import batch_iterator, collate, pair_batch_iterator
 
 app = ClientApp()
@@ -192,6 +193,11 @@ def memory_budget(msg: Message, context: Context) -> Message:
     budgets = parse_budget_map(config.memory_budgets)
     return budget_reply(msg, node_budget_gb(context.node_config, budgets))
 
+
+# The server offers the frozen weights by digest before a node's first message, and tells
+# every node when the run ended (strategies/shipment.py, client_app/weight_store.py).
+app.query(OFFER_ACTION)(offer_reply)
+app.query(RELEASE_ACTION)(release_reply)
 
 # KD-FedLLM and split learning (message types "train.kdfed" and "train.split").
 app.train("kdfed")(kdfed_train)

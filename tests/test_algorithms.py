@@ -26,6 +26,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from server_app.run_config import RunConfig
 from strategies.algorithms import inner_strategy
 from strategies.scaffold import DELTA_C, SERVER_C
+from strategies.shipment import OFFER_QUERY
 
 NODES = (11, 12, 13)
 EXAMPLES = (10.0, 30.0, 60.0)
@@ -43,9 +44,15 @@ class NodeDirectory(Grid):
         return list(NODES)
 
     def _unused(self, *args: object, **kwargs: object):
-        raise AssertionError("the server update must not send messages")
+        raise AssertionError("the server update must not send other messages")
 
-    create_message = push_messages = pull_messages = send_and_receive = _unused
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None) -> list:
+        """Only the model offers (strategies/shipment.py), left unanswered: the nodes get the
+        frozen weights with their messages."""
+        assert all(m.metadata.message_type == OFFER_QUERY for m in messages)
+        return []
+
+    create_message = push_messages = pull_messages = _unused
     set_run = _unused
     run = property(_unused)
 

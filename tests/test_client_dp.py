@@ -29,6 +29,7 @@ from strategies.algorithms import strategy_class
 from strategies.client_dp import DP_ALGORITHMS, ClientDP, ClientDPLayer, with_client_dp
 from strategies.depth_aggregation import FedBiAlign, top_block_keys
 from strategies.fedbiot import FedBiOT, FedBiOTMixin
+from strategies.shipment import OFFER_QUERY
 from tests.tiny import tiny
 
 Update = dict[str, np.ndarray]
@@ -44,9 +45,15 @@ class Nodes(Grid):
         return list(range(1, self.count + 1))
 
     def _unused(self, *args: object, **kwargs: object):
-        raise AssertionError("the server update must not send messages")
+        raise AssertionError("the server update must not send other messages")
 
-    create_message = push_messages = pull_messages = send_and_receive = _unused
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None) -> list:
+        """Only the model offers (strategies/shipment.py), left unanswered: the nodes get the
+        frozen weights with their messages."""
+        assert all(m.metadata.message_type == OFFER_QUERY for m in messages)
+        return []
+
+    create_message = push_messages = pull_messages = _unused
     set_run = _unused
     run = property(_unused)
 

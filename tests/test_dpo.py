@@ -2,6 +2,7 @@
 the fixed reference (client and server)."""
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from models.wire import from_record, to_record
 from server_app.checkpoint import load_checkpoint, restore, save_checkpoint
 from server_app.run_config import ConfigError, RunConfig
 from strategies.fedbiot import DPO_REFERENCE, FedBiOT
+from strategies.shipment import OFFER_QUERY
 from task_data import collate_pairs, load_preferences, tokenize_pair
 from tests.tiny import tiny, tiny_fedbiot_models
 
@@ -190,9 +192,15 @@ class _Nodes(Grid):
         return [1, 2]
 
     def _unused(self, *args: object, **kwargs: object):
-        raise AssertionError("the server update must not send messages")
+        raise AssertionError("the server update must not send other messages")
 
-    create_message = push_messages = pull_messages = send_and_receive = _unused
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None) -> list:
+        """Only the model offers (strategies/shipment.py), left unanswered: the nodes get the
+        frozen weights with their messages."""
+        assert all(m.metadata.message_type == OFFER_QUERY for m in messages)
+        return []
+
+    create_message = push_messages = pull_messages = _unused
     set_run = _unused
     run = property(_unused)
 
