@@ -23,13 +23,15 @@ from client_app.client_preferences import client_preferences
 from client_app.dpo_training import train_dpo
 from client_app.exchange import kdfed_train, split_step
 from client_app.model_cache import ClientModel
-from client_app.node import load_node
+from client_app.node import load_node, offer_reply, release_reply
 from federation.local_training import client_control_update, response_loss, train_lora
 from federation.messages import (
     BUDGET_ACTION,
     DELTA_C,
     DEPTH_KEY,
     DPO_REFERENCE,
+    OFFER_ACTION,
+    RELEASE_ACTION,
     SERVER_C,
     budget_reply,
 )
@@ -197,6 +199,11 @@ def memory_budget(msg: Message, context: Context) -> Message:
     budgets = parse_budget_map(config.memory_budgets)
     return budget_reply(msg, node_budget_gb(context.node_config, budgets))
 
+
+# The server offers the frozen weights by digest before a node's first message, and tells
+# every node when the run ended (strategies/shipment.py, client_app/weight_store.py).
+app.query(OFFER_ACTION)(offer_reply)
+app.query(RELEASE_ACTION)(release_reply)
 
 # KD-FedLLM and split learning (message types "train.kdfed" and "train.split").
 app.train("kdfed")(kdfed_train)

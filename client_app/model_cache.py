@@ -1,9 +1,10 @@
-"""The compressed model on a client: stored once per node, rebuilt from disk afterwards.
+"""The compressed model on a client: stored once per store, rebuilt from disk afterwards.
 
 The server sends the compressed frozen weights (``base`` ArrayRecord) and a model package
-(config, layout, tokenizer) the first time it samples a node. The node writes them as an
-ordinary Hugging Face model directory under its cache, keyed by the weights' digest; every
-later round sends only LoRA and names the digest. A process-level memo keeps the last model
+(config, layout, tokenizer) the first time it samples a node whose store lacks them. The node
+writes them as an ordinary Hugging Face model directory in its store (shared by the nodes of
+a host, see ``weight_store``), keyed by the weights' digest; every later round sends only
+LoRA and names the digest. A process-level memo keeps the last model
 in memory, so simulated clients sharing a worker do not reload it every round.
 
 The digest is the full SHA-256 of the weights (``models.wire.state_digest``). A node hashes
@@ -26,12 +27,14 @@ from dataclasses import dataclass
 from logging import WARNING
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common.logger import log
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from client_app.weight_store import locked
 from models.layout import Layout
 from models.loading import quiet_progress_off_terminal
 from models.lora import LoraModel, LoraSpec
@@ -132,12 +135,6 @@ def verify_entry(directory: Path, digest: str) -> None:
     _VERIFIED[str(directory)] = signature
 
 
-def node_cache_dir(root: str, node_id: int) -> Path:
-    """Per-node cache folder (a SuperNode may set its own with node config ``cache-dir``)."""
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "fedbiot"
-    return base / "nodes" / str(node_id)
-
-
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -149,10 +146,25 @@ def store_package(cache: Path, base: ArrayRecord, package: ConfigRecord) -> Path
     """Write the received weights and package as a model directory; return its path.
 
     A verified entry is kept; a bad one (flipped bytes, truncated) is replaced: the new entry
-    is written to a temporary folder and renamed into place.
+    is written to a temporary folder and renamed into place, under the digest's lock, so
+    concurrent writers (nodes sharing the store) end with one whole entry.
     """
     digest = checked_digest(package.get("digest"), "model-package key 'digest'")
     names = tokenizer_names(package)
+    tensors = {k: v.contiguous() for k, v in from_record(base).items()}
+    if state_digest(tensors) != digest:
+        raise CacheError(f"the weights received do not hash to their digest {digest}; not stored")
+    with locked(cache, digest):  # a second writer of the digest waits, then keeps this entry
+        return _store_locked(cache, digest, names, tensors, package)
+
+
+def _store_locked(
+    cache: Path,
+    digest: str,
+    names: list[str],
+    tensors: dict[str, torch.Tensor],
+    package: ConfigRecord,
+) -> Path:
     target = cache / digest
     if target.exists() or target.is_symlink():
         try:
@@ -160,9 +172,6 @@ def store_package(cache: Path, base: ArrayRecord, package: ConfigRecord) -> Path
             return target
         except CacheError as err:
             log(WARNING, "Replacing the bad cached model at %s: %s", target, err)
-    tensors = {k: v.contiguous() for k, v in from_record(base).items()}
-    if state_digest(tensors) != digest:
-        raise CacheError(f"the weights received do not hash to their digest {digest}; not stored")
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{digest}-"))
     try:

@@ -5,19 +5,32 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from logging import WARNING
 from typing import Any
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.logger import log
 
 from client_app.client_data import ClientData, client_data
 from client_app.model_cache import (
     CacheError,
     ClientModel,
+    checked_digest,
     load_client_model,
-    node_cache_dir,
     store_package,
+    verify_entry,
 )
+from client_app.weight_store import (
+    StorePlace,
+    evict,
+    mark_use,
+    max_bytes,
+    release,
+    store_id,
+    store_place,
+)
+from federation.messages import OFFER_RECORD, PRESENT_KEY, STORE_KEY
 from federation.run_config import RunConfig
 from models.lora import LoraSpec
 from models.quantization import check_mode
@@ -64,16 +77,12 @@ def load_node(msg: Message, context: Context) -> tuple[RunConfig, ClientModel, i
     config = dataclasses.replace(config, num_partitions=partitions)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    root = str(context.node_config.get("cache-dir", "") or config.cache_dir)
-    cache = node_cache_dir(root, context.node_id)
-    content = msg.content
+    place = store_place(context.node_config, config.cache_dir, context.node_id)
     spec = LoraSpec(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
     quantization = check_mode(str(context.node_config.get("quantization", config.quantization)))
     try:
-        if "base" in content:
-            store_package(cache, content["base"], content["model-package"])
-        digest = content["config"].get("model-digest")
-        model = load_client_model(cache, str(digest), spec, quantization)
+        digest = _receive(msg, context, config, place)
+        model = load_client_model(place.root, digest, spec, quantization)
     except CacheError as err:  # the reply fails; the server names the node in its log too
         raise CacheError(f"node {context.node_id}: {err}") from err
     if model.quantization == "none":  # bitsandbytes placed a quantized model already
@@ -81,3 +90,55 @@ def load_node(msg: Message, context: Context) -> tuple[RunConfig, ClientModel, i
     data_file = str(context.node_config.get("data-file", ""))
     data = client_data(config, partition_id, model.tokenizer, data_file)
     return config, model, partition_id, data
+
+
+def _receive(msg: Message, context: Context, config: RunConfig, place: StorePlace) -> str:
+    """The digest the server names for this node, marked in use by this run; the weights
+    stored (and the store trimmed to its limit) where the message carries them."""
+    content = msg.content
+    digest = checked_digest(content["config"].get("model-digest"), "config key 'model-digest'")
+    created = "base" in content and not (place.root / digest).is_dir()
+    mark_use(place.root, digest, context.run_id, created)  # before writing: never evicted
+    if "base" in content:
+        store_package(place.root, content["base"], content["model-package"])
+        evict(place.root, max_bytes(context.node_config, config.cache_max_gb, context.node_id))
+    return digest
+
+
+def offer_reply(msg: Message, context: Context) -> Message:
+    """Answer the server's model offer: the digest if this node's store holds a verified
+    entry of it (stored from the offer itself when it carries the weights), and the id of
+    a shared store, so that the server ships once per store."""
+    config = RunConfig.from_flower(context.run_config)
+    place = store_place(context.node_config, config.cache_dir, context.node_id)
+    try:
+        digest = _receive(msg, context, config, place)
+    except CacheError as err:
+        raise CacheError(f"node {context.node_id}: {err}") from err
+    present = ""
+    if (place.root / digest).is_dir():
+        try:
+            verify_entry(place.root / digest, digest)
+            present = digest
+        except CacheError as err:
+            log(
+                WARNING,
+                "node %d: cached model at %s is bad, not used (%s); the server sends the "
+                "weights and they replace it",
+                context.node_id,
+                place.root / digest,
+                err,
+            )
+    record = ConfigRecord(
+        {PRESENT_KEY: present, STORE_KEY: store_id(place.root) if place.shared else ""}
+    )
+    return Message(RecordDict({OFFER_RECORD: record}), reply_to=msg)
+
+
+def release_reply(msg: Message, context: Context) -> Message:
+    """The run ended: drop its marks on the node's store (and, with ``cache-ephemeral=1``,
+    what only this run used)."""
+    config = RunConfig.from_flower(context.run_config)
+    place = store_place(context.node_config, config.cache_dir, context.node_id)
+    release(place, context.run_id, bool(config.cache_ephemeral))
+    return Message(RecordDict(), reply_to=msg)

@@ -25,6 +25,16 @@ BUDGET_RECORD = "budget"
 # Records of the split messages: the server's gradient, the client's activations.
 GRADIENT = "gradient"
 ACTIVATIONS = "activations"
+# The model offer before a node's first message (strategies/shipment.py): the node answers
+# whether its weight store holds the offered digest, and which shared store it uses; at a
+# run's end the server asks every node to release the run's marks on its store.
+OFFER_ACTION = "model_offer"
+OFFER_QUERY = f"{MessageType.QUERY}.{OFFER_ACTION}"
+RELEASE_ACTION = "cache_release"
+RELEASE_QUERY = f"{MessageType.QUERY}.{RELEASE_ACTION}"
+OFFER_RECORD = "model-offer"
+PRESENT_KEY = "present-digest"
+STORE_KEY = "store-id"
 
 
 def budget_reply(message: Message, budget_gb: float) -> Message:

@@ -122,6 +122,8 @@ class RunConfig:
     run_name: str = ""
     data_dir: str = ""
     cache_dir: str = ""
+    cache_max_gb: float = 0.0
+    cache_ephemeral: int = 0
     round_timeout: float = 7200.0
     node_wait_timeout: float = 600.0
     checkpoint_every: int = 1
@@ -173,6 +175,8 @@ class RunConfig:
                 "'..'): run folders stay inside output-dir",
             ),
             (self.max_update_norm >= 0, "max-update-norm must be >= 0 (0: off)"),
+            (self.cache_max_gb >= 0, "cache-max-gb must be >= 0 (0: no limit)"),
+            (self.cache_ephemeral in (0, 1), "cache-ephemeral must be 0 or 1"),
             (self.max_num_examples >= 0, "max-num-examples must be >= 0 (0: auto)"),
         ]
         checks += [

@@ -38,6 +38,7 @@ from strategies.algorithms import strategy_class
 from strategies.client_dp import ClientDP, with_client_dp
 from strategies.depth_aggregation import FedBiAlign
 from strategies.lr_schedule import round_learning_rate
+from strategies.shipment import release_caches
 
 app = ServerApp()
 
@@ -66,18 +67,25 @@ def depth_parameters(
     }
 
 
+# How long the end of a run waits for the nodes to release their caches.
+RELEASE_TIMEOUT_S = 30.0
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured method for `num-server-rounds` rounds; write the run folder."""
     config = RunConfig.from_flower(context.run_config)
     # KD-FedLLM and split learning exchange logits or activations, not parameters: their
     # own loops, not a strategy.
-    if config.method == "kdfed":
-        run_kdfed(grid, config)
-    elif config.method == "split":
-        run_split(grid, config)
-    else:
-        run_federation(grid, config)
+    try:
+        if config.method == "kdfed":
+            run_kdfed(grid, config)
+        elif config.method == "split":
+            run_split(grid, config)
+        else:
+            run_federation(grid, config)
+    finally:  # also after a failed run: its marks would keep entries from eviction a day
+        release_caches(grid, min(config.round_timeout, RELEASE_TIMEOUT_S))
 
 
 def _sampling(config: RunConfig, plan: MethodPlan) -> dict[str, float | int | str]:
@@ -205,6 +213,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         max_examples=config.example_cap(),
         fixed_dpo_reference=config.dpo_reference == "fixed",
         node_wait_timeout=config.node_wait_timeout,
+        offer_timeout=config.round_timeout,
         **_sampling(config, plan),
         **algorithm_params,
     )

@@ -100,6 +100,7 @@ class RoundTrip:
         self, server_round: int, contents: dict[int, RecordDict], step: int = 0
     ) -> tuple[dict[int, Message], list[int]]:
         """Replies by node (errors left out) and the nodes that did not answer."""
+        shipped = self.shipment.offer(server_round, self.grid, contents, self.timeout)
         messages = [
             Message(
                 self.shipment.address(server_round, node, body),
@@ -110,7 +111,7 @@ class RoundTrip:
         ]
         check_superlink()
         with open(self.run_dir / "sent_arrays.jsonl", "a") as f:
-            for message in messages:
+            for message in shipped + messages:
                 f.write(json.dumps({**audit_entry(server_round, message), "step": step}) + "\n")
         received = exchange(self.grid, messages, self.timeout)
         failed = self.shipment.receive(server_round, received)

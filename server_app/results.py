@@ -15,6 +15,7 @@ from typing import Any
 from federation.run_config import RunConfig
 from models.layout import Layout
 from server_app.superlink_guard import check_superlink
+from strategies.shipment import NODE_KEYS
 
 _PACKAGES = (
     "flwr",
@@ -128,17 +129,9 @@ class RunRecorder:
         with open(path, "a", newline="") as f:
             writer = csv.writer(f)
             if new:
-                writer.writerow(["round", "node", "bytes_down", "bytes_up", "bytes_model_download"])
+                writer.writerow(["round", "node", *NODE_KEYS])
             for node, counts in sorted(per_node.items()):
-                writer.writerow(
-                    [
-                        server_round,
-                        node,
-                        counts["bytes_down"],
-                        counts["bytes_up"],
-                        counts["bytes_model_download"],
-                    ]
-                )
+                writer.writerow([server_round, node, *(counts[k] for k in NODE_KEYS)])
 
 
 def _finite(record: dict[str, Any]) -> dict[str, Any]:

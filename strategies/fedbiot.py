@@ -83,9 +83,11 @@ class FedBiOTMixin:
         fixed_dpo_reference: bool = False,
         node_wait_timeout: float = 600.0,
         node_wait_reason: str = "",
+        offer_timeout: float = 600.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.offer_timeout = offer_timeout  # for the nodes' answers to the model offer
         # Flower's sampling waits for nodes without a deadline: ours waits first, bounded.
         self.node_wait_timeout = node_wait_timeout
         self.node_wait_reason = node_wait_reason
@@ -114,10 +116,17 @@ class FedBiOTMixin:
         self.skipped_nodes: set[int] = set()
 
     def _with_fedbiot_records(
-        self, server_round: int, messages: Iterable[Message], extra: RecordDict | None = None
+        self,
+        server_round: int,
+        grid: Grid,
+        messages: Iterable[Message],
+        extra: RecordDict | None = None,
     ) -> list[Message]:
         """Copy each message, adding emulator LoRA, the ``extra`` records and, once per node,
-        the frozen weights."""
+        the frozen weights (unless its store holds them: the shipment offers them first)."""
+        messages = list(messages)
+        nodes = [m.metadata.dst_node_id for m in messages]
+        shipped = self.shipment.offer(server_round, grid, nodes, self.offer_timeout)
         emulator = to_record(self.models.emulator_state()) if self.models.has_emulator else None
         out = []
         for message in messages:
@@ -141,7 +150,7 @@ class FedBiOTMixin:
             if self.before_write is not None:
                 self.before_write()
             with open(self.audit_path, "a") as f:
-                for message in out:
+                for message in shipped + out:
                     f.write(json.dumps(audit_entry(server_round, message)) + "\n")
         return out
 
@@ -207,7 +216,7 @@ class FedBiOTMixin:
             extra[DPO_REFERENCE] = self.dpo_reference
         self._wait_for_nodes(grid, self.min_train_nodes)  # type: ignore[attr-defined]
         messages = super().configure_train(server_round, arrays, config, grid)
-        decorated = self._with_fedbiot_records(server_round, messages, extra)
+        decorated = self._with_fedbiot_records(server_round, grid, messages, extra)
         self.shipment.metrics(server_round)["clients_sampled"] = len(decorated)
         self._sent_at = time.perf_counter()
         return decorated
@@ -272,7 +281,7 @@ class FedBiOTMixin:
         if self.fraction_evaluate > 0:  # type: ignore[attr-defined]
             self._wait_for_nodes(grid, self.min_evaluate_nodes)  # type: ignore[attr-defined]
         messages = super().configure_evaluate(server_round, arrays, config, grid)
-        return self._with_fedbiot_records(server_round, messages)
+        return self._with_fedbiot_records(server_round, grid, messages)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -23,7 +23,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from federation.messages import DELTA_C, SERVER_C
+from federation.messages import DELTA_C, OFFER_QUERY, SERVER_C
 from federation.run_config import RunConfig
 from strategies.algorithms import inner_strategy
 
@@ -43,9 +43,15 @@ class NodeDirectory(Grid):
         return list(NODES)
 
     def _unused(self, *args: object, **kwargs: object):
-        raise AssertionError("the server update must not send messages")
+        raise AssertionError("the server update must not send other messages")
 
-    create_message = push_messages = pull_messages = send_and_receive = _unused
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None) -> list:
+        """Only the model offers (strategies/shipment.py), left unanswered: the nodes get the
+        frozen weights with their messages."""
+        assert all(m.metadata.message_type == OFFER_QUERY for m in messages)
+        return []
+
+    create_message = push_messages = pull_messages = _unused
     set_run = _unused
     run = property(_unused)
 

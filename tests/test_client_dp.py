@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
+from federation.messages import OFFER_QUERY
 from federation.run_choices import ALGORITHMS
 from federation.run_config import RunConfig
 from models.blocks import get_blocks
@@ -45,9 +46,15 @@ class Nodes(Grid):
         return list(range(1, self.count + 1))
 
     def _unused(self, *args: object, **kwargs: object):
-        raise AssertionError("the server update must not send messages")
+        raise AssertionError("the server update must not send other messages")
 
-    create_message = push_messages = pull_messages = send_and_receive = _unused
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None) -> list:
+        """Only the model offers (strategies/shipment.py), left unanswered: the nodes get the
+        frozen weights with their messages."""
+        assert all(m.metadata.message_type == OFFER_QUERY for m in messages)
+        return []
+
+    create_message = push_messages = pull_messages = _unused
     set_run = _unused
     run = property(_unused)
 

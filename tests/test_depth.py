@@ -10,7 +10,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from federation.messages import BUDGET_QUERY, DEPTH_KEY, budget_reply
+from federation.messages import BUDGET_QUERY, DEPTH_KEY, OFFER_QUERY, budget_reply
 from models.depth_memory import (
     MemoryBudgetError,
 )
@@ -117,6 +117,8 @@ class FakeGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None) -> list:
         replies = []
         for message in messages:
+            if message.metadata.message_type == OFFER_QUERY:
+                continue  # the model offer, unanswered: the node gets the weights anyway
             assert message.metadata.message_type == BUDGET_QUERY
             node = message.metadata.dst_node_id
             self.queried.append(node)

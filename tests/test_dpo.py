@@ -2,6 +2,7 @@
 the fixed reference (client and server)."""
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from flwr.serverapp import Grid
 from trl import DPOConfig, DPOTrainer
 
 from client_app.dpo_training import train_dpo
-from federation.messages import DPO_REFERENCE
+from federation.messages import DPO_REFERENCE, OFFER_QUERY
 from federation.preferences import dpo_loss, preference_metrics, reference_logps, sequence_logps
 from federation.run_config import ConfigError, RunConfig
 from models.blocks import get_blocks
@@ -186,9 +187,15 @@ class _Nodes(Grid):
         return [1, 2]
 
     def _unused(self, *args: object, **kwargs: object):
-        raise AssertionError("the server update must not send messages")
+        raise AssertionError("the server update must not send other messages")
 
-    create_message = push_messages = pull_messages = send_and_receive = _unused
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None) -> list:
+        """Only the model offers (strategies/shipment.py), left unanswered: the nodes get the
+        frozen weights with their messages."""
+        assert all(m.metadata.message_type == OFFER_QUERY for m in messages)
+        return []
+
+    create_message = push_messages = pull_messages = _unused
     set_run = _unused
     run = property(_unused)
 

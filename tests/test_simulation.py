@@ -90,7 +90,7 @@ def test_run_finishes_with_metrics_for_every_round(finished_run) -> None:
         per_node = list(csv.DictReader(f))
     for row in rows:
         mine = [r for r in per_node if int(r["round"]) == row["round"]]
-        for key in ("bytes_up", "bytes_down", "bytes_model_download"):
+        for key in ("bytes_up", "bytes_down", "bytes_model_download", "bytes_model_download_sent"):
             assert sum(int(r[key]) for r in mine) == row.get(key, 0), key
     assert rows[1]["bytes_model_download"] > 0
     assert rows[2]["bytes_model_download"] == 0  # the frozen weights travel once
@@ -171,8 +171,8 @@ def test_no_client_received_a_dropped_block_and_weights_went_once(finished_run) 
                 if f"{block_path(original)}." in k
             }
             assert len(positions) == len(config["adapter_blocks"]) + len(config["emulator_blocks"])
-    assert base_per_node and all(count == 1 for count in base_per_node.values())
-    assert len(base_per_node) == len({e["node"] for e in entries})
+    # The simulated nodes share one store (one host): one of them got the weights, once.
+    assert list(base_per_node.values()) == [1]
 
 
 def test_report_renders_tables_and_plots_from_the_run(finished_run, tmp_path: Path) -> None:
