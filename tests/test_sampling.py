@@ -1,0 +1,56 @@
+"""Flower's sampling and timeouts as the run config sets them, through ``flwr run``:
+``fraction-train`` < 1 trains a different subset of the nodes each round, and
+``round-timeout`` ends a round whose clients have not answered (a round without any update
+then stops the run, and the README's wrapper exits non-zero)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.flower_runtime import REPO, LocalFederation, tiny_run_config
+from tests.test_run_checked import SCRIPT, _overrides
+
+pytestmark = pytest.mark.xdist_group("sampling")
+
+
+def test_fraction_train_samples_half_of_the_nodes_each_round(
+    federation: LocalFederation, tmp_path: Path
+) -> None:
+    config = tiny_run_config(tmp_path, "half", num_partitions=4, fraction_train=0.5,
+                             min_train_nodes=2, num_server_rounds=3, eval_tasks="")  # fmt: skip
+    rows = federation.run_to_end(config, supernodes=4)
+    assert [r["clients_sampled"] for r in rows[1:]] == [2, 2, 2]
+    with open(tmp_path / "half" / "communication.csv") as f:
+        per_node = list(csv.DictReader(f))
+    # Every node is sent the model and evaluates; the trained ones send LoRA back.
+    trained = [
+        {n["node"] for n in per_node if int(n["round"]) == r and int(n["bytes_up"]) > 0}
+        for r in (1, 2, 3)
+    ]
+    assert [len(nodes) for nodes in trained] == [2, 2, 2]
+    assert len(set().union(*trained)) > 2, trained  # not the same two nodes every round
+
+
+def test_a_round_timeout_ends_a_round_nobody_answered_in_time(
+    federation: LocalFederation, tmp_path: Path
+) -> None:
+    # Round 1 ships the model and trains 40 steps: far more than the one second allowed.
+    config = tiny_run_config(tmp_path, "late", round_timeout=1.0, local_steps=40,
+                             eval_tasks="")  # fmt: skip
+    command = [sys.executable, str(SCRIPT), str(REPO), "test", "--run-config"]
+    command += [_overrides(config), "--federation-config", "num-supernodes=2"]
+    start = time.monotonic()
+    result = subprocess.run(
+        command, env=federation.env, capture_output=True, text=True, timeout=600, check=False
+    )
+    output = result.stdout[-4000:] + result.stderr[-2000:]
+    assert result.returncode == 1, output
+    assert "round 1: no client update" in output, output
+    assert not (tmp_path / "late" / "adapfu").exists()
+    assert time.monotonic() - start < 300, output
