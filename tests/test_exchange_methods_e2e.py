@@ -35,7 +35,10 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _check_rounds(run_dir: Path, rows: list[dict], rounds: int, task: str) -> None:
+def _check_rounds(
+    run_dir: Path, rows: list[dict], rounds: int, task: str, learns: bool = True
+) -> None:
+    """``learns``: the run is long enough to lower the held-out loss of the tiny model."""
     assert [r["round"] for r in rows] == list(range(rounds + 1))
     for row in rows[1:]:
         assert math.isfinite(row["train_loss"]) and row["clients_sampled"] == CLIENTS
@@ -47,7 +50,10 @@ def _check_rounds(run_dir: Path, rows: list[dict], rounds: int, task: str) -> No
     assert last[f"eval_adapfu_{task}_loss"] == pytest.approx(
         base + last[f"eval_adapfu_{task}_loss_vs_base"]
     )
-    assert last[f"eval_adapfu_{task}_loss_vs_base"] != 0.0  # the trained model moved
+    if learns:
+        assert last[f"eval_adapfu_{task}_loss_vs_base"] < 0.0
+    else:
+        assert last[f"eval_adapfu_{task}_loss_vs_base"] != 0.0  # the model moved
     assert (run_dir / "adapfu" / "peft" / "adapter_config.json").is_file()
     with open(run_dir / "communication.csv") as f:
         per_node = list(csv.DictReader(f))
@@ -81,12 +87,16 @@ def test_kdfed_sends_soft_labels_and_never_parameters(
         banking77_eval="rank",
     )
     run_dir, rows = _run(federation, config)
-    _check_rounds(run_dir, rows, rounds, task)
+    # One top-k distillation step on four public texts moves GSM8K loss either way.
+    _check_rounds(run_dir, rows, rounds, task, learns=task == "banking77")
     _, tokenizer = tiny("tiny-llama")
     public = public_set(RunConfig.from_flower(config), tokenizer)
     if task == "banking77":  # dense label log-probs in fp16
         shape, per_client = [4, NUM_LABELS], 4 * NUM_LABELS * 2
-        assert 0 <= rows[-1]["eval_adapfu_banking77_accuracy"] <= 1
+        # The accuracy is that of the per-text rankings the run kept for paired tests.
+        scored = [r for r in _jsonl(run_dir / "heldout.jsonl") if r["variant"] == "adapfu"]
+        right = [p == g for p, g in zip(scored[-1]["predicted"], scored[-1]["gold"], strict=True)]
+        assert rows[-1]["eval_adapfu_banking77_accuracy"] == sum(right) / len(right)
         assert not any("accuracy" in key for row in rows[:-1] for key in row)
     else:  # top-3 fp16 log-probs and int32 token ids per response position
         shape, per_client = [sum(public.rows), 3], sum(public.rows) * 3 * (2 + 4)
