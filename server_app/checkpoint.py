@@ -41,6 +41,8 @@ RESUMABLE_KEYS = frozenset(
         "output-dir",
         "run-name",
         "checkpoint-every",
+        "save-every-round",
+        "report-to",
         "eval-every",
         "resume-from",
         "data-dir",

@@ -35,7 +35,6 @@ from federation.kd_public import (
 )
 from federation.run_config import RunConfig
 from models.blocks import get_blocks
-from models.export import export_outputs
 from models.fedbiot_models import FedBiOTModels
 from models.kd_logits import aggregate_soft_labels, payload_bytes
 from models.layout import full_layout
@@ -47,6 +46,7 @@ from server_app.exchange_loop import (
     sample_nodes,
     start_run,
 )
+from server_app.model_card import export_with_cards
 from server_app.run_setup import model_fields
 from server_app.server_eval import ServerEvaluator
 from server_app.superlink_guard import check_superlink
@@ -129,7 +129,7 @@ def run_kdfed(grid: Grid, config: RunConfig) -> Path:
         )
         evaluator(server_round, ArrayRecord())
     check_superlink()
-    outputs = export_outputs(models, recorder.dir)
+    outputs = export_with_cards(models, config, recorder)
     log(INFO, "Saved %s", ", ".join(f"{k} to {v}" for k, v in outputs.items()))
     evaluator.open_ended(recorder.dir, config.open_ended_examples, config.eval_max_new_tokens)
     return recorder.dir

@@ -15,6 +15,7 @@ from typing import Any
 from federation.run_config import RunConfig
 from models.layout import Layout
 from server_app.superlink_guard import check_superlink
+from server_app.tracking import open_tracker
 from strategies.shipment import NODE_KEYS
 
 _PACKAGES = (
@@ -62,13 +63,14 @@ class RunRecorder:
             self.dir = resume_dir
             self.resumed_at = resume_round
             self._truncate(resume_round or 0)
-            return
-        self.resumed_at = None
-        name = config.run_name or time.strftime(f"{config.method}-%Y%m%d-%H%M%S")
-        self.dir = Path(config.output_dir).expanduser().resolve() / name
-        if (self.dir / "metrics.jsonl").exists():
-            raise FileExistsError(f"{self.dir} already holds a run; pick another run-name")
-        self.dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self.resumed_at = None
+            name = config.run_name or time.strftime(f"{config.method}-%Y%m%d-%H%M%S")
+            self.dir = Path(config.output_dir).expanduser().resolve() / name
+            if (self.dir / "metrics.jsonl").exists():
+                raise FileExistsError(f"{self.dir} already holds a run; pick another run-name")
+            self.dir.mkdir(parents=True, exist_ok=True)
+        self.tracker = open_tracker(config.report_to, self.dir, config.to_dict(), self.resumed_at)
 
     def _truncate(self, last_round: int) -> None:
         check_superlink()
@@ -108,7 +110,8 @@ class RunRecorder:
                 f.write(json.dumps(_finite(row), sort_keys=True) + "\n")
 
     def append_round(self, record: dict[str, Any]) -> None:
-        """Append to ``metrics.jsonl`` and rewrite ``metrics.csv`` (one column per key seen)."""
+        """Append to ``metrics.jsonl``, rewrite ``metrics.csv`` (one column per key seen) and
+        log the row to the tracker of ``report-to``."""
         check_superlink()
         clean = _finite({**record, "server_peak_rss_mb": _peak_rss_mb()})
         with open(self.dir / "metrics.jsonl", "a") as f:
@@ -119,6 +122,8 @@ class RunRecorder:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(self.rows)
+        if self.tracker is not None:
+            self.tracker.log(clean)
 
     def append_communication(self, server_round: int, per_node: dict[int, dict[str, int]]) -> None:
         """One row per node and round in ``communication.csv``: the bytes each client got

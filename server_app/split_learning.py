@@ -33,7 +33,6 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from federation.messages import ACTIVATIONS, GRADIENT
 from federation.run_config import ConfigError, RunConfig
 from models.blocks import extract_blocks, get_blocks
-from models.export import export_outputs
 from models.fedbiot_models import FedBiOTModels
 from models.layout import full_layout
 from models.lora import LoraSpec
@@ -51,6 +50,7 @@ from server_app.exchange_loop import (
     sample_nodes,
     start_run,
 )
+from server_app.model_card import export_with_cards
 from server_app.run_setup import model_fields
 from server_app.server_eval import ServerEvaluator
 from server_app.superlink_guard import check_superlink
@@ -256,7 +256,7 @@ def run_split(grid: Grid, config: RunConfig) -> Path:
         )
         evaluator(server_round, ArrayRecord())
     check_superlink()
-    outputs = export_outputs(models, recorder.dir)
+    outputs = export_with_cards(models, config, recorder)
     log(INFO, "Saved %s", ", ".join(f"{name} to {path}" for name, path in outputs.items()))
     evaluator.open_ended(recorder.dir, config.open_ended_examples, config.eval_max_new_tokens)
     return recorder.dir
