@@ -82,7 +82,9 @@ def _common_metrics(model: ClientModel, partition_id: int, partitions: int) -> d
         "partition-id": partition_id,
         "num-partitions": partitions,
         "client_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "client_quantized_bits": {"none": 32, "8bit": 8, "4bit": 4}[model.quantization],
+        "client_quantized_bits": {"8bit": 8, "4bit": 4}.get(
+            model.quantization, torch.finfo(model.lora.peft.get_base_model().dtype).bits
+        ),
     }
 
 
@@ -122,6 +124,7 @@ def train(msg: Message, context: Context) -> Message:
             beta=config.dpo_beta,
             weight_decay=config.weight_decay,
             reference_state=reference,
+            accum_steps=config.grad_accum_steps,
         )
         metrics = MetricRecord(
             {
@@ -151,6 +154,7 @@ def train(msg: Message, context: Context) -> Message:
         correction=None
         if scaffold is None
         else {k: scaffold[0][k] - scaffold[1][k] for k in received},
+        accum_steps=config.grad_accum_steps,
     )
     metrics = MetricRecord(
         {

@@ -42,10 +42,12 @@ def train_dpo(
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
     reference_state: dict[str, torch.Tensor] | None = None,
+    accum_steps: int = 1,
 ) -> DPOResult:
-    """Train only the LoRA of ``blocks`` for ``steps`` DPO steps on pair batches.
+    """Train only the LoRA of ``blocks`` for ``steps`` DPO steps on pair batches, each step
+    on ``accum_steps`` batches (the mean loss over all their pairs).
 
-    The ``steps`` batches are drawn up front and scored by the reference: the model as
+    The ``steps * accum_steps`` batches are drawn up front and scored by the reference: the model as
     received, or with ``reference_state`` (every LoRA parameter, by name) loaded in its
     place, after which the received LoRA is put back. Dropout stays off throughout (trl's
     ``disable_dropout`` default): the reward compares two log-probs of the same sequence,
@@ -53,7 +55,7 @@ def train_dpo(
     policy equals it exactly (loss log 2, margin 0).
     """
     blocks = tuple(blocks)
-    drawn = [next(batches) for _ in range(steps)]
+    drawn = [next(batches) for _ in range(steps * accum_steps)]
     if reference_state is None:
         references = reference_logps(lora, drawn)
     else:
@@ -69,16 +71,25 @@ def train_dpo(
     loss_total, accuracy_total, margin_total, tokens = 0.0, 0.0, 0.0, 0
     start = time.perf_counter()
     with lora_steps(lora, blocks, learning_rate, weight_decay, max_grad_norm) as update:
-        for cpu_batch, reference in zip(drawn, references, strict=True):
-            batch = {k: v.to(lora.device) for k, v in cpu_batch.items()}
-            logps = sequence_logps(model, batch)
-            losses, margins = dpo_loss(logps, reference.to(lora.device), beta)
-            loss = losses.mean()
-            update.step(loss)
-            loss_total += loss.item()
+        for start in range(0, len(drawn), accum_steps):
+            micro = range(start, start + accum_steps)
+            pairs = sum(drawn[i]["labels"].shape[0] // 2 for i in micro)
+            step_margins = []
+            for i in micro:
+                batch = {k: v.to(lora.device) for k, v in drawn[i].items()}
+                logps = sequence_logps(model, batch)
+                losses, margins = dpo_loss(logps, references[i].to(lora.device), beta)
+                share = losses.sum() / pairs  # the step's mean over all its pairs
+                if i < micro[-1]:
+                    update.accumulate(share)
+                else:
+                    update.step(share)
+                loss_total += share.item()
+                step_margins.append(margins.detach())
+                tokens += int(drawn[i]["attention_mask"].sum())
+            margins = torch.cat(step_margins)
             accuracy_total += reward_accuracy(margins).item()
             margin_total += margins.mean().item()
-            tokens += int(batch["attention_mask"].sum())
     return DPOResult(
         loss=loss_total / max(steps, 1),
         accuracy=accuracy_total / max(steps, 1),

@@ -69,7 +69,7 @@ class ClientModel:
     quantization_note: str = ""
 
 
-_MEMO: dict[tuple[str, LoraSpec, str], ClientModel] = {}
+_MEMO: dict[tuple[str, LoraSpec, str, torch.dtype], ClientModel] = {}
 # Entries hashed in this process, with the (name, mtime, size) of their files when they were.
 _VERIFIED: dict[str, tuple[tuple[str, int, int], ...]] = {}
 
@@ -199,12 +199,17 @@ def _store_locked(
 
 
 def load_client_model(
-    cache: Path, digest: str, spec: LoraSpec, quantization: str = "none"
+    cache: Path,
+    digest: str,
+    spec: LoraSpec,
+    quantization: str = "none",
+    dtype: torch.dtype = torch.float32,
 ) -> ClientModel:
-    """The compressed model of ``digest`` with LoRA on all its blocks; its frozen weights
-    in 4 or 8 bits where ``quantization`` asks and the node can (see models/quantization)."""
+    """The compressed model of ``digest`` with float32 LoRA on all its blocks; its frozen
+    weights in ``dtype``, or in 4 or 8 bits where ``quantization`` asks and the node can
+    (see models/quantization)."""
     checked_digest(digest, "config key 'model-digest'")
-    key = (digest, spec, quantization)
+    key = (digest, spec, quantization, dtype)
     if key in _MEMO:
         return _MEMO[key]
     directory = cache / digest
@@ -224,7 +229,7 @@ def load_client_model(
         emulator_blocks=tuple(raw["emulator_blocks"]),
     )
     quiet_progress_off_terminal()
-    plan = load_plan(quantization)
+    plan = load_plan(quantization, dtype)
     model = AutoModelForCausalLM.from_pretrained(directory, **plan.kwargs)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if tokenizer.pad_token is None:

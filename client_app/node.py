@@ -33,6 +33,7 @@ from client_app.weight_store import (
 from federation.messages import OFFER_RECORD, PRESENT_KEY, STORE_KEY
 from federation.run_config import RunConfig
 from models.lora import LoraSpec
+from models.precision import resolve_dtype, set_gradient_checkpointing
 from models.quantization import check_mode
 
 
@@ -80,13 +81,17 @@ def load_node(msg: Message, context: Context) -> tuple[RunConfig, ClientModel, i
     place = store_place(context.node_config, config.cache_dir, context.node_id)
     spec = LoraSpec(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
     quantization = check_mode(str(context.node_config.get("quantization", config.quantization)))
+    where = "node config dtype" if "dtype" in context.node_config else "run-config dtype"
+    name = str(context.node_config.get("dtype", config.dtype))
+    dtype = resolve_dtype(name, config.torch_device(), f"node {context.node_id}: {where}")
     try:
         digest = _receive(msg, context, config, place)
-        model = load_client_model(place.root, digest, spec, quantization)
+        model = load_client_model(place.root, digest, spec, quantization, dtype)
     except CacheError as err:  # the reply fails; the server names the node in its log too
         raise CacheError(f"node {context.node_id}: {err}") from err
     if model.quantization == "none":  # bitsandbytes placed a quantized model already
         model.lora.peft.to(config.torch_device())
+    set_gradient_checkpointing(model.lora.peft.get_base_model(), config.gradient_checkpointing)
     data_file = str(context.node_config.get("data-file", ""))
     data = client_data(config, partition_id, model.tokenizer, data_file)
     return config, model, partition_id, data

@@ -1,5 +1,10 @@
 """The client step: K AdamW steps on the trained LoRA, with the method's proximal terms.
 
+A step may accumulate ``accum_steps`` micro-batches before its update; each micro-batch's
+loss is its summed token losses over the step's total token count, so the accumulated
+gradient is the gradient of the whole step's batch (a per-micro-batch mean would weight a
+short micro-batch's tokens more).
+
 FedBiOT's proximal term acts on the adapter's effective weights, FedProx's on the LoRA
 parameters; SCAFFOLD moves the weights by ``-lr * (c - c_i)`` after every AdamW step.
 """
@@ -16,7 +21,7 @@ import torch.nn.functional as F
 
 from federation.proximal import EffectiveWeightProximal
 from models.lora import LoraModel
-from models.response_logits import response_lm_loss, response_logits
+from models.response_logits import IGNORE_INDEX, response_logits
 
 
 @dataclass
@@ -46,7 +51,8 @@ class LoraSteps:
         self.max_grad_norm = max_grad_norm
 
     def step(self, loss: torch.Tensor, after: Callable[[], None] | None = None) -> None:
-        """Backward, clip, update, then ``after`` (SCAFFOLD's correction step)."""
+        """Backward (onto gradients ``accumulate`` left), clip, update, then ``after``
+        (SCAFFOLD's correction step)."""
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
@@ -54,6 +60,11 @@ class LoraSteps:
         if after is not None:
             with torch.no_grad():
                 after()
+
+    @staticmethod
+    def accumulate(loss: torch.Tensor) -> None:
+        """Backward a micro-batch's share of the step's loss; ``step`` updates later."""
+        loss.backward()
 
 
 @contextmanager
@@ -110,8 +121,10 @@ def train_lora(
     max_grad_norm: float = 1.0,
     proximal_mu: float = 0.0,
     correction: dict[str, torch.Tensor] | None = None,
+    accum_steps: int = 1,
 ) -> TrainResult:
-    """Train only the LoRA of ``blocks`` for ``steps`` steps on response-token LM loss.
+    """Train only the LoRA of ``blocks`` for ``steps`` steps on response-token LM loss,
+    each step on ``accum_steps`` batches (the mean over all their response tokens).
 
     With ``prox_epsilon > 0`` the loss adds FedBiOT's ``(eps/2)||W_hat - W_hat_t||^2`` over
     those blocks' effective weights; with ``proximal_mu > 0``, FedProx's
@@ -146,15 +159,21 @@ def train_lora(
     start = time.perf_counter()
     with lora_steps(lora, blocks, learning_rate, weight_decay, max_grad_norm) as update:
         for _ in range(steps):
-            batch = {k: v.to(lora.device) for k, v in next(batches).items()}
-            lm_loss = response_lm_loss(model, batch)
+            micro = [next(batches) for _ in range(accum_steps)]
+            count = max(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro), 1)
+            for i, cpu_batch in enumerate(micro):
+                batch = {k: v.to(lora.device) for k, v in cpu_batch.items()}
+                logits, targets = response_logits(model, batch)
+                share = F.cross_entropy(logits.float(), targets, reduction="sum") / count
+                lm_total += share.item()
+                tokens += int(cpu_batch["attention_mask"].sum())
+                if i < accum_steps - 1:
+                    update.accumulate(share)
             penalty = prox.penalty() if prox_epsilon > 0 else torch.zeros((), device=lora.device)
             if proximal_mu > 0:
                 penalty = penalty + lora_proximal(named, anchor, proximal_mu)
-            update.step(lm_loss + penalty, correct if shift else None)
-            lm_total += lm_loss.item()
+            update.step(share + penalty, correct if shift else None)
             prox_total += penalty.item()
-            tokens += int(batch["attention_mask"].sum())
     model.eval()
     return TrainResult(
         loss=lm_total / max(steps, 1),

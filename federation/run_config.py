@@ -28,6 +28,7 @@ from federation.run_choices import (
     TASKS_WITH_TEST_SPLIT,
     parse_tasks,
 )
+from models.precision import DTYPES
 from models.quantization import QUANTIZATION_MODES
 from task_data import Columns, load_preferences, load_records
 
@@ -134,6 +135,9 @@ class RunConfig:
     num_threads: int = 0
     device: str = "auto"
     quantization: str = "none"
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False
+    grad_accum_steps: int = 1
 
     @staticmethod
     def key(name: str) -> str:
@@ -152,10 +156,10 @@ class RunConfig:
         values = {}
         for key, value in run_config.items():
             f = known[key]
-            expected = {"int": int, "float": float, "str": str}[f.type]
+            expected = {"int": int, "float": float, "str": str, "bool": bool}[f.type]
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
-            if not isinstance(value, expected) or isinstance(value, bool):
+            if not isinstance(value, expected) or (isinstance(value, bool) != (expected is bool)):
                 raise ConfigError(f"run-config {key}={value!r} must be of type {expected.__name__}")
             values[f.name] = value
         config = cls(**values)
@@ -276,6 +280,8 @@ class RunConfig:
                 self.quantization in QUANTIZATION_MODES,
                 f"quantization={self.quantization!r} must be one of {QUANTIZATION_MODES}",
             ),
+            (self.dtype in DTYPES, f"dtype={self.dtype!r} must be one of {DTYPES}"),
+            (self.grad_accum_steps >= 1, "grad-accum-steps must be >= 1"),
         ]
         for ok, message in checks + self._alignment_checks():
             if not ok:

@@ -97,9 +97,11 @@ class EmulatorDistiller:
             teacher_cap.handle.remove()
             student_cap.handle.remove()
         assert teacher_cap.value is not None and student_cap.value is not None
-        mask = batch["attention_mask"].unsqueeze(-1).to(student_cap.value.dtype)
-        sq = ((student_cap.value - teacher_cap.value) ** 2 * mask).sum()
-        scale = (teacher_cap.value**2 * mask).sum().clamp(min=1e-12)
+        # In float32: a bfloat16 sum over every token's hidden state loses the small error.
+        student, teacher = student_cap.value.float(), teacher_cap.value.float()
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        sq = ((student - teacher) ** 2 * mask).sum()
+        scale = (teacher**2 * mask).sum().clamp(min=1e-12)
         hidden = sq / scale
         kl = kl_per_token(teacher_logits, student_logits)
         return DistillLosses(total=hidden + self.kd_lambda * kl, hidden=hidden, kl=kl)

@@ -121,7 +121,7 @@ class LabelRanker:
         keep = torch.ones(len(trie.tokens), dtype=torch.bool)
         logits = self._forward(trie.tokens, mask[None, None], positions, False, keep)
         self._truncate(past)
-        return logits.log_softmax(-1).cpu()
+        return logits.float().log_softmax(-1).cpu()
 
     @torch.no_grad()
     def rank(self, prompt: list[int], gold: int) -> tuple[int, float]:
@@ -139,6 +139,7 @@ class LabelRanker:
             self._forward(
                 suffix, self._causal_mask(n, len(suffix)), list(range(n, len(prompt))), True
             )[-1]
+            .float()
             .log_softmax(-1)
             .cpu()
         )

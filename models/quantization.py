@@ -2,8 +2,8 @@
 
 Only the frozen base is quantized; LoRA stays in full precision (QLoRA). bitsandbytes'
 kernels need CUDA, so a node that asks for quantization without a CUDA device (or without
-the ``bitsandbytes`` package) logs why and loads float32 weights instead: the federation
-goes on, that node just uses more memory.
+the ``bitsandbytes`` package) logs why and loads its weights in its compute dtype instead:
+the federation goes on, that node just uses more memory.
 """
 
 from __future__ import annotations
@@ -43,17 +43,21 @@ def _missing_requirement() -> str:
     return ""
 
 
-def load_plan(mode: str) -> LoadPlan:
-    """``from_pretrained`` arguments for ``mode``, falling back to float32 where the node
-    cannot quantize (the fallback is logged and reported in the plan's ``note``)."""
+def load_plan(mode: str, dtype: torch.dtype = torch.float32) -> LoadPlan:
+    """``from_pretrained`` arguments for ``mode``, falling back to unquantized ``dtype``
+    weights where the node cannot quantize (the fallback is logged and reported in the
+    plan's ``note``). Quantized layers compute in ``dtype`` if it is a half type, else in
+    bfloat16."""
     check_mode(mode)
     if mode == "none":
-        return LoadPlan("none", {"dtype": torch.float32})
+        return LoadPlan("none", {"dtype": dtype})
     missing = _missing_requirement()
     if missing:
-        note = f"quantization={mode} needs CUDA and bitsandbytes: {missing}; loading float32"
+        name = str(dtype).removeprefix("torch.")
+        note = f"quantization={mode} needs CUDA and bitsandbytes: {missing}; loading {name}"
         log(WARNING, note)
-        return LoadPlan("none", {"dtype": torch.float32}, note)
+        return LoadPlan("none", {"dtype": dtype}, note)
+    compute = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     from transformers import BitsAndBytesConfig
 
     if mode == "4bit":
@@ -61,11 +65,11 @@ def load_plan(mode: str) -> LoadPlan:
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=compute,
         )
     else:
         config = BitsAndBytesConfig(load_in_8bit=True)
     return LoadPlan(
         mode,
-        {"quantization_config": config, "dtype": torch.bfloat16, "device_map": {"": 0}},
+        {"quantization_config": config, "dtype": compute, "device_map": {"": 0}},
     )

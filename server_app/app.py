@@ -21,6 +21,7 @@ from models.export import AdapterFiles, export_client_models, exports_complete
 from models.fedbiot_models import FedBiOTModels
 from models.loading import base_model_id, resolve_model_dir
 from models.lora import LoraSpec
+from models.precision import set_gradient_checkpointing
 from models.wire import to_record
 from server_app.checkpoint import (
     check_resume_config,
@@ -164,6 +165,10 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     spec = LoraSpec(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
     models = FedBiOTModels(base, tokenizer, layout, spec)
     models.to(config.torch_device())
+    # Distillation trains the compressed model (the full one is its no-grad teacher).
+    set_gradient_checkpointing(
+        models.compressed.peft.get_base_model(), config.gradient_checkpointing
+    )
     recorder.write_config(layout, model_fields(plan.name, models))
     log(
         INFO,

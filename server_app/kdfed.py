@@ -39,6 +39,7 @@ from models.fedbiot_models import FedBiOTModels
 from models.kd_logits import aggregate_soft_labels, payload_bytes
 from models.layout import full_layout
 from models.lora import LoraSpec
+from models.precision import set_gradient_checkpointing
 from server_app.exchange_loop import (
     RoundTrip,
     client_means,
@@ -62,6 +63,7 @@ def run_kdfed(grid: Grid, config: RunConfig) -> Path:
     spec = LoraSpec(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
     models = FedBiOTModels(base, tokenizer, layout, spec)
     models.to(config.torch_device())
+    set_gradient_checkpointing(models.full.peft.get_base_model(), config.gradient_checkpointing)
     public = public_set(config, tokenizer)
     recorder.write_config(
         layout,

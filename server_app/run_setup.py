@@ -18,6 +18,7 @@ from federation.methods import MethodPlan
 from federation.run_config import ConfigError, RunConfig
 from models.fedbiot_models import FedBiOTModels
 from models.loading import load_model
+from models.precision import resolve_dtype
 from server_app.results import RunRecorder
 from task_data import batch_iterator, load_records, partition_records, tokenize_records
 
@@ -78,7 +79,9 @@ def open_run(
     check_task_data(config, plan)
     recorder = RunRecorder(config, resume_dir, resumed_round)
     log(INFO, "Results go to %s", recorder.dir)
-    base, tokenizer = load_model(config.model)
+    dtype = resolve_dtype(config.dtype, config.torch_device(), "run-config dtype")
+    log(INFO, "Frozen weights in %s, LoRA in float32", str(dtype).removeprefix("torch."))
+    base, tokenizer = load_model(config.model, dtype)
     return recorder, base, tokenizer
 
 

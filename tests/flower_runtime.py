@@ -72,6 +72,14 @@ def tiny_run_config(out: Path, run_name: str, **overrides: object) -> dict[str, 
     return config
 
 
+def _toml(value: object) -> str:
+    """A run-config value as ``--run-config`` parses it (TOML: quoted strings, lowercase
+    booleans)."""
+    if isinstance(value, str):
+        return f"'{value}'"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 class LocalFederation:
     """Handle on a running SuperLink: ``run()`` submits this repo's app with ``flwr run``."""
 
@@ -84,9 +92,7 @@ class LocalFederation:
         self.last_output = ""  # the streamed log of the latest run_to_end
 
     def _command(self, run_config: dict[str, object], supernodes: int) -> list[str]:
-        overrides = " ".join(
-            f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in run_config.items()
-        )
+        overrides = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
         return [
             str(BIN / "flwr"),
             "run",
