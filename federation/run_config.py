@@ -282,6 +282,11 @@ class RunConfig:
             ),
             (self.dtype in DTYPES, f"dtype={self.dtype!r} must be one of {DTYPES}"),
             (self.grad_accum_steps >= 1, "grad-accum-steps must be >= 1"),
+            (
+                self.grad_accum_steps == 1 or self.method not in ("kdfed", "split"),
+                f"grad-accum-steps={self.grad_accum_steps} is not supported with "
+                f"method={self.method} (one batch per client step); use 1",
+            ),
         ]
         for ok, message in checks + self._alignment_checks():
             if not ok:

@@ -179,6 +179,8 @@ def test_bad_dtype_and_accumulation_values_are_refused_naming_the_key() -> None:
         RunConfig.from_flower({"dtype": "fp8"})
     with pytest.raises(ConfigError, match="grad-accum-steps must be >= 1"):
         RunConfig.from_flower({"grad-accum-steps": 0})
+    with pytest.raises(ConfigError, match="grad-accum-steps=2 is not supported with method=split"):
+        RunConfig.from_flower({"grad-accum-steps": 2, "method": "split"})
     with pytest.raises(ConfigError, match="gradient-checkpointing='yes' must be of type bool"):
         RunConfig.from_flower({"gradient-checkpointing": "yes"})
     with pytest.raises(ConfigError, match="batch-size=True must be of type int"):
