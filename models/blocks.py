@@ -61,10 +61,14 @@ def renumber_blocks(blocks: nn.ModuleList) -> None:
 
 
 def extract_blocks(model: PreTrainedModel, keep: tuple[int, ...]) -> PreTrainedModel:
-    """A deep copy of ``model`` holding only the blocks ``keep`` (original indices, in order).
+    """A model holding only the blocks ``keep`` (original indices, in order) of ``model``.
 
-    Only the kept blocks are copied: the original block list is swapped out during the copy,
-    so memory grows by the compressed model's size, not the full model's.
+    Its modules are copies (so renumbering and LoRA wrapping leave ``model`` alone), but its
+    parameters are ``model``'s own tensors: the server holds one copy of each frozen weight,
+    not two. LoRA adds new parameters around them, so training the compressed model's LoRA
+    leaves ``model`` unchanged; nothing may write the shared weights in place (exports merge
+    LoRA into a deep copy). The original block list is swapped out during the copy, so the
+    dropped blocks' modules are not copied either.
     """
     blocks = get_blocks(model)
     n = len(blocks)
@@ -73,7 +77,8 @@ def extract_blocks(model: PreTrainedModel, keep: tuple[int, ...]) -> PreTrainedM
     subset = nn.ModuleList(blocks[i] for i in keep)
     _set_blocks(model, subset)
     try:
-        compressed = copy.deepcopy(model)
+        shared = {id(p): p for p in model.parameters()}  # deepcopy's memo: not copied
+        compressed = copy.deepcopy(model, shared)
     finally:
         _set_blocks(model, blocks)
     renumber_blocks(get_blocks(compressed))

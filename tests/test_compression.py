@@ -5,11 +5,12 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from federation.local_training import train_lora
 from models.blocks import extract_blocks, get_blocks
 from models.fedbiot_models import FedBiOTModels
 from models.layout import fedbiot_layout
 from models.lora import LoraSpec
-from tests.tiny import TINY, tiny
+from tests.tiny import TINY, chat_batch, tiny
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -51,14 +52,27 @@ def test_compressed_model_generates_the_same_with_and_without_kv_cache(name: str
     assert cached.shape == (1, 14)
 
 
-def test_extraction_copies_only_the_kept_blocks() -> None:
-    model, _ = tiny("tiny-llama")
-    compressed = extract_blocks(model, (0, 7))
-    kept = {p.data_ptr() for p in compressed.parameters()}
-    assert not kept & {p.data_ptr() for p in model.parameters()}
-    torch.testing.assert_close(
-        get_blocks(compressed)[1].mlp.up_proj.weight, get_blocks(model)[7].mlp.up_proj.weight
-    )
+def test_extraction_shares_the_kept_weights_and_lora_training_leaves_the_full_model() -> None:
+    model, tokenizer = tiny("tiny-llama")
+    full_ptrs = {p.data_ptr() for p in model.parameters()}
+    layout = fedbiot_layout(len(get_blocks(model)), 2, 0.5)
+    pair = FedBiOTModels(model, tokenizer, layout, LoraSpec(r=4, alpha=8, dropout=0.0))
+    lora_ids = {id(p) for p in pair.compressed.params().values()}
+    frozen = [p for p in pair.compressed.peft.parameters() if id(p) not in lora_ids]
+    assert frozen and {p.data_ptr() for p in frozen} <= full_ptrs  # no second copy
+    top = layout.adapter_blocks[-1]
+    compressed_top = get_blocks(pair.compressed.peft.get_base_model())[-1]
+    full_top = get_blocks(pair.full.peft.get_base_model())[top]
+    assert compressed_top.mlp.up_proj.base_layer.weight is full_top.mlp.up_proj.base_layer.weight
+    # Renumbering the compressed blocks' layer_idx left the full model's own numbering.
+    assert full_top.self_attn.layer_idx == top
+    before = {n: p.detach().clone() for n, p in pair.full.peft.named_parameters()}
+    trained = pair.compressed.state()
+    batch = chat_batch(tokenizer, n=2, length=16)
+    train_lora(pair.compressed, layout.kept_blocks, iter([batch] * 3), 3, 1e-2)
+    assert any(not torch.equal(trained[k], v) for k, v in pair.compressed.state().items())
+    for name, p in pair.full.peft.named_parameters():
+        assert torch.equal(p, before[name]), name
 
 
 def test_unsupported_model_gets_a_clear_error() -> None:
