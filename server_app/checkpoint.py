@@ -49,6 +49,7 @@ RESUMABLE_KEYS = frozenset(
         "cache-dir",
         "num-threads",
         "device",
+        "gradient-checkpointing",  # recomputes activations, computes the same gradients
     }
 )
 

@@ -105,9 +105,12 @@ def test_a_resume_that_changes_the_math_is_refused_naming_the_keys() -> None:
             output_dir="elsewhere",
             resume_from="run",
             num_threads=1,
+            gradient_checkpointing=True,
         ),
         path,
     )
+    with pytest.raises(ConfigError, match="dtype: 'auto' -> 'bfloat16'"):
+        check_resume_config(saved, RunConfig(algorithm="fedadam", seed=1, dtype="bfloat16"), path)
     with pytest.raises(ConfigError, match="seed: 1 -> 2"):
         check_resume_config(saved, RunConfig(algorithm="fedadam", seed=2), path)
     # A schedule is spread over the rounds: more rounds would change the rates already used.
