@@ -18,6 +18,7 @@ from client_app.model_cache import ClientModel, load_client_model, store_package
 from federation.local_training import lora_steps, train_lora
 from federation.run_config import ConfigError, RunConfig
 from models.blocks import get_blocks
+from models.distillation import EmulatorDistiller
 from models.fedbiot_models import FedBiOTModels
 from models.layout import fedbiot_layout
 from models.loading import load_model
@@ -116,6 +117,36 @@ def test_checkpointing_gives_the_same_gradients_recomputing_only_the_adapter(
     assert_same(plain, checkpointed, 1e-6)
     # The 2 adapter blocks run again in backward; the frozen emulator below them does not.
     assert calls == [1] * (len(blocks) - 2) + [2, 2]
+
+
+def test_checkpointed_distillation_gives_the_same_emulator_gradients() -> None:
+    torch.manual_seed(0)
+    model, tokenizer = load_model("tiny-llama")
+    layout = fedbiot_layout(len(get_blocks(model)), 2, 0.5)
+    pair = FedBiOTModels(model, tokenizer, layout, LoraSpec(r=4, alpha=8, dropout=0.0))
+    generator = torch.Generator().manual_seed(3)
+    state = pair.compressed.state()
+    pair.compressed.load_state(
+        {k: 0.1 * torch.randn(v.shape, generator=generator) for k, v in state.items()}
+    )
+    distiller = EmulatorDistiller(pair, iter([]), 1e-3, 1.0)
+    batch = collate(examples([(9, 14), (5, 20)]), 0)
+    student = pair.compressed.peft.get_base_model()
+
+    def gradients() -> dict[str, torch.Tensor]:
+        params = pair.compressed.params(layout.emulator_blocks)
+        pair.compressed.train_only(layout.emulator_blocks)
+        pair.compressed.peft.train()
+        distiller.losses(batch).total.backward()
+        grads = {k: p.grad.clone() for k, p in params.items()}
+        for p in params.values():
+            p.grad = None
+        return grads
+
+    plain = gradients()
+    set_gradient_checkpointing(student, True)
+    assert student.is_activation_checkpointing
+    assert_same(plain, gradients(), 1e-6)
 
 
 def test_two_accumulated_micro_batches_give_the_gradient_of_their_union(tmp_path: Path) -> None:
