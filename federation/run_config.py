@@ -9,27 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
-from federation.run_choices import (
-    ALGORITHMS,
-    DPO_REFERENCES,
-    EVAL_SPLITS,
-    LR_SCHEDULERS,
-    METHODS,
-    PARTITIONERS,
-    REPORT_TO,
-    SPLIT_DTYPES,
-    STAGES,
-    TASKS_WITH_TEST_SPLIT,
-    parse_tasks,
-)
-from models.precision import DTYPES
-from models.quantization import QUANTIZATION_MODES
+from federation.run_checks import alignment_checks, value_checks
+from federation.run_choices import TASKS_WITH_TEST_SPLIT, parse_tasks
 from task_data import Columns, load_preferences, load_records
 
 
@@ -172,189 +158,13 @@ class RunConfig:
             value = getattr(self, f.name)
             if f.type == "float" and not math.isfinite(value):
                 raise ConfigError(f"run-config {self.key(f.name)}={value} must be finite")
-        name = self.run_name
-        checks = [
-            (self.weight_decay >= 0, "weight-decay must be >= 0"),
-            (0 <= self.seed < 2**32, f"seed={self.seed} must be in [0, 2**32)"),
-            (
-                not (set(name) & {"/", "\\", "\0"}) and ".." not in name and name != ".",
-                f"run-name={name!r} must be a plain folder name (no path separator, no "
-                "'..'): run folders stay inside output-dir",
-            ),
-            (self.max_update_norm >= 0, "max-update-norm must be >= 0 (0: off)"),
-            (self.cache_max_gb >= 0, "cache-max-gb must be >= 0 (0: no limit)"),
-            (self.cache_ephemeral in (0, 1), "cache-ephemeral must be 0 or 1"),
-            (self.max_num_examples >= 0, "max-num-examples must be >= 0 (0: auto)"),
-        ]
-        checks += [
-            (self.method in METHODS, f"method={self.method!r} must be one of {METHODS}"),
-            (
-                self.algorithm in ALGORITHMS,
-                f"algorithm={self.algorithm!r} must be one of {ALGORITHMS}",
-            ),
-            (
-                self.lr_scheduler in LR_SCHEDULERS,
-                f"lr-scheduler={self.lr_scheduler!r} must be one of {LR_SCHEDULERS}",
-            ),
-            (
-                0 < self.learning_rate_min <= self.learning_rate,
-                "learning-rate-min must be in (0, learning-rate]",
-            ),
-            (self.proximal_mu >= 0, "proximal-mu must be >= 0"),
-            (self.server_learning_rate > 0, "server-learning-rate must be > 0"),
-            (0.0 <= self.server_momentum < 1.0, "server-momentum must be in [0, 1)"),
-            (self.fedopt_eta > 0, "fedopt-eta must be > 0"),
-            (0.0 <= self.fedopt_beta_1 < 1.0, "fedopt-beta-1 must be in [0, 1)"),
-            (0.0 <= self.fedopt_beta_2 < 1.0, "fedopt-beta-2 must be in [0, 1)"),
-            (self.fedopt_tau > 0, "fedopt-tau must be > 0"),
-            (0.0 <= self.trimmed_beta < 0.5, "trimmed-beta must be in [0, 0.5)"),
-            (self.krum_malicious >= 0, "krum-malicious must be >= 0"),
-            (self.max_update_norm_ratio >= 0, "max-update-norm-ratio must be >= 0 (0: off)"),
-            (
-                self.partitioner in PARTITIONERS,
-                f"partitioner={self.partitioner!r} must be one of {PARTITIONERS}",
-            ),
-            (self.num_partitions >= 1, "num-partitions must be >= 1"),
-            (self.num_server_rounds >= 1, "num-server-rounds must be >= 1"),
-            (0.0 < self.fraction_train <= 1.0, "fraction-train must be in (0, 1]"),
-            (0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate must be in [0, 1]"),
-            (self.min_train_nodes >= 1, "min-train-nodes must be >= 1"),
-            (self.local_steps >= 1, "local-steps must be >= 1"),
-            (self.batch_size >= 1, "batch-size must be >= 1"),
-            (self.seq_length >= 16, "seq-length must be >= 16"),
-            (self.learning_rate > 0, "learning-rate must be > 0"),
-            (self.distill_lr > 0, "distill-lr must be > 0"),
-            (self.lora_r >= 1, "lora-r must be >= 1"),
-            (self.lora_alpha > 0, "lora-alpha must be > 0"),
-            (0.0 <= self.lora_dropout < 1.0, "lora-dropout must be in [0, 1)"),
-            (self.adapter_layers >= 1, "adapter-layers must be >= 1"),
-            (0.0 <= self.drop_rate < 1.0, f"drop-rate={self.drop_rate} must be in [0, 1)"),
-            (self.prealign_steps >= 0, "prealign-steps must be >= 0"),
-            (self.distill_steps >= 0, "distill-steps must be >= 0"),
-            (self.kd_lambda >= 0, "kd-lambda must be >= 0"),
-            (self.prox_epsilon >= 0, "prox-epsilon must be >= 0"),
-            (self.public_examples >= 1, "public-examples must be >= 1"),
-            (self.eval_examples >= 0, "eval-examples must be >= 0"),
-            (
-                self.eval_split in EVAL_SPLITS,
-                f"eval-split={self.eval_split!r} must be one of {EVAL_SPLITS}",
-            ),
-            (
-                self.eval_split != "test" or self.task in TASKS_WITH_TEST_SPLIT,
-                f"eval-split='test' needs a task with a test split {TASKS_WITH_TEST_SPLIT}",
-            ),
-            (bool(self.split.strip()), "split must name a split, e.g. 'train'"),
-            (
-                not (self.split == "test" and self.resolved_eval_split == "test"),
-                "split='test' would train on the texts the server evaluates: use "
-                "eval-split=validation, or train on another split",
-            ),
-            (self.client_eval_examples >= 0, "client-eval-examples must be >= 0"),
-            (self.eval_every >= 0, "eval-every must be >= 0"),
-            (self.eval_generation_examples >= 0, "eval-generation-examples must be >= 0"),
-            (self.eval_max_new_tokens >= 1, "eval-max-new-tokens must be >= 1"),
-            (
-                self.banking77_eval in ("generate", "rank"),
-                f"banking77-eval={self.banking77_eval!r} must be 'generate' or 'rank'",
-            ),
-            (0 <= self.open_ended_examples <= 80, "open-ended-examples must be in [0, 80]"),
-            (0.0 < self.test_fraction < 1.0, "test-fraction must be in (0, 1)"),
-            (self.round_timeout > 0, "round-timeout must be > 0"),
-            (self.node_wait_timeout > 0, "node-wait-timeout must be > 0"),
-            (self.checkpoint_every >= 0, "checkpoint-every must be >= 0 (0: never)"),
-            (self.save_every_round >= 0, "save-every-round must be >= 0 (0: off)"),
-            (
-                not self.save_every_round or self.method not in ("kdfed", "split", "local"),
-                f"save-every-round: method={self.method} has no global adapter per round",
-            ),
-            (
-                self.report_to in REPORT_TO,
-                f"report-to={self.report_to!r} must be one of {REPORT_TO}",
-            ),
-            (self.num_threads >= 0, "num-threads must be >= 0 (0: all cores)"),
-            (
-                self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-                f"device={self.device!r} must be auto, cpu, cuda or cuda:N",
-            ),
-            (
-                self.quantization in QUANTIZATION_MODES,
-                f"quantization={self.quantization!r} must be one of {QUANTIZATION_MODES}",
-            ),
-            (self.dtype in DTYPES, f"dtype={self.dtype!r} must be one of {DTYPES}"),
-            (self.grad_accum_steps >= 1, "grad-accum-steps must be >= 1"),
-            (
-                self.grad_accum_steps == 1 or self.method not in ("kdfed", "split"),
-                f"grad-accum-steps={self.grad_accum_steps} is not supported with "
-                f"method={self.method} (one batch per client step); use 1",
-            ),
-        ]
-        for ok, message in checks + self._alignment_checks():
+        for ok, message in value_checks(self) + alignment_checks(self):
             if not ok:
                 raise ConfigError(f"run-config {message}")
         try:
             parse_tasks(self.eval_tasks, self.task)
         except ValueError as error:
             raise ConfigError(f"run-config eval-tasks={self.eval_tasks!r}: {error}") from None
-
-    def _alignment_checks(self) -> list[tuple[bool, str]]:
-        """DPO stages, per-client adapter depth and client-level DP."""
-        stage = self.resolved_stage
-        dp = self.dp_clipping_norm > 0
-        return [
-            (self.stage in STAGES, f"stage={self.stage!r} must be one of {STAGES}"),
-            (self.dpo_beta > 0, "dpo-beta must be > 0"),
-            (
-                self.dpo_reference in DPO_REFERENCES,
-                f"dpo-reference={self.dpo_reference!r} must be one of {DPO_REFERENCES}",
-            ),
-            (
-                stage != "sft+dpo" or 1 <= self.dpo_rounds < self.num_server_rounds,
-                f"dpo-rounds={self.dpo_rounds} must be in [1, num-server-rounds) with "
-                "stage sft+dpo (some SFT rounds, then DPO rounds)",
-            ),
-            (self.preference_eval_pairs >= 0, "preference-eval-pairs must be >= 0"),
-            (
-                re.fullmatch(r"all|\d+(,\d+)*", self.preference_clients.replace(" ", ""))
-                is not None,
-                f"preference-clients={self.preference_clients!r} must be 'all' or partition "
-                "ids like '0,2'",
-            ),
-            (
-                self.method != "fedbialign" or bool(self.depth_table),
-                "method=fedbialign needs depth-table, e.g. depth-table='1,2'",
-            ),
-            (
-                not self.depth_table or self.method == "fedbialign",
-                "depth-table is for method=fedbialign (per-client adapter depth)",
-            ),
-            (
-                self.method != "fedbialign" or self.algorithm == "fedavg",
-                "method=fedbialign aggregates per block with FedAvg: use algorithm=fedavg",
-            ),
-            (self.update_history_rounds >= 1, "update-history-rounds must be >= 1"),
-            (self.split_point >= 0, "split-point must be >= 0 (0: half of the blocks)"),
-            (
-                self.split_dtype in SPLIT_DTYPES,
-                f"split-dtype={self.split_dtype!r} must be one of {SPLIT_DTYPES}",
-            ),
-            (self.kd_topk >= 1, "kd-topk must be >= 1"),
-            (0.0 <= self.kd_weight <= 1.0, "kd-weight must be in [0, 1]"),
-            (self.kd_temperature > 0, "kd-temperature must be > 0"),
-            (self.kd_public_examples >= 1, "kd-public-examples must be >= 1"),
-            (self.kd_distill_steps >= 0, "kd-distill-steps must be >= 0"),
-            (self.dp_clipping_norm >= 0, "dp-clipping-norm must be >= 0 (0: off)"),
-            (self.dp_noise_multiplier >= 0, "dp-noise-multiplier must be >= 0"),
-            (0.0 < self.dp_delta < 1.0, "dp-delta must be in (0, 1)"),
-            (
-                not dp or self.max_update_norm_ratio == 0,
-                "dp-clipping-norm > 0 needs max-update-norm-ratio=0 (clipping bounds every "
-                "update; the median screen would let one client get another rejected)",
-            ),
-            (
-                not dp or self.method != "local",
-                "dp-clipping-norm > 0 needs a method that aggregates",
-            ),
-        ]
 
     def example_cap(self) -> int:
         """The most ``num-examples`` the server accepts from one reply: ``max-num-examples``,
