@@ -34,8 +34,10 @@ Method, per component:
   dtype bytes)``; this term was read off the measured peaks on the CPU (``--check``).
 
 The server (FedBiOT) holds the full model once (the compressed model shares its tensors,
-``models/blocks.extract_blocks``), LoRA on adapter and emulator, and the distillation step,
-which trains the emulator's LoRA up to the adapter's first block (no LM head).
+``models/blocks.extract_blocks``), LoRA on adapter and emulator, and the distillation step
+(``models/distillation.py``) at the same batch and sequence: its KL on the logits
+backpropagates through the adapter (frozen there) into the emulator's LoRA, and it also
+keeps the teacher's float32 log-softmax.
 """
 
 from __future__ import annotations
@@ -266,7 +268,12 @@ def plan(setup: Setup, config: PretrainedConfig, fit: dict | None = None) -> dic
         client["lora_grads_adam"] + client["activations"] + client["head_backward"]
     )
     client["total"] = client["frozen_weights"] + client["lora_params"] + client["step_extra"]
-    distill = region_activations(fit, config, len(emulator), 0, tokens, setup) if emulator else 0
+    distill = 0.0
+    if emulator:  # backward from the KL on the logits through the adapter to the emulator
+        distill = region_activations(
+            fit, config, len(emulator), len(layout.adapter_blocks), tokens, setup
+        )
+        distill += head + tokens * config.vocab_size * 4 + client["head_backward"]
     server = {
         "frozen_weights": weight_bytes(model, tuple(range(n)), setup.dtype, 32),
         "lora_params": (trained + emu_lora) * 4.0,
