@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.model or args.config_json:
-        fields = {k: v for k, v in vars(args).items() if k not in ("config_json", "json")}
+        fields = {k: v for k, v in vars(args).items() if k not in ("config_json", "json", "check")}
         setups = [Setup(**fields | {"model": args.model or args.config_json})]
     else:
         setups = readme_setups()

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from bench.memory_plan import Setup, load_config, measure_client, plan
+from bench.memory_plan import Setup, load_config, main, measure_client, plan
 from models.blocks import extract_blocks, get_blocks
 from models.layout import fedbiot_layout
 from models.loading import load_model
@@ -34,7 +34,7 @@ def test_frozen_weights_are_the_loaded_models_parameter_bytes(dtype: str) -> Non
 
 def test_an_unknown_method_is_named() -> None:
     with pytest.raises(ValueError, match="method='fedx'"):
-        plan(Setup("tiny-llama", method="fedx"), load_config("tiny-llama"))
+        main(["--model", "tiny-llama", "--method", "fedx"])
 
 
 def _gpu_check(*args: str) -> subprocess.CompletedProcess:
