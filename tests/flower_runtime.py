@@ -91,7 +91,9 @@ class LocalFederation:
         self.superlink = superlink  # the flower-superlink process, for tests that kill it
         self.last_output = ""  # the streamed log of the latest run_to_end
 
-    def _command(self, run_config: dict[str, object], supernodes: int) -> list[str]:
+    def _command(
+        self, run_config: dict[str, object], supernodes: int, federation_config: str = ""
+    ) -> list[str]:
         overrides = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
         return [
             str(BIN / "flwr"),
@@ -100,16 +102,22 @@ class LocalFederation:
             "test",
             "--stream",
             "--federation-config",
-            f"num-supernodes={supernodes}",
+            f"num-supernodes={supernodes} {federation_config}".strip(),
             "--run-config",
             overrides,
         ]
 
     def run(
-        self, run_config: dict[str, object], supernodes: int, timeout: float = 600
+        self,
+        run_config: dict[str, object],
+        supernodes: int,
+        timeout: float = 600,
+        federation_config: str = "",
     ) -> subprocess.CompletedProcess:
+        """``flwr run``; ``federation_config`` adds keys such as
+        ``client-resources-num-gpus=0.3`` to ``num-supernodes``."""
         return subprocess.run(
-            self._command(run_config, supernodes),
+            self._command(run_config, supernodes, federation_config),
             env=self.env,
             capture_output=True,
             text=True,
@@ -125,12 +133,16 @@ class LocalFederation:
         )
 
     def run_to_end(
-        self, run_config: dict[str, object], supernodes: int, timeout: float = 600
+        self,
+        run_config: dict[str, object],
+        supernodes: int,
+        timeout: float = 600,
+        federation_config: str = "",
     ) -> list[dict]:
         """Run, and return the run's metrics rows once every round has one. `flwr run
         --stream` exits 0 even when the ServerApp raised, so the rows are the proof; the
         streamed ServerApp log goes into the failure message."""
-        result = self.run(run_config, supernodes, timeout)
+        result = self.run(run_config, supernodes, timeout, federation_config)
         self.last_output = result.stdout
         output = result.stdout[-6000:] + result.stderr[-3000:]
         assert result.returncode == 0, output
