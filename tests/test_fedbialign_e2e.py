@@ -61,8 +61,6 @@ def test_fedbialign_mixed_depths_dp_and_selective_dpo(
     assert math.isfinite(sft["train_loss"]) and sft["clients_failed"] == 0
     # Round 2 is DPO; partition 2 has no preference pairs and skips it.
     assert dpo["clients_skipped"] == 1 and math.isfinite(dpo["dpo_loss"])
-    # Each DPO step starts at the reference (loss log 2) and descends on its own pairs.
-    assert dpo["dpo_loss"] < math.log(2) and dpo["dpo_reward_margin"] > 0
     # Client-level DP: epsilon reported after every round, growing.
     assert 0 < sft["dp_epsilon"] < dpo["dp_epsilon"] < math.inf
     # Each block is averaged and noised over its own participants: the deepest adapter block
