@@ -18,7 +18,8 @@ from models.layout import fedbiot_layout
 from models.lora import LoraSpec
 from models.wire import to_record
 from strategies.fedbiot import FedBiOT
-from tests.test_algorithms import NodeDirectory
+from tests.stand_in_grid import NodeDirectory
+from tests.test_algorithms import NODES
 from tests.tiny import chat_batch, tiny
 
 
@@ -86,7 +87,7 @@ def test_failed_and_silent_clients_are_left_out_and_sent_the_weights_again(
     reply names no source node). Both count as failed and get the frozen weights again."""
     template = strategy.models.adapter_state()
     arrays = to_record(template)
-    sent = list(strategy.configure_train(1, arrays, ConfigRecord(), NodeDirectory()))
+    sent = list(strategy.configure_train(1, arrays, ConfigRecord(), NodeDirectory(NODES)))
     assert all("base" in m.content for m in sent)
     to_node_12 = next(m for m in sent if m.metadata.dst_node_id == 12)
     failed = Message(Error(code=0, reason="out of memory"), reply_to=to_node_12)
@@ -95,7 +96,7 @@ def test_failed_and_silent_clients_are_left_out_and_sent_the_weights_again(
     assert aggregated is not None
     assert strategy.shipment.served == {11}
     assert strategy.round_metrics[1]["clients_failed"] == 2
-    again = list(strategy.configure_train(2, aggregated, ConfigRecord(), NodeDirectory()))
+    again = list(strategy.configure_train(2, aggregated, ConfigRecord(), NodeDirectory(NODES)))
     assert {m.metadata.dst_node_id for m in again if "base" in m.content} == {12, 13}
 
 

@@ -8,8 +8,6 @@ state carried from round 1 to round 2.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 import pytest
 from flwr.app import (
@@ -20,40 +18,16 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from federation.messages import DELTA_C, OFFER_QUERY, SERVER_C
+from federation.messages import DELTA_C, SERVER_C
 from federation.run_config import RunConfig
 from strategies.algorithms import inner_strategy
+from tests.stand_in_grid import NodeDirectory
 
 NODES = (11, 12, 13)
 EXAMPLES = (10.0, 30.0, 60.0)
 WEIGHTS = np.array(EXAMPLES) / sum(EXAMPLES)
-
-
-class NodeDirectory(Grid):
-    """The one thing a strategy asks the grid while building messages: which nodes exist.
-
-    Sending and receiving are not under test here (the end-to-end tests use a real
-    SuperLink), so those calls fail loudly if a strategy makes them.
-    """
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(NODES)
-
-    def _unused(self, *args: object, **kwargs: object):
-        raise AssertionError("the server update must not send other messages")
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None) -> list:
-        """Only the model offers (strategies/shipment.py), left unanswered: the nodes get the
-        frozen weights with their messages."""
-        assert all(m.metadata.message_type == OFFER_QUERY for m in messages)
-        return []
-
-    create_message = push_messages = pull_messages = _unused
-    set_run = _unused
-    run = property(_unused)
 
 
 def _record(values: dict[str, np.ndarray]) -> ArrayRecord:
@@ -89,7 +63,7 @@ def _run_rounds(algorithm: str, x0: dict[str, np.ndarray], **overrides: object):
     arrays, out, sent = _record(x0), [], []
     for server_round in (1, 2):
         messages = list(
-            strategy.configure_train(server_round, arrays, ConfigRecord(), NodeDirectory())
+            strategy.configure_train(server_round, arrays, ConfigRecord(), NodeDirectory(NODES))
         )
         sent.append(messages)
         models = _client_models(server_round)

@@ -6,7 +6,6 @@ the nodes and records the arrays sent, the replies carry client models ``x + upd
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import dp_accounting
@@ -14,11 +13,9 @@ import numpy as np
 import pytest
 from dp_accounting import rdp
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from federation.messages import OFFER_QUERY
 from federation.run_choices import ALGORITHMS
 from federation.run_config import RunConfig
 from models.blocks import get_blocks
@@ -31,32 +28,10 @@ from strategies.algorithms import strategy_class
 from strategies.client_dp import DP_ALGORITHMS, ClientDP, ClientDPLayer, with_client_dp
 from strategies.depth_aggregation import FedBiAlign, top_block_keys
 from strategies.fedbiot import FedBiOT, FedBiOTMixin
+from tests.stand_in_grid import NodeDirectory
 from tests.tiny import tiny
 
 Update = dict[str, np.ndarray]
-
-
-class Nodes(Grid):
-    """All a strategy asks the grid while sampling: which nodes are connected."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(range(1, self.count + 1))
-
-    def _unused(self, *args: object, **kwargs: object):
-        raise AssertionError("the server update must not send other messages")
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None) -> list:
-        """Only the model offers (strategies/shipment.py), left unanswered: the nodes get the
-        frozen weights with their messages."""
-        assert all(m.metadata.message_type == OFFER_QUERY for m in messages)
-        return []
-
-    create_message = push_messages = pull_messages = _unused
-    set_run = _unused
-    run = property(_unused)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +77,11 @@ def _round(
 ) -> tuple[ArrayRecord, ArrayRecord]:
     """One configure/aggregate round; ``None`` is a node whose reply is an error."""
     x = to_record(strategy.models.adapter_state())
-    messages = list(strategy.configure_train(server_round, x, ConfigRecord(), Nodes(nodes)))
+    messages = list(
+        strategy.configure_train(
+            server_round, x, ConfigRecord(), NodeDirectory(range(1, nodes + 1))
+        )
+    )
     replies = []
     for message, update in zip(messages, updates, strict=True):
         if update is None:
@@ -206,7 +185,9 @@ def _depth_round(
     """A round where node ``i`` returns ``x + updates[i]`` on the keys of ``updates[i]`` only
     (FedBiAlign's top blocks), and the nodes in ``skips`` skip it (a DPO round)."""
     x = to_record(strategy.models.adapter_state())
-    messages = list(strategy.configure_train(1, x, ConfigRecord(), Nodes(len(updates))))
+    messages = list(
+        strategy.configure_train(1, x, ConfigRecord(), NodeDirectory(range(1, len(updates) + 1)))
+    )
     replies = []
     for message in messages:
         node = message.metadata.dst_node_id
@@ -363,7 +344,7 @@ def test_norm_ratio_screen_and_oversampling_are_refused(models: FedBiOTModels) -
     x = to_record(models.adapter_state())
     screened = _strategy(models, 3, _dp(1.0), max_norm_ratio=10.0)
     with pytest.raises(ValueError, match="max-update-norm-ratio=0"):
-        screened.configure_train(1, x, ConfigRecord(), Nodes(3))
+        screened.configure_train(1, x, ConfigRecord(), NodeDirectory(range(1, 4)))
     crowded = _strategy(models, 3, _dp(1.0, population=2))
     with pytest.raises(ValueError, match="population"):
-        crowded.configure_train(1, x, ConfigRecord(), Nodes(3))
+        crowded.configure_train(1, x, ConfigRecord(), NodeDirectory(range(1, 4)))

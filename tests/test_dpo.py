@@ -2,7 +2,6 @@
 the fixed reference (client and server)."""
 
 import math
-from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -10,11 +9,10 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from trl import DPOConfig, DPOTrainer
 
 from client_app.dpo_training import train_dpo
-from federation.messages import DPO_REFERENCE, OFFER_QUERY
+from federation.messages import DPO_REFERENCE
 from federation.preferences import dpo_loss, preference_metrics, reference_logps, sequence_logps
 from federation.run_config import ConfigError, RunConfig
 from models.blocks import get_blocks
@@ -24,6 +22,7 @@ from models.wire import from_record, to_record
 from server_app.checkpoint import load_checkpoint, restore, save_checkpoint
 from strategies.fedbiot import FedBiOT
 from task_data import collate_pairs, load_preferences, tokenize_pair
+from tests.stand_in_grid import NodeDirectory
 from tests.tiny import tiny, tiny_fedbiot_models
 
 
@@ -180,30 +179,12 @@ def test_a_fixed_reference_does_not_drift_over_two_dpo_rounds() -> None:
         train_dpo(lora, (6, 7), iter([batch]), 1, 5e-3, reference_state=partial)
 
 
-class _Nodes(Grid):
-    """All a strategy asks the grid while sampling: which nodes are connected."""
-
-    def get_node_ids(self) -> list[int]:
-        return [1, 2]
-
-    def _unused(self, *args: object, **kwargs: object):
-        raise AssertionError("the server update must not send other messages")
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None) -> list:
-        """Only the model offers (strategies/shipment.py), left unanswered: the nodes get the
-        frozen weights with their messages."""
-        assert all(m.metadata.message_type == OFFER_QUERY for m in messages)
-        return []
-
-    create_message = push_messages = pull_messages = _unused
-    set_run = _unused
-    run = property(_unused)
-
-
 def _server_round(strategy: FedBiOT, server_round: int) -> tuple[ArrayRecord, list[Message]]:
     """Configure a round; both clients return the adapter moved by ``server_round / 100``."""
     x = to_record(strategy.models.adapter_state())
-    messages = list(strategy.configure_train(server_round, x, ConfigRecord(), _Nodes()))
+    messages = list(
+        strategy.configure_train(server_round, x, ConfigRecord(), NodeDirectory((1, 2)))
+    )
     replies = [
         Message(
             RecordDict(

@@ -25,6 +25,23 @@ def _overrides(config: dict[str, object]) -> str:
     return " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in config.items())
 
 
+def run_wrapped(
+    federation: LocalFederation, config: dict[str, object], supernodes: int, timeout: float
+) -> tuple[int, str, float]:
+    """The README's wrapper around ``flwr run``: exit status, the log's tail, seconds."""
+    command = [sys.executable, str(SCRIPT), str(REPO), "test", "--run-config", _overrides(config)]
+    command += ["--federation-config", f"num-supernodes={supernodes}"]
+    start = time.monotonic()
+    result = subprocess.run(
+        command, env=federation.env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    return (
+        result.returncode,
+        result.stdout[-4000:] + result.stderr[-2000:],
+        time.monotonic() - start,
+    )
+
+
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
@@ -66,14 +83,8 @@ def test_a_run_that_cannot_get_its_nodes_fails_within_node_wait_timeout(
     config = tiny_run_config(
         tmp_path, "short", method="local", min_train_nodes=3, node_wait_timeout=3.0
     )
-    command = [sys.executable, str(SCRIPT), str(REPO), "test", "--run-config", _overrides(config)]
-    command += ["--federation-config", "num-supernodes=2"]
-    start = time.monotonic()
-    result = subprocess.run(
-        command, env=federation.env, capture_output=True, text=True, timeout=300, check=False
-    )
-    output = result.stdout[-4000:] + result.stderr[-2000:]
-    assert result.returncode == 1, output
+    returncode, output, seconds = run_wrapped(federation, config, 2, timeout=300)
+    assert returncode == 1, output
     assert "expected 3 node(s) (run-config min-train-nodes=3" in output, output
     assert "but 2 connected within node-wait-timeout=3 s" in output, output
-    assert time.monotonic() - start < 240, output
+    assert seconds < 240, output

@@ -6,15 +6,12 @@ then stops the run, and the README's wrapper exits non-zero)."""
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.flower_runtime import REPO, LocalFederation, tiny_run_config
-from tests.test_run_checked import SCRIPT, _overrides
+from tests.flower_runtime import LocalFederation, tiny_run_config
+from tests.test_run_checked import run_wrapped
 
 pytestmark = pytest.mark.xdist_group("sampling")
 
@@ -43,14 +40,8 @@ def test_a_round_timeout_ends_a_round_nobody_answered_in_time(
     # Round 1 ships the model and trains 40 steps: far more than the one second allowed.
     config = tiny_run_config(tmp_path, "late", round_timeout=1.0, local_steps=40,
                              eval_tasks="")  # fmt: skip
-    command = [sys.executable, str(SCRIPT), str(REPO), "test", "--run-config"]
-    command += [_overrides(config), "--federation-config", "num-supernodes=2"]
-    start = time.monotonic()
-    result = subprocess.run(
-        command, env=federation.env, capture_output=True, text=True, timeout=600, check=False
-    )
-    output = result.stdout[-4000:] + result.stderr[-2000:]
-    assert result.returncode == 1, output
+    returncode, output, seconds = run_wrapped(federation, config, 2, timeout=600)
+    assert returncode == 1, output
     assert "round 1: no client update" in output, output
     assert not (tmp_path / "late" / "adapfu").exists()
-    assert time.monotonic() - start < 300, output
+    assert seconds < 300, output
