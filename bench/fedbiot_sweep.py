@@ -62,7 +62,7 @@ QUICK = {
 }
 # Point name -> the keys that make it; bN: drop rate, pN: pre-alignment steps, aN: adapter
 # blocks, dN: distillation steps per round, sN: local steps per round (s40: four times the
-# common client budget, for FedIT and FedBiOT alike).
+# common client budget, for FedIT and FedBiOT alike), lrN: client learning rate.
 POINTS: dict[str, dict[str, object]] = {
     "fedit": {"method": "fedit"},
     "b0.0": {"drop-rate": 0.0, "prealign-steps": 0},
@@ -80,6 +80,20 @@ POINTS: dict[str, dict[str, object]] = {
         "prealign-steps": 100,
         "adapter-layers": 8,
         "local-steps": 40,
+    },
+    "b0.2-p100-a8-d20-s40": {
+        "drop-rate": 0.2,
+        "prealign-steps": 100,
+        "adapter-layers": 8,
+        "distill-steps": 20,
+        "local-steps": 40,
+    },
+    "b0.2-p100-a8": {"drop-rate": 0.2, "prealign-steps": 100, "adapter-layers": 8},
+    "b0.2-p100-a8-lr3e-3": {
+        "drop-rate": 0.2,
+        "prealign-steps": 100,
+        "adapter-layers": 8,
+        "learning-rate": 3e-3,
     },
 }
 
