@@ -1,4 +1,10 @@
-"""Split records among clients with flwr-datasets partitioners, and hold out a test part."""
+"""Split records among clients with flwr-datasets partitioners, and hold out a test part.
+
+The partitioners run on the records ``task_data.sources`` has already loaded and checked, not
+through ``FederatedDataset``: that class wraps ``load_dataset`` only, while tasks here also
+come from shipped sets and node files whose bad records are named by file and line before
+any partition is drawn; one path for every source keeps partitions identical across them.
+"""
 
 from __future__ import annotations
 
