@@ -28,7 +28,11 @@ def summarise(run: Path) -> dict[str, Any]:
     last = rows[-1]
     dpo_rounds = config["dpo-rounds"] if config["stage"] in ("auto", "sft+dpo") else 0
     before = next(r for r in rows if r["round"] == config["num-server-rounds"] - dpo_rounds)
-    task_loss = next(k for k in last if k.startswith("eval_adapfu_") and k.endswith("_loss"))
+    task_loss = next(
+        k
+        for k in last
+        if k.startswith("eval_adapfu_") and k.endswith("_loss") and not k.endswith("_pref_loss")
+    )
     out: dict[str, Any] = {
         "run": run.name,
         "dp_noise_multiplier": config["dp-noise-multiplier"] if config["dp-clipping-norm"] else 0,

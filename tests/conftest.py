@@ -27,3 +27,29 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
     """One real SuperLink (simulation runtime) for every end-to-end test of the session."""
     with local_federation(tmp_path_factory.mktemp("flwr-home")) as fed:
         yield fed
+
+
+# Files whose tests take a minute or more each, longest first (`--durations` of a CI run).
+# xdist hands tests out in collection order; alphabetically some of these came last, and
+# one worker then ran them alone while the other idled. Run first, they overlap.
+SLOW_FILES = (
+    "test_resume.py",
+    "test_deployment.py",
+    "test_superlink_gone.py",
+    "test_bench_claims.py",
+    "test_bench_sweep.py",
+    "test_shared_cache_e2e.py",
+    "test_exchange_methods_e2e.py",
+    "test_dpo_e2e.py",
+    "test_simulation.py",
+    "test_run_checked.py",
+    "test_fedbialign_e2e.py",
+    "test_sampling.py",
+    "test_outputs.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow files first, in the order above; the rest keep their order (a stable sort)."""
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.alignment_table import summarise
 from federation.step_memory import measure_training_memory
 from models.blocks import get_blocks
 from models.fedbiot_models import FedBiOTModels
@@ -84,3 +85,11 @@ def test_fedbialign_mixed_depths_dp_and_selective_dpo(
     table = json.loads((run_dir / "depth_memory.json").read_text())
     assert sorted(table) == ["1", "2"] and table["1"] < between < table["2"]
     assert (run_dir / "adapfu" / "config.json").is_file()
+    # bench/alignment_table.py reads "before" from the last SFT round, "after" from the last.
+    summary = summarise(run_dir)
+    assert (summary["dp_noise_multiplier"], summary["dp_epsilon"]) == (0.5, dpo["dp_epsilon"])
+    assert summary["task_loss_adapfu"] == dpo["eval_adapfu_gsm8k_loss"]  # not the pairs' loss
+    for variant in ("adapemu", "adapfu"):
+        key = f"eval_{variant}_pref_reward_margin"
+        assert summary[f"{variant}_margin_before"] == sft[key]
+        assert summary[f"{variant}_margin_after"] == dpo[key]

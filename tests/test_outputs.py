@@ -1,5 +1,7 @@
 """Outputs people use elsewhere: per-round PEFT adapters (``save-every-round``), model cards
-and experiment tracking (``report-to``), from one real two-round Flower simulation."""
+and experiment tracking (``report-to``), from one real two-round Flower simulation whose
+frozen weights are bfloat16, with gradient checkpointing and accumulation (FedIT's bfloat16
+run: tests/test_precision_e2e.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pytest
 import torch
 import yaml
 from peft import PeftModel
+from safetensors import safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
@@ -20,17 +23,22 @@ from models.loading import EMBEDDED_HUB_ID, base_model_id
 from server_app.tracking import check_tracking
 from tests.flower_runtime import LocalFederation, tiny_run_config
 
+# One worker for the module: its run is a module fixture, made once, not once per worker.
+pytestmark = pytest.mark.xdist_group("outputs")
+
 
 @pytest.fixture(scope="module")
 def run(
     federation: LocalFederation, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, list[dict]]:
-    """FedBiOT, 2 rounds, an adapter every round, TensorBoard: the run folder and its rows."""
+) -> tuple[Path, list[dict], str]:
+    """FedBiOT, 2 rounds, an adapter every round, TensorBoard, bfloat16 frozen weights: the
+    run folder, its rows and its log."""
     out = tmp_path_factory.mktemp("outputs")
-    config = tiny_run_config(
-        out, "run", num_server_rounds=2, save_every_round=1, report_to="tensorboard"
-    )
-    return out / "run", federation.run_to_end(config, supernodes=2)
+    config = tiny_run_config(out, "run", num_server_rounds=2, save_every_round=1,
+                             report_to="tensorboard", dtype="bfloat16",
+                             gradient_checkpointing=True, grad_accum_steps=2)  # fmt: skip
+    rows = federation.run_to_end(config, supernodes=2)
+    return out / "run", rows, federation.last_output
 
 
 def _front_matter(card: Path) -> tuple[dict, str]:
@@ -47,7 +55,7 @@ def _logits(adapter: Path, ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_every_round_leaves_an_adapter_that_loads_onto_the_full_base(run) -> None:
-    run_dir, _ = run
+    run_dir, _, _ = run
     for name in ("peft_1", "peft_2"):
         assert (run_dir / name / "adapter_model.safetensors").is_file(), name
         config = json.loads((run_dir / name / "adapter_config.json").read_text())
@@ -60,7 +68,7 @@ def test_every_round_leaves_an_adapter_that_loads_onto_the_full_base(run) -> Non
 
 
 def test_model_cards_name_the_base_the_method_and_the_final_metrics(run) -> None:
-    run_dir, rows = run
+    run_dir, rows, _ = run
     for folder in ("adapfu", "adapfu/peft", "adapemu", "peft_2"):
         front, body = _front_matter(run_dir / folder / "README.md")
         assert front["base_model"] == base_model_id("tiny-llama"), folder
@@ -78,7 +86,7 @@ def test_model_cards_name_the_base_the_method_and_the_final_metrics(run) -> None
 
 
 def test_tensorboard_holds_every_metrics_row(run) -> None:
-    run_dir, rows = run
+    run_dir, rows, _ = run
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     logged = {e.step: e.value for e in events.Scalars("train_loss")}
@@ -87,6 +95,20 @@ def test_tensorboard_holds_every_metrics_row(run) -> None:
     for step, value in expected.items():
         assert math.isclose(logged[step], value, rel_tol=1e-6)
     assert len(events.Scalars("elapsed_s")) == len(rows)
+
+
+def test_a_bfloat16_run_keeps_its_dtype_and_trains_float32_lora(run) -> None:
+    run_dir, rows, output = run
+    assert "Frozen weights in bfloat16, LoRA in float32" in output
+    last = rows[-1]
+    assert math.isfinite(last["train_loss"]) and math.isfinite(last["distill_loss"])
+    assert last["clients_failed"] == 0
+    assert last["client_quantized_bits"] == 16  # the nodes' frozen weights were bfloat16
+    assert json.loads((run_dir / "config.json").read_text())["run_config"]["dtype"] == "bfloat16"
+    # The merged AdapFu keeps the run's dtype; its PEFT adapter is the float32 LoRA.
+    assert json.loads((run_dir / "adapfu" / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(run_dir / "adapfu" / "peft" / "adapter_model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float32"}  # noqa: SIM118
 
 
 def test_bad_output_keys_fail_naming_the_key() -> None:

@@ -4,13 +4,16 @@ one that died while exporting is finished."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from server_app.checkpoint import from_plain, read_checkpoint
+from federation.run_config import ConfigError, RunConfig
+from server_app.app import run_federation
+from server_app.checkpoint import CheckpointError, from_plain, read_checkpoint
 from tests.flower_runtime import LocalFederation, tiny_run_config
 
 pytestmark = pytest.mark.xdist_group("resume")
@@ -66,11 +69,14 @@ def test_resumed_run_matches_the_uninterrupted_one(
     for name, value in whole_v.items():
         torch.testing.assert_close(torch.as_tensor(resumed_v[name]), torch.as_tensor(value))
 
+    # Refusals happen before the grid is used, so the ServerApp's entry is called directly
+    # (a run that fails through `flwr run` exits non-zero: tests/test_run_checked.py).
     # A resume that would compute something else is refused, naming the keys.
     extra = {"algorithm": "fedavg", "lora-alpha": 32, "resume-from": str(stopped)}
-    changed = _config(tmp_path, "changed", 4, **extra)
-    result = federation.run(changed, supernodes=2)
-    assert "algorithm: 'fedadam' -> 'fedavg'; lora-alpha: 16 -> 32" in result.stdout + result.stderr
+    changed = RunConfig.from_flower(_config(tmp_path, "changed", 4, **extra))
+    refused = "algorithm: 'fedadam' -> 'fedavg'; lora-alpha: 16 -> 32"
+    with pytest.raises(ConfigError, match=re.escape(refused)):
+        run_federation(None, changed)  # type: ignore[arg-type] - refused before the grid
     # 64 flipped bytes in latest.pt are refused, naming the file.
     damaged = tmp_path / "damaged"
     shutil.copytree(stopped, damaged)
@@ -79,14 +85,15 @@ def test_resumed_run_matches_the_uninterrupted_one(
     middle = len(data) // 2
     data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
     latest.write_bytes(bytes(data))
-    result = federation.run(_config(tmp_path, "d", 4, **{"resume-from": str(damaged)}), 2)
-    assert f"{latest} fails its SHA-256 check" in result.stdout + result.stderr
+    at_damaged = RunConfig.from_flower(_config(tmp_path, "d", 4, **{"resume-from": str(damaged)}))
+    with pytest.raises(CheckpointError, match=re.escape(f"{latest} fails its SHA-256 check")):
+        run_federation(None, at_damaged)  # type: ignore[arg-type]
     assert len((damaged / "metrics.jsonl").read_text().splitlines()) == 4
 
     # Resuming the finished run is refused before any model is loaded; nothing is added.
     again = _config(tmp_path, "again", 3, **{"resume-from": str(stopped)})
-    result = federation.run(again, supernodes=2)
-    assert "leaves nothing to do" in result.stdout + result.stderr
+    with pytest.raises(ConfigError, match="leaves nothing to do"):
+        run_federation(None, RunConfig.from_flower(again))  # type: ignore[arg-type]
     assert len((stopped / "metrics.jsonl").read_text().splitlines()) == 4
 
     # A server that died while exporting, after its last checkpoint: the half-written export
