@@ -46,6 +46,7 @@ SLOW_FILES = (
     "test_fedbialign_e2e.py",
     "test_sampling.py",
     "test_outputs.py",
+    "test_bench_client_cost.py",
 )
 
 
