@@ -95,6 +95,13 @@ POINTS: dict[str, dict[str, object]] = {
         "adapter-layers": 8,
         "learning-rate": 3e-3,
     },
+    "b0.2-p100-a8-lr3e-3-s40": {
+        "drop-rate": 0.2,
+        "prealign-steps": 100,
+        "adapter-layers": 8,
+        "learning-rate": 3e-3,
+        "local-steps": 40,
+    },
 }
 
 
