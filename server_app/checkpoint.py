@@ -25,11 +25,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 
 from federation.run_config import ConfigError, RunConfig
 from models.distillation import EmulatorDistiller
 from models.fedbiot_models import FedBiOTModels
+from models.wire import array_tensor, to_record
 from server_app.superlink_guard import check_superlink
 
 FORMAT = "fedbiot-checkpoint-2"
@@ -73,8 +74,8 @@ _STRATEGY_STATE = (
 
 def to_plain(value: Any) -> Any:
     """Flower and NumPy values as tensors and plain data (what ``weights_only`` loads)."""
-    if isinstance(value, ArrayRecord):
-        return {"__arrayrecord__": {k: _tensor(v.numpy()) for k, v in value.items()}}
+    if isinstance(value, ArrayRecord):  # bf16 arrays too (not NumPy on the wire, see models.wire)
+        return {"__arrayrecord__": {k: array_tensor(k, v).contiguous() for k, v in value.items()}}
     if isinstance(value, np.ndarray):
         return {"__ndarray__": _tensor(value)}
     if isinstance(value, np.generic):
@@ -93,7 +94,7 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 def from_plain(value: Any) -> Any:
     """The values ``to_plain`` stored, as Flower and NumPy types again."""
     if isinstance(value, dict) and "__arrayrecord__" in value:
-        return ArrayRecord({k: Array(v.numpy()) for k, v in value["__arrayrecord__"].items()})
+        return to_record(value["__arrayrecord__"])
     if isinstance(value, dict) and "__ndarray__" in value:
         return value["__ndarray__"].numpy()
     if isinstance(value, dict):

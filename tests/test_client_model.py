@@ -45,12 +45,12 @@ def test_wire_round_trip_bytes_and_bad_values() -> None:
     }
     record = to_record(state)
     back = from_record(record)
-    assert back["blocks.1.q.lora_A"].dtype == torch.float32
-    torch.testing.assert_close(back["blocks.1.q.lora_A"], state["blocks.1.q.lora_A"].float())
+    assert back["blocks.1.q.lora_A"].dtype == torch.bfloat16  # raw bf16, see tests/test_wire.py
+    torch.testing.assert_close(back["blocks.1.q.lora_A"], state["blocks.1.q.lora_A"])
     # Bytes counted are the serialised arrays (data and header) plus the keys.
     expected = sum(len(a.data) + len(k) for k, a in record.items())
     assert record_bytes(record) == expected
-    assert expected >= (32 + 32) * 4
+    assert expected >= 32 * 2 + 32 * 4
     bad = to_record({"x": torch.tensor([1.0, float("nan")])})
     with pytest.raises(ValueError, match="'x' holds NaN"):
         from_record(bad)

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from federation.run_config import ConfigError, RunConfig
 from models.loading import EMBEDDED_HUB_ID, base_model_id
+from models.wire import state_bytes, state_digest
 from server_app.tracking import check_tracking
 from tests.flower_runtime import LocalFederation, tiny_run_config
 
@@ -109,6 +110,21 @@ def test_a_bfloat16_run_keeps_its_dtype_and_trains_float32_lora(run) -> None:
     assert json.loads((run_dir / "adapfu" / "config.json").read_text())["dtype"] == "bfloat16"
     with safe_open(str(run_dir / "adapfu" / "peft" / "adapter_model.safetensors"), "pt") as f:
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float32"}  # noqa: SIM118
+
+
+def test_a_bfloat16_run_ships_the_frozen_weights_as_bfloat16(run) -> None:
+    run_dir, rows, _ = run
+    fields = json.loads((run_dir / "config.json").read_text())
+    # The nodes' shared store keeps it under the digest the server named.
+    stored = run_dir.parent / "run-node-cache" / "weights" / fields["model_digest"]
+    with safe_open(str(stored / "model.safetensors"), "pt") as f:
+        weights = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    assert state_digest(weights) == fields["model_digest"]  # what the node checked it against
+    # 2 bytes a weight on the wire, not float32's 4 (plus NumPy headers and the keys).
+    raw = state_bytes(weights)
+    assert raw <= fields["compressed_model_bytes"] < 1.1 * raw
+    assert rows[1]["bytes_model_download"] == 2 * fields["compressed_model_bytes"]  # 2 nodes
 
 
 def test_bad_output_keys_fail_naming_the_key() -> None:
