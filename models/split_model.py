@@ -17,8 +17,8 @@ Instead it re-runs its forward on the same batch when the gradient comes back
 (:meth:`ClientPart.recompute_backward`). With dropout active the forward is seeded, so the
 recomputation draws the same masks and its gradients equal those of the kept graph.
 
-Wire codec: activations and their gradients travel as NumPy arrays (Flower's ``Array`` has
-no bfloat16). ``fp16`` scales each tensor by a power of two so its largest entry sits just
+Wire codec: activations and their gradients travel as NumPy arrays (NumPy has no
+bfloat16; frozen weights use ``models.wire``'s raw bf16 arrays instead). ``fp16`` scales each tensor by a power of two so its largest entry sits just
 below 2^15: fp16 overflows above 65504, loses precision under 6e-5 and flushes values under
 3e-8 to zero, and gradients of a mean loss are routinely that small (the reason mixed
 precision uses loss scaling). The scale is exact and costs one integer of metadata.
