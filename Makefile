@@ -11,7 +11,7 @@ export FEDBIOT_CACHE ?= $(CURDIR)/.cache/fedbiot
 # `flwr run` starts `flower-superlink` from PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run test lint clean
+.PHONY: install run test test-docker lint clean
 
 install: $(STAMP)
 
@@ -32,6 +32,12 @@ run: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# docker/demo.sh for real (tests/test_docker_demo.py): images built, a SuperLink and three
+# SuperNodes in containers, a 2-round run with a SuperNode killed mid-round. Needs a Docker
+# daemon with the compose plugin (.ci/run-docker sets one up); not part of `make test`.
+test-docker: install
+	FEDBIOT_DOCKER_TESTS=1 $(BIN)/python -m pytest -q -n 0 tests/test_docker_demo.py
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

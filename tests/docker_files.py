@@ -79,6 +79,26 @@ def instructions(dockerfile: Path) -> list[tuple[str, str]]:
     return result
 
 
+def from_image(dockerfile: Path, from_arguments: str) -> str:
+    """The image a ``FROM`` names, with ``${ARG}`` replaced by the default that the
+    Dockerfile's ``ARG`` lines above the first ``FROM`` give it."""
+    defaults: dict[str, str] = {}
+    for keyword, rest in instructions(dockerfile):
+        if keyword == "FROM":
+            break
+        if keyword == "ARG" and "=" in rest:
+            name, _, value = rest.partition("=")
+            defaults[name.strip()] = value.strip().strip("\"'")
+
+    def default(match: re.Match[str]) -> str:
+        assert match.group(1) in defaults, (
+            f"{dockerfile.name}: FROM ${match.group(1)} has no default"
+        )
+        return defaults[match.group(1)]
+
+    return re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", default, from_arguments.split()[0])
+
+
 def copy_steps(dockerfile: Path) -> list[tuple[list[str], str]]:
     """(sources, destination) of every COPY/ADD from the build context."""
     copies = []
@@ -92,6 +112,17 @@ def copy_steps(dockerfile: Path) -> list[tuple[list[str], str]]:
         paths = [w for w in words if not w.startswith("--")]
         copies.append((paths[:-1], paths[-1]))
     return copies
+
+
+def bind_mount_sources(dockerfile: Path) -> list[str]:
+    """Build-context paths that ``RUN --mount=type=bind,source=...`` reads."""
+    sources = []
+    for keyword, rest in instructions(dockerfile):
+        for flag in re.findall(r"--mount=(\S+)", rest) if keyword == "RUN" else []:
+            options = dict(o.partition("=")[::2] for o in flag.split(","))
+            if options.get("type") == "bind" and "from" not in options:
+                sources.append(options.get("source", "."))
+    return sources
 
 
 def read_entrypoint(dockerfile: Path) -> list[str]:
@@ -145,11 +176,12 @@ def mounted(service: dict[str, Any], container_path: str) -> tuple[str, str] | N
 
 
 def parse(parser: argparse.ArgumentParser, command: list[str]) -> argparse.Namespace:
-    """Parse with Flower's own parser; argparse exits on an unknown or malformed flag, and
-    without abbreviations a misspelt flag that happens to be a prefix fails too."""
+    """Parse with Flower's own parser (``${VAR:-default}`` words at their default);
+    argparse exits on an unknown or malformed flag, and without abbreviations a misspelt
+    flag that happens to be a prefix fails too."""
     parser.allow_abbrev = False
     try:
-        return parser.parse_args([str(word) for word in command])
+        return parser.parse_args([interpolate(str(word)) for word in command])
     except SystemExit as exc:
         pytest.fail(f"{parser.prog} rejects {command}: exit {exc.code}")
 

@@ -23,10 +23,12 @@ from tests.docker_files import (
     GPU_OVERRIDE,
     REPO,
     SUPERNODES,
+    bind_mount_sources,
     build_dockerfile,
     compose_services,
     copy_steps,
     dockerfiles,
+    from_image,
     ignored,
     image_requirements,
     instructions,
@@ -63,7 +65,7 @@ def test_build_contexts_and_dockerfiles_exist() -> None:
 def test_copy_sources_exist_and_reach_the_build_context(dockerfile: Path) -> None:
     copies = copy_steps(dockerfile)
     assert copies, f"{dockerfile.name} copies nothing"
-    for sources, _ in copies:
+    for sources, _ in [*copies, (bind_mount_sources(dockerfile), "")]:
         for source in sources:
             assert (REPO / source).exists(), f"{dockerfile.name}: COPY source {source} missing"
             assert not ignored(dockerfile, source), (
@@ -161,7 +163,7 @@ def test_images_pin_python_flower_and_torch() -> None:
     assert len(torch) == 1, requirements
     for dockerfile in dockerfiles():
         steps = instructions(dockerfile)
-        for base in (rest.split()[0] for keyword, rest in steps if keyword == "FROM"):
+        for base in (from_image(dockerfile, rest) for keyword, rest in steps if keyword == "FROM"):
             if base.startswith("flwr/"):
                 assert base.partition(":")[2].startswith(FLWR_VERSION), f"{dockerfile.name}: {base}"
             else:
