@@ -18,10 +18,11 @@ Instead it re-runs its forward on the same batch when the gradient comes back
 recomputation draws the same masks and its gradients equal those of the kept graph.
 
 Wire codec: activations and their gradients travel as NumPy arrays (NumPy has no
-bfloat16; frozen weights use ``models.wire``'s raw bf16 arrays instead). ``fp16`` scales each tensor by a power of two so its largest entry sits just
-below 2^15: fp16 overflows above 65504, loses precision under 6e-5 and flushes values under
-3e-8 to zero, and gradients of a mean loss are routinely that small (the reason mixed
-precision uses loss scaling). The scale is exact and costs one integer of metadata.
+bfloat16; frozen weights use ``models.wire``'s raw bf16 arrays instead). ``fp16`` scales
+each tensor by a power of two so its largest entry sits just below 2^15: fp16 overflows
+above 65504, loses precision under 6e-5 and flushes values under 3e-8 to zero, and
+gradients of a mean loss are routinely that small (the reason mixed precision uses loss
+scaling). The scale is exact and costs one integer of metadata.
 ``bf16-as-fp16`` rounds to bfloat16 (the range of fp32) and ships its bits unchanged in a
 float16 array; the receiver reinterprets them, so the round trip is bit exact to bf16. Read
 as fp16 those bits are Inf/NaN only for |x| >= 2^121, so a finiteness check on the raw array
