@@ -243,6 +243,7 @@ class FedBiOTMixin:
         ]
         if seconds:
             metrics["train_seconds_max"] = max(seconds)
+            metrics["train_seconds_sum"] = sum(seconds)  # the phase's floor if nodes share cores
         metrics["clients_failed"] = len(self.shipment.receive(server_round, replies))
         # Selective alignment: a node without preference data skips a DPO round.
         skipped = [r for r in replies if not r.has_error() and _skipped(r)]

@@ -30,6 +30,8 @@ def test_round_cost_accounts_for_every_second_of_a_real_run(
         for phase in PHASES[:-1]:
             assert r[f"{phase}_s"] > 0, (r["round"], phase)
         assert r["wall_over_work"] >= r["wall_over_work_without_eval"] > 1
+        # Every client's training is at least the slowest one's.
+        assert r["wall_over_work_without_eval"] >= r["wall_over_all_clients_work_without_eval"] > 0
     parts = document["startup_s"] + sum(r["wall_s"] for r in rounds) + document["finish_s"]
     assert document["startup_s"] > 0 and document["finish_s"] > 0
     assert parts == pytest.approx(document["total_wall_s"])
