@@ -243,6 +243,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         if checkpoint and server_round == strategy.round_offset:
             return None  # evaluated before the server stopped
         result = evaluator(server_round, arrays)
+        start = time.perf_counter()
         every = config.checkpoint_every
         if (
             server_round
@@ -253,6 +254,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
                 recorder.dir / "checkpoints", server_round, models, strategy, distiller, config
             )
         save_round_adapter(models, config, recorder, server_round)
+        recorder.amend_round(server_round, {"time_checkpoint_s": time.perf_counter() - start})
         return result
 
     strategy.start(

@@ -117,13 +117,31 @@ class RunRecorder:
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(clean, sort_keys=True) + "\n")
         self.rows.append(clean)
+        self._write_csv()
+        if self.tracker is not None:
+            self.tracker.log(clean)
+
+    def amend_round(self, server_round: int, values: dict[str, float]) -> None:
+        """Add keys to the last row, that of ``server_round``, known only after it was written
+        (the checkpoint's time: a checkpoint follows its round's row, so a resumed run never
+        lacks a checkpointed round's row). The tracker has logged the row without them."""
+        check_superlink()
+        if not self.rows or self.rows[-1]["round"] != server_round:
+            raise ValueError(f"metrics.jsonl: round {server_round} is not the last row")
+        self.rows[-1].update(_finite(values))
+        path = self.dir / "metrics.jsonl"
+        temporary = path.with_suffix(".jsonl.tmp")
+        temporary.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows))
+        temporary.replace(path)
+        self._write_csv()
+
+    def _write_csv(self) -> None:
+        """``metrics.csv``: every row, one column per key seen."""
         columns = sorted({k for row in self.rows for k in row}, key=lambda k: (k != "round", k))
         with open(self.dir / "metrics.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(self.rows)
-        if self.tracker is not None:
-            self.tracker.log(clean)
 
     def append_communication(self, server_round: int, per_node: dict[int, dict[str, int]]) -> None:
         """One row per node and round in ``communication.csv``: the bytes each client got

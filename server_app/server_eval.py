@@ -321,6 +321,7 @@ class ServerEvaluator:
         record["time_eval_s"] = time.perf_counter() - start
         record.update(self.strategy.round_metrics.get(server_round, {}))
         record["elapsed_s"] = time.perf_counter() - self.started
+        record["unix_time_s"] = time.time()  # places the row on a bench's own clock
         self.recorder.append_round(record)
         self.recorder.append_communication(
             server_round, self.strategy.node_bytes.get(server_round, {})

@@ -113,6 +113,7 @@ class FedBiOTMixin:
         self.round_metrics = self.shipment.round_metrics
         self.node_bytes = self.shipment.node_bytes
         self._sent_at = 0.0
+        self._phase_start = 0.0  # when configure_train or configure_evaluate began
         self.skipped_nodes: set[int] = set()
 
     def _with_fedbiot_records(
@@ -199,6 +200,7 @@ class FedBiOTMixin:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._phase_start = time.perf_counter()
         server_round += self.round_offset
         config = ConfigRecord(dict(config.items()))
         if self.learning_rate is not None:
@@ -217,8 +219,11 @@ class FedBiOTMixin:
         self._wait_for_nodes(grid, self.min_train_nodes)  # type: ignore[attr-defined]
         messages = super().configure_train(server_round, arrays, config, grid)
         decorated = self._with_fedbiot_records(server_round, grid, messages, extra)
-        self.shipment.metrics(server_round)["clients_sampled"] = len(decorated)
+        metrics = self.shipment.metrics(server_round)
+        metrics["clients_sampled"] = len(decorated)
         self._sent_at = time.perf_counter()
+        # Sampling, the model offer (round 1: the weights to one node per store), messages.
+        metrics["time_configure_s"] = self._sent_at - self._phase_start
         return decorated
 
     def aggregate_train(
@@ -228,6 +233,17 @@ class FedBiOTMixin:
         replies = list(replies)
         metrics = self.shipment.metrics(server_round)
         metrics["time_client_train_s"] = time.perf_counter() - self._sent_at
+        # The slowest client's own training time: what the round's client phase waits for.
+        seconds = [
+            float(m["train_seconds"])
+            for r in replies
+            if not r.has_error()
+            and (m := r.content.metric_records.get("metrics")) is not None
+            and "train_seconds" in m
+        ]
+        if seconds:
+            metrics["train_seconds_max"] = max(seconds)
+            metrics["train_seconds_sum"] = sum(seconds)  # the phase's floor if nodes share cores
         metrics["clients_failed"] = len(self.shipment.receive(server_round, replies))
         # Selective alignment: a node without preference data skips a DPO round.
         skipped = [r for r in replies if not r.has_error() and _skipped(r)]
@@ -277,6 +293,7 @@ class FedBiOTMixin:
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._phase_start = time.perf_counter()
         server_round += self.round_offset
         if self.fraction_evaluate > 0:  # type: ignore[attr-defined]
             self._wait_for_nodes(grid, self.min_evaluate_nodes)  # type: ignore[attr-defined]
@@ -292,10 +309,10 @@ class FedBiOTMixin:
         replies, rejected = screen_contents(replies, [], [], self.max_examples)
         self.shipment.metrics(server_round)["client_eval_rejected"] = len(rejected)
         result = super().aggregate_evaluate(server_round, replies)
+        metrics = self.shipment.metrics(server_round)
         if result is not None:
-            self.shipment.metrics(server_round).update(
-                {f"client_{k}": float(v) for k, v in result.items()}
-            )
+            metrics.update({f"client_{k}": float(v) for k, v in result.items()})
+        metrics["time_client_eval_s"] = time.perf_counter() - self._phase_start
         return result
 
 
