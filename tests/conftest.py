@@ -47,6 +47,7 @@ SLOW_FILES = (
     "test_sampling.py",
     "test_outputs.py",
     "test_bench_client_cost.py",
+    "test_bench_round_cost.py",
 )
 
 
