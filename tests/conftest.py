@@ -48,6 +48,7 @@ SLOW_FILES = (
     "test_outputs.py",
     "test_bench_client_cost.py",
     "test_bench_round_cost.py",
+    "test_bench_scale.py",
 )
 
 
