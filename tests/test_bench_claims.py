@@ -13,7 +13,7 @@ from server_app.evaluation.confidence import Interval
 
 def test_claims_quick_mode_pairs_methods_on_the_same_texts(tmp_path: Path) -> None:
     argv = ["--model", "tiny-llama", "--quick", "--rows", "fedbiot-b0.2", "fedot", "--partitions",
-            "iid", "--seeds", "0", "--jobs", "1", "--out", str(tmp_path)]  # fmt: skip
+            "iid", "--seeds", "0", "--jobs", "2", "--out", str(tmp_path)]  # fmt: skip
     report = main(argv)
     document = json.loads((tmp_path / "claims.json").read_text())
     assert document["command"] == "python -m bench.fedbiot_claims " + " ".join(argv)
