@@ -233,17 +233,6 @@ class FedBiOTMixin:
         replies = list(replies)
         metrics = self.shipment.metrics(server_round)
         metrics["time_client_train_s"] = time.perf_counter() - self._sent_at
-        # The slowest client's own training time: what the round's client phase waits for.
-        seconds = [
-            float(m["train_seconds"])
-            for r in replies
-            if not r.has_error()
-            and (m := r.content.metric_records.get("metrics")) is not None
-            and "train_seconds" in m
-        ]
-        if seconds:
-            metrics["train_seconds_max"] = max(seconds)
-            metrics["train_seconds_sum"] = sum(seconds)  # the phase's floor if nodes share cores
         metrics["clients_failed"] = len(self.shipment.receive(server_round, replies))
         # Selective alignment: a node without preference data skips a DPO round.
         skipped = [r for r in replies if not r.has_error() and _skipped(r)]
@@ -252,6 +241,16 @@ class FedBiOTMixin:
         self.skipped_nodes = {r.metadata.src_node_id for r in skipped}  # read by client DP
         replies, rejected = self._screen(replies)
         metrics["clients_rejected"] = len(rejected)
+        # The slowest client's own training time: what the round's client phase waits for.
+        # Read from screened replies only: their metrics are checked to be finite numbers.
+        seconds = [
+            float(r.content.metric_records["metrics"]["train_seconds"])
+            for r in replies
+            if not r.has_error() and "train_seconds" in r.content.metric_records["metrics"]
+        ]
+        if seconds:
+            metrics["train_seconds_max"] = max(seconds)
+            metrics["train_seconds_sum"] = sum(seconds)  # the phase's floor if nodes share cores
         if not any(not r.has_error() for r in replies) and (
             not skipped or metrics["clients_failed"] or rejected
         ):
