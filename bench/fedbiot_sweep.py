@@ -62,7 +62,8 @@ QUICK = {
 }
 # Point name -> the keys that make it; bN: drop rate, pN: pre-alignment steps, aN: adapter
 # blocks, dN: distillation steps per round, sN: local steps per round (s40: four times the
-# common client budget, for FedIT and FedBiOT alike), lrN: client learning rate.
+# common client budget, for FedIT and FedBiOT alike), lrN: client learning rate, seedN: the
+# run's seed (COMMON's is 0).
 POINTS: dict[str, dict[str, object]] = {
     "fedit": {"method": "fedit"},
     "b0.0": {"drop-rate": 0.0, "prealign-steps": 0},
@@ -101,6 +102,19 @@ POINTS: dict[str, dict[str, object]] = {
         "adapter-layers": 8,
         "learning-rate": 3e-3,
         "local-steps": 40,
+    },
+    # Item 9's setting again with other seeds (LoRA init, partition, batch order); the
+    # validation texts do not depend on the seed, so every seed is paired on the same texts.
+    **{
+        f"b0.2-p100-a8-lr3e-3-s40-seed{seed}": {
+            "drop-rate": 0.2,
+            "prealign-steps": 100,
+            "adapter-layers": 8,
+            "learning-rate": 3e-3,
+            "local-steps": 40,
+            "seed": seed,
+        }
+        for seed in (1, 2)
     },
 }
 
