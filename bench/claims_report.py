@@ -82,14 +82,17 @@ COSTS = ("client_seconds_per_example", "bytes_per_client", "server_seconds", "wa
 def _costs(run_dirs: list[Path], wall: dict[str, float], clients: int) -> dict[str, float]:
     """Means over the runs: client train seconds per example, bytes per client (both ways,
     the model download included), server compute seconds (pre-alignment, aggregation,
-    distillation), wall seconds."""
+    distillation; KD's distillation and split learning's server half: ``time_server_s``),
+    wall seconds."""
     per_example, per_client, server = [], [], []
     for run_dir in run_dirs:
         config = json.loads((run_dir / "config.json").read_text())["run_config"]
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         trained = [r for r in rows if r["round"] > 0]
         examples = int(config["local-steps"]) * int(config["batch-size"])
-        per_example.append(np.mean([r.get("train_seconds", np.nan) for r in trained]) / examples)
+        # Split learning's clients report their share of each step as client_seconds.
+        seconds = [r.get("train_seconds", r.get("client_seconds", np.nan)) for r in trained]
+        per_example.append(np.mean(seconds) / examples)
         moved = sum(
             r.get("bytes_up", 0) + r.get("bytes_down", 0) + r.get("bytes_model_download", 0)
             for r in trained
@@ -97,7 +100,11 @@ def _costs(run_dirs: list[Path], wall: dict[str, float], clients: int) -> dict[s
         per_client.append(moved / max(1, min(clients, int(trained[0]["clients_sampled"]))))
         server.append(
             rows[0].get("time_prealign_s", 0.0)
-            + sum(r.get("time_distill_s", 0.0) + r.get("time_aggregate_s", 0.0) for r in trained)
+            + sum(
+                r.get(k, 0.0)
+                for r in trained
+                for k in ("time_distill_s", "time_aggregate_s", "time_server_s")
+            )
         )
     return {
         "client_seconds_per_example": float(np.mean(per_example)),
@@ -145,6 +152,8 @@ CLAIMS = (
     ("FedBiOT AdapFu >= FedOT AdapFu", "fedbiot-b0.2", "adapfu", "fedot", "adapfu"),
     ("FedBiOT AdapFu >= offsite-tuning AdapFu", "fedbiot-b0.2", "adapfu", "offsite", "adapfu"),
     ("federated (FedIT) > local-only", "fedit", "adapfu", "local", "local"),
+    ("parameter averaging (FedIT) > split learning", "fedit", "adapfu", "split", "adapfu"),
+    ("split learning > KD-FedLLM", "split", "adapfu", "kdfed", "adapfu"),
 )
 
 

@@ -1,12 +1,14 @@
 """The seeds' claims, each checked on SmolLM2 and Banking77 with paired intervals.
 
 Claims: AdapFu > AdapEmu, and FedBiOT's AdapFu >= FedOT's and offsite-tuning's (FedBiOT,
-Table 2); federated > local-only (OpenFedLLM). Methods: FedBiOT (beta 0.2 and 0.5), FedOT and
-offsite-tuning (beta 0.2, FedBiOT's comparison at equal compression), FedIT, local-only and
-central; partitions IID and Dirichlet(0.5) over the intent label; three seeds; one client
-budget for every method (3 clients x rounds x local steps x batch; the single-client methods,
-offsite-tuning and central, take the three clients' steps on the union of the data, so they
-run once per seed, whatever the partition). Every run goes through ``flwr run`` with three
+Table 2); federated > local-only (OpenFedLLM); parameter averaging > split learning > KD
+(the framework-comparison seed). Methods: FedBiOT (beta 0.2 and 0.5), FedOT and
+offsite-tuning (beta 0.2, FedBiOT's comparison at equal compression), FedIT, local-only,
+central, KD-FedLLM and split learning (at half the blocks); partitions IID and
+Dirichlet(0.5) over the intent label; three seeds; one client budget for every method
+(3 clients x rounds x local steps x batch; the single-client methods, offsite-tuning and
+central, take the three clients' steps on the union of the data, so they run once per seed,
+whatever the partition). Every run goes through ``flwr run`` with three
 SuperNodes, and evaluates after its last round on the same Banking77 test texts (held-out
 loss on ``eval-examples``, exact label ranking on the first ``eval-generation-examples``).
 
@@ -17,7 +19,9 @@ loss on ``eval-examples``, exact label ranking on the first ``eval-generation-ex
 Per text, scores are summed over seeds (losses as NLL and token sums, accuracy as the number
 of seeds that rank the gold label first), so every interval resamples texts, and every
 comparison pairs two methods on the same texts and seeds. ``<out>/claims.json`` holds the
-table and the verdicts; ``<out>/claims.md`` is the report.
+table and the verdicts; ``<out>/claims.md`` is the report. The report covers every row and
+partition finished in ``<out>/runs`` for all the ``--seeds`` given, not only the ``--rows``
+just run, so a grid run in parts reports as a whole.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ os.environ.setdefault("FEDBIOT_CACHE", str(REPO / ".cache" / "fedbiot"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.claims_report import claims, model_table, write_report  # noqa: E402
-from bench.federation_runs import run_federations  # noqa: E402
+from bench.federation_runs import finished, run_federations  # noqa: E402
 
 CLIENTS = 3
 SEEDS = (0, 1, 2)
@@ -49,6 +53,10 @@ ROWS: dict[str, dict[str, object]] = {
     "fedit": {"method": "fedit"},
     "local": {"method": "local"},
     "central": {"method": "central"},
+    # The framework comparison's seed (parameter averaging > split > KD on Banking77), with
+    # the same evaluation and client budget: KD-FedLLM, and split learning at half the blocks.
+    "kdfed": {"method": "kdfed"},
+    "split": {"method": "split"},
 }
 SINGLE_CLIENT = ("offsite", "central")
 COMMON: dict[str, object] = {
@@ -107,6 +115,21 @@ def run_config(
     }
 
 
+def finished_cells(runs: Path, seeds: list[int], rounds: int) -> dict[tuple[str, str], list[Path]]:
+    """(row, partition) -> its run folders, for every cell whose runs of all ``seeds`` have
+    finished: a comparison then pairs the same seeds on both sides."""
+    cells = {}
+    for partition in PARTITIONS:
+        for row in ROWS:
+            dirs = [runs / run_name(row, partition, seed) for seed in seeds]
+            if all(finished(d, rounds) for d in dirs):
+                cells[(row, partition)] = dirs
+    # The single-client rows' runs serve every partition: list them under the partitions
+    # whose federated rows ran.
+    ran = {p for (row, p) in cells if row not in SINGLE_CLIENT}
+    return {(row, p): dirs for (row, p), dirs in cells.items() if p in ran}
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -131,21 +154,18 @@ def main(argv: list[str] | None = None) -> Path:
                 configs[str(config["run-name"])] = config
     failed = run_federations(list(configs.values()), args.out, CLIENTS, args.jobs, args.timeout)
     wall = json.loads((args.out / "wall_seconds.json").read_text())
-    cells = {
-        (row, partition): [runs / run_name(row, partition, seed) for seed in args.seeds]
-        for row in args.rows
-        for partition in args.partitions
-    }
+    rounds = int({**COMMON, **(QUICK if args.quick else {})}["num-server-rounds"])
+    cells = finished_cells(runs, args.seeds, rounds)
     table = model_table(cells, wall, CLIENTS)
     document = {
         "model": args.model,
         "clients": CLIENTS,
         "seeds": args.seeds,
         "settings": {**COMMON, **(QUICK if args.quick else {})},
-        "rows": {row: ROWS[row] for row in args.rows},
-        "partitions": {p: PARTITIONS[p] for p in args.partitions},
+        "rows": {row: ROWS[row] for row in dict.fromkeys(r for r, _ in cells)},
+        "partitions": {p: PARTITIONS[p] for p in dict.fromkeys(p for _, p in cells)},
         "table": table,
-        "claims": claims(cells, args.partitions),
+        "claims": claims(cells, list(dict.fromkeys(p for _, p in cells))),
         "failed_runs": failed,
         "wall_seconds": wall,
         "command": " ".join(

@@ -12,34 +12,45 @@ from server_app.evaluation.confidence import Interval
 
 
 def test_claims_quick_mode_pairs_methods_on_the_same_texts(tmp_path: Path) -> None:
-    argv = ["--model", "tiny-llama", "--quick", "--rows", "fedbiot-b0.2", "fedot", "--partitions",
-            "iid", "--seeds", "0", "--jobs", "2", "--out", str(tmp_path)]  # fmt: skip
+    first = ["--model", "tiny-llama", "--quick", "--rows", "fedbiot-b0.2", "split",
+             "--partitions", "iid", "--seeds", "0", "--jobs", "2",
+             "--out", str(tmp_path)]  # fmt: skip
+    main(first)
+    # A second part of the grid: its report covers every finished row, not only its own.
+    argv = [*first[:3], "--rows", "kdfed", *first[6:]]
     report = main(argv)
     document = json.loads((tmp_path / "claims.json").read_text())
     assert document["command"] == "python -m bench.fedbiot_claims " + " ".join(argv)
+    assert sorted(document["rows"]) == ["fedbiot-b0.2", "kdfed", "split"]
     models = {(e["method"], e["model"]): e for e in document["table"]}
     assert set(models) == {("base", "base"), ("fedbiot-b0.2", "adapemu"),
-                           ("fedbiot-b0.2", "adapfu"), ("fedot", "adapemu"),
-                           ("fedot", "adapfu")}  # fmt: skip
+                           ("fedbiot-b0.2", "adapfu"), ("split", "adapfu"),
+                           ("kdfed", "adapfu")}  # fmt: skip
     runs = tmp_path / "runs"
     fedbiot = pooled([runs / "fedbiot-b0.2-iid-s0"], "adapfu")
-    fedot = pooled([runs / "fedot-iid-s0"], "adapfu")
-    assert fedbiot is not None and fedot is not None
-    # The table's loss is the run's own per-token loss; both methods scored the same texts.
+    split = pooled([runs / "split-iid-s0"], "adapfu")
+    kd = pooled([runs / "kdfed-iid-s0"], "adapfu")
+    assert fedbiot is not None and split is not None and kd is not None
+    # The table's loss is the run's own per-token loss; every method scored the same texts.
     entry = models[("fedbiot-b0.2", "adapfu")]
     assert entry["loss"] == fedbiot.nll.sum() / fedbiot.tokens.sum()
     assert entry["texts"] == 6 and entry["ranked_texts"] == 4
-    assert np.array_equal(fedbiot.tokens, fedot.tokens)
+    assert np.array_equal(fedbiot.tokens, split.tokens) and np.array_equal(kd.tokens, split.tokens)
     assert entry["bytes_per_client"] > 0 and entry["client_seconds_per_example"] > 0
+    # Split learning's clients report client_seconds, and its server half is server compute.
+    assert models[("split", "adapfu")]["client_seconds_per_example"] > 0
+    assert models[("split", "adapfu")]["server_seconds"] > 0
+    assert models[("kdfed", "adapfu")]["server_seconds"] > 0
     verdicts = {c["claim"]: c for c in document["claims"]}
-    versus_fedot = verdicts["FedBiOT AdapFu >= FedOT AdapFu"]
-    difference = fedbiot.nll.sum() / fedbiot.tokens.sum() - fedot.nll.sum() / fedot.tokens.sum()
-    assert versus_fedot["loss_difference"] == difference
-    low, high = versus_fedot["loss_difference_ci_low"], versus_fedot["loss_difference_ci_high"]
+    versus_kd = verdicts["split learning > KD-FedLLM"]
+    difference = split.nll.sum() / split.tokens.sum() - kd.nll.sum() / kd.tokens.sum()
+    assert versus_kd["loss_difference"] == difference
+    low, high = versus_kd["loss_difference_ci_low"], versus_kd["loss_difference_ci_high"]
     assert low <= difference <= high
     expected = "agrees" if high < 0 else "disagrees" if low > 0 else "cannot tell"
-    assert versus_fedot["verdict_loss"] == expected  # a lower loss is better
+    assert versus_kd["verdict_loss"] == expected  # a lower loss is better
     assert verdicts["federated (FedIT) > local-only"]["verdict"] == "not run"
+    assert verdicts["FedBiOT AdapFu >= FedOT AdapFu"]["verdict"] == "not run"
     # The untrained model: one row, scored on the same texts, and the claim against it.
     base = pooled([runs / "fedbiot-b0.2-iid-s0"], "base")
     assert base is not None and np.array_equal(base.tokens, fedbiot.tokens)
@@ -47,7 +58,7 @@ def test_claims_quick_mode_pairs_methods_on_the_same_texts(tmp_path: Path) -> No
     versus_base = verdicts["FedBiOT AdapFu > base (beta 0.2)"]
     to_base = fedbiot.nll.sum() / fedbiot.tokens.sum() - base.nll.sum() / base.tokens.sum()
     assert versus_base["loss_difference"] == to_base
-    assert "| FedBiOT AdapFu >= FedOT AdapFu | iid |" in report.read_text()
+    assert "| split learning > KD-FedLLM | iid |" in report.read_text()
 
 
 def test_verdict_reads_the_interval_on_the_better_side() -> None:

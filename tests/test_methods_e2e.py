@@ -85,8 +85,16 @@ def test_method_and_algorithm_run_end_to_end(
         assert last["client0"]["nll"] != last["client1"]["nll"]  # two models, two data parts
     else:
         assert (run_dir / "adapfu" / "config.json").is_file()
-        # The trained model moved away from the untrained one.
-        assert rows[-1]["eval_adapfu_gsm8k_loss"] != rows[0]["eval_adapfu_gsm8k_loss"]
+        # The delivered model scores the held-out texts better than the untrained one (the
+        # random tiny model first learns the text's token statistics: every averaging method
+        # lowers the loss by 0.0005 to 0.003 nats in one or two rounds). Krum keeps one
+        # client's update (checked against the paper in test_algorithms.py), which after one
+        # round may score a hair worse: it must only have moved the model.
+        change = rows[-1]["eval_adapfu_gsm8k_loss_vs_base"]
+        assert change != 0.0 if algorithm == "krum" else change < 0.0
+        assert rows[-1]["eval_adapfu_gsm8k_loss"] == pytest.approx(
+            rows[0]["eval_adapfu_gsm8k_loss"] + change
+        )
 
     expected_clients = 1 if method in ("central", "offsite") else 2
     assert all(r["clients_sampled"] == expected_clients for r in rows[1:])
