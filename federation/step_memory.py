@@ -2,7 +2,8 @@
 
 What a depth costs (frozen weights, activations kept for backward through ``s`` blocks, LoRA
 gradients, AdamW moments) is measured by running the client's own ``train_lora`` step, not
-estimated from parameter counts; the server runs it once per depth of the table.
+estimated; ``bench/memory_plan.py --check`` and the tests compare it with the estimate the
+FedBiAlign server's depth table uses (``models/memory_estimate.py``).
 """
 
 from __future__ import annotations
@@ -105,10 +106,10 @@ def measure_training_memory(
     ``adapter_blocks``, on a ``batch_size x seq_length`` batch whose every token carries loss
     (the worst case of the response-only loss). The result is the model's weights plus the
     step's peak allocation on top of them, so other models on the same device do not count.
-    The server runs this once per run on its own compressed model, so the numbers are for
-    the server's device type (CUDA allocator statistics, or live tensor storages on the CPU);
-    they are not rescaled for other hardware, and exclude per-process overheads such as the
-    CUDA context. The LoRA values and the random state are restored afterwards.
+    The numbers are for the measuring device type (CUDA allocator statistics, or live tensor
+    storages on the CPU); they are not rescaled for other hardware, and exclude per-process
+    overheads such as the CUDA context. The LoRA values and the random state are restored
+    afterwards.
     """
     device = lora.device
     region = tuple(adapter_blocks)

@@ -1,10 +1,10 @@
-"""Adapter depth from a client's memory budget and the *measured* memory of each depth.
+"""Adapter depth from a client's memory budget and the memory each depth needs.
 
 A client of depth ``s`` trains the LoRA of the last ``s`` adapter blocks. What each depth
-costs is measured by ``federation.step_memory`` (one real client training step per depth),
-not estimated from parameter counts. Budgets come from each SuperNode's node config
-(``memory-budget-gb``) or, in simulation, from a run-config map of partitions to budgets.
-GB here is 10^9 bytes.
+costs is estimated for the clients' dtype, quantization, checkpointing, batch and sequence
+(``models/memory_estimate.depth_memory``, checked against measured steps). Budgets come
+from each SuperNode's node config (``memory-budget-gb``) or, in simulation, from a run-config
+map of partitions to budgets. GB here is 10^9 bytes.
 """
 
 from __future__ import annotations
@@ -89,25 +89,22 @@ def node_budget_gb(node_config: Mapping[str, Any], budgets: Mapping[int, float])
     )
 
 
-def choose_depths(
-    budgets_gb: Mapping[int, float], measured_gb: Mapping[int, float]
-) -> dict[int, int]:
-    """Each client's deepest depth whose measured memory fits its budget.
+def choose_depths(budgets_gb: Mapping[int, float], depth_gb: Mapping[int, float]) -> dict[int, int]:
+    """Each client's deepest depth whose memory (GB per depth) fits its budget.
 
     A client below the shallowest depth is an error rather than a silent skip: it asked to
     take part, and the run should not quietly train without it.
     """
-    if not measured_gb:
-        raise ValueError("no measured memory for any adapter depth")
-    shallowest = min(measured_gb)
+    if not depth_gb:
+        raise ValueError("no memory for any adapter depth")
+    shallowest = min(depth_gb)
     depths = {}
     for client, budget in budgets_gb.items():
-        fitting = [d for d, need in measured_gb.items() if need <= budget]
+        fitting = [d for d, need in depth_gb.items() if need <= budget]
         if not fitting:
             raise MemoryBudgetError(
                 f"client {client}: memory budget {budget:g} GB is below the "
-                f"{measured_gb[shallowest]:.3g} GB measured for the shallowest adapter depth "
-                f"{shallowest}"
+                f"{depth_gb[shallowest]:.3g} GB the shallowest adapter depth {shallowest} needs"
             )
         depths[client] = max(fitting)
     return depths

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from logging import INFO
 from pathlib import Path
 
@@ -13,15 +14,15 @@ from transformers import AutoConfig
 
 from federation.methods import MethodPlan, method_plan
 from federation.run_config import ConfigError, RunConfig
-from federation.step_memory import measure_training_memory
 from models.blocks import get_blocks
-from models.depth_memory import parse_depth_table
+from models.depth_memory import GB, parse_depth_table
 from models.distillation import EmulatorDistiller
 from models.export import AdapterFiles, export_client_models, exports_complete
 from models.fedbiot_models import FedBiOTModels
 from models.loading import base_model_id, resolve_model_dir
 from models.lora import LoraSpec
-from models.precision import set_gradient_checkpointing
+from models.memory_estimate import DTYPE_BYTES, Setup, depth_memory
+from models.precision import resolve_dtype, set_gradient_checkpointing
 from models.wire import to_record
 from server_app.checkpoint import (
     check_resume_config,
@@ -46,25 +47,54 @@ from strategies.shipment import release_caches
 app = ServerApp()
 
 
+def client_setup(config: RunConfig) -> Setup:
+    """The clients' training setting as the run config gives it, for the depth table.
+
+    A node may override ``dtype`` or ``quantization`` in its node config
+    (``client_app/node.py``), but the server cannot see node configs before the round, so
+    this is the run config's: ``auto`` resolved on the server's device, and a quantized
+    client computing in bfloat16 unless its dtype is a half type (``models/quantization``).
+    """
+    dtype = str(resolve_dtype(config.dtype, config.torch_device(), "run-config dtype"))
+    dtype = dtype.removeprefix("torch.")
+    bits = {"none": 8 * DTYPE_BYTES[dtype], "8bit": 8, "4bit": 4}[config.quantization]
+    return Setup(
+        model=config.model,
+        drop_rate=config.drop_rate,
+        adapter_layers=config.adapter_layers,
+        dtype="bfloat16" if bits < 16 and dtype == "float32" else dtype,
+        bits=bits,
+        batch=config.batch_size,
+        seq=config.seq_length,
+        checkpointing=config.gradient_checkpointing,
+        lora_r=config.lora_r,
+    )
+
+
 def depth_parameters(
     config: RunConfig, models: FedBiOTModels, recorder: RunRecorder
 ) -> dict[str, object]:
-    """FedBiAlign's strategy arguments: the training memory of each adapter depth of the
-    table, measured on the server's compressed model, from which each node's budget picks."""
+    """FedBiAlign's strategy arguments: the estimated training memory of each adapter depth
+    of the table for the clients' setting (``client_setup``), from which each node's budget
+    picks. Estimated (``models/memory_estimate.py``), not measured on the server's own model,
+    whose dtype and quantization need not be the clients'."""
     layout = models.layout
     table = parse_depth_table(config.depth_table, config.adapter_layers, layout.num_blocks)
-    measured = measure_training_memory(
-        models.compressed,
-        layout.adapter_blocks,
-        table,
-        config.batch_size,
-        config.seq_length,
-        prox_epsilon=config.prox_epsilon,
+    setup = client_setup(config)
+    prox = config.prox_epsilon > 0
+    model_config = models.full.peft.get_base_model().config
+    rows = depth_memory(setup, model_config, layout, table, prox=prox)
+    estimated = {d: row["total"] / GB for d, row in rows.items()}
+    recorder.write_json(
+        "depth_memory.json",
+        {
+            "estimated_gb": {str(d): gb for d, gb in estimated.items()},
+            "settings": asdict(setup) | {"prox": prox},
+        },
     )
-    recorder.write_json("depth_memory.json", {str(d): gb for d, gb in measured.items()})
-    log(INFO, "Training memory per adapter depth (GB): %s", measured)
+    log(INFO, "Estimated training memory per adapter depth (GB): %s", estimated)
     return {
-        "measured_gb": measured,
+        "depth_gb": estimated,
         "budget_timeout": config.round_timeout,
         "history_rounds": config.update_history_rounds,
     }

@@ -172,7 +172,7 @@ class HeterogeneousDepthFedAvg(FedAvg):
     """FedAvg where each node trains the LoRA of its own number of top adapter blocks.
 
     ``node_depths`` maps node ids to depths. A sampled node without one is asked for its
-    memory budget (``BUDGET_QUERY``) and given the deepest depth of ``measured_gb`` (GB per
+    memory budget (``BUDGET_QUERY``) and given the deepest depth of ``depth_gb`` (GB per
     depth) that fits; a node that does not answer sits the round out and is asked again
     when next sampled. ``history`` keeps per-node update statistics of the last
     ``history_rounds`` rounds, and each round's summary joins the train metrics.
@@ -182,14 +182,14 @@ class HeterogeneousDepthFedAvg(FedAvg):
         self,
         *,
         node_depths: Mapping[int, int] | None = None,
-        measured_gb: Mapping[int, float] | None = None,
+        depth_gb: Mapping[int, float] | None = None,
         budget_timeout: float | None = None,
         history_rounds: int = 100,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.node_depths: dict[int, int] = dict(node_depths or {})
-        self.measured_gb = dict(measured_gb or {})
+        self.depth_gb = dict(depth_gb or {})
         self.budget_timeout = budget_timeout
         self.history = UpdateHistory(history_rounds)
         # This round's: keys each node may return, and the tensors sent.
@@ -202,8 +202,8 @@ class HeterogeneousDepthFedAvg(FedAvg):
         unknown = [n for n in nodes if n not in self.node_depths]
         if not unknown:
             return
-        if not self.measured_gb:
-            raise ValueError(f"nodes {unknown} have no adapter depth and no measured memory")
+        if not self.depth_gb:
+            raise ValueError(f"nodes {unknown} have no adapter depth and no memory per depth")
         queries = [Message(RecordDict(), message_type=BUDGET_QUERY, dst_node_id=n) for n in unknown]
         budgets, failures = {}, {n: "no reply" for n in unknown}
         for reply in grid.send_and_receive(queries, timeout=self.budget_timeout):
@@ -216,7 +216,7 @@ class HeterogeneousDepthFedAvg(FedAvg):
                 failures[node] = reply.error.reason if reply.has_error() else "malformed reply"
         for node, reason in failures.items():
             log(WARNING, "Node %d sits this round out: no memory budget (%s)", node, reason)
-        self.node_depths.update(choose_depths(budgets, self.measured_gb))
+        self.node_depths.update(choose_depths(budgets, self.depth_gb))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -198,7 +198,7 @@ def test_each_node_gets_its_depth_and_the_whole_region_and_blocks_are_averaged(
 
 def test_unknown_nodes_are_asked_for_their_budget(models: FedBiOTModels) -> None:
     strategy = HeterogeneousDepthFedAvg(
-        measured_gb={2: 1.0, 4: 2.0, 6: 3.0}, node_depths={1: 2}, **_sampling(4)
+        depth_gb={2: 1.0, 4: 2.0, 6: 3.0}, node_depths={1: 2}, **_sampling(4)
     )
     arrays = to_record(models.adapter_state())
     grid = FakeGrid({1: 99.0, 2: 2.5, 3: 3.0, 4: None})  # node 4 does not answer
@@ -212,7 +212,7 @@ def test_unknown_nodes_are_asked_for_their_budget(models: FedBiOTModels) -> None
 
 
 def test_a_budget_below_the_shallowest_depth_stops_the_run(models: FedBiOTModels) -> None:
-    strategy = HeterogeneousDepthFedAvg(measured_gb={2: 1.0, 4: 2.0}, **_sampling(2))
+    strategy = HeterogeneousDepthFedAvg(depth_gb={2: 1.0, 4: 2.0}, **_sampling(2))
     grid = FakeGrid({1: 4.0, 2: 0.5})
     with pytest.raises(MemoryBudgetError, match=r"client 2: memory budget 0\.5 GB .* depth 2"):
         strategy.configure_train(1, to_record(models.adapter_state()), ConfigRecord(), grid)

@@ -1,11 +1,15 @@
-"""Adapter depth from a node's memory budget: the depth table, budgets, measured memory."""
+"""Adapter depth from a node's memory budget: the depth table, budgets, measured memory,
+and the estimate the server's depth table uses, against measured client steps."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
+from federation.run_config import RunConfig
 from federation.step_memory import _peak_extra_bytes, measure_training_memory, module_bytes
+from models.blocks import extract_blocks, get_blocks
 from models.depth_memory import (
     GB,
     MemoryBudgetError,
@@ -15,9 +19,12 @@ from models.depth_memory import (
     parse_depth_table,
 )
 from models.fedbiot_models import FedBiOTModels
+from models.layout import fedbiot_layout
+from models.memory_estimate import Setup, depth_memory
 from models.wire import state_bytes
+from server_app.app import client_setup
 from tests.tiny import ADAPTER_REGION as REGION
-from tests.tiny import tiny_fedbiot_models
+from tests.tiny import tiny, tiny_fedbiot_models
 
 
 @pytest.fixture
@@ -113,3 +120,73 @@ def test_measured_training_memory_grows_with_depth(models: FedBiOTModels) -> Non
     assert torch.equal(torch.get_rng_state(), rng)
     with pytest.raises(ValueError, match=r"outside 1\.\.6"):
         measure_training_memory(lora, REGION, (7,), batch_size=1, seq_length=16)
+
+
+def _tiny_setup(**overrides: object) -> Setup:
+    """The setting of ``tiny_fedbiot_models`` (LoRA r=4, region of 6 blocks)."""
+    fields = {"adapter_layers": len(REGION), "drop_rate": 0.5, "batch": 4, "seq": 64, "lora_r": 4}
+    return Setup("tiny-llama", **fields | overrides)
+
+
+def test_estimated_depth_memory_matches_a_measured_client_step(models: FedBiOTModels) -> None:
+    lora = models.compressed  # LoRA on all its blocks, float32 weights: a client's model
+    config = models.full.peft.get_base_model().config
+    depths = (1, 6)
+    estimated = depth_memory(_tiny_setup(), config, models.layout, depths, prox=True)
+    measured = measure_training_memory(lora, REGION, depths, 4, 64, prox_epsilon=0.01)
+    weights = module_bytes(lora.peft)
+    assert estimated[1]["total"] < estimated[6]["total"]
+    for depth in depths:
+        row = estimated[depth]
+        assert 0.8 <= row["total"] / (measured[depth] * GB) <= 1.2, (depth, row, measured)
+        extra = measured[depth] * GB - weights  # the step alone, without the weights
+        assert 0.8 <= row["step_extra"] / extra <= 1.2, (depth, row["step_extra"], extra)
+    with pytest.raises(ValueError, match=r"outside 1\.\.6"):
+        depth_memory(_tiny_setup(), config, models.layout, (7,))
+
+
+def _frozen_counts() -> tuple[int, int]:
+    """(the blocks' linear weights, every other parameter) of the tiny client's model,
+    counted on the loaded model, tied parameters once."""
+    model, _ = tiny("tiny-llama")
+    layout = fedbiot_layout(len(get_blocks(model)), len(REGION), 0.5)
+    client = extract_blocks(model, layout.kept_blocks)
+    total = sum(p.numel() for p in {id(p): p for p in client.parameters()}.values())
+    linear = sum(
+        m.weight.numel()
+        for b in get_blocks(client)
+        for m in b.modules()
+        if isinstance(m, nn.Linear)
+    )
+    return linear, total - linear
+
+
+def test_half_precision_and_4bit_clients_need_less_than_float32(models: FedBiOTModels) -> None:
+    config = models.full.peft.get_base_model().config
+    linear, other = _frozen_counts()
+    rows = {
+        name: depth_memory(_tiny_setup(dtype=dtype, bits=bits), config, models.layout, (2,))[2]
+        for name, dtype, bits in [
+            ("fp32", "float32", 32),
+            ("bf16", "bfloat16", 16),
+            ("nf4", "bfloat16", 4),
+        ]
+    }
+    assert rows["fp32"]["frozen_weights"] == 4 * (linear + other)
+    assert rows["bf16"]["frozen_weights"] == 2 * (linear + other)
+    # NF4: 4 bits a weight, one 8-bit absmax per 64 weights and one fp32 constant per 256
+    # absmaxes (double quantization); embeddings and norms stay in bfloat16.
+    nf4 = linear * (0.5 + 1 / 64 + 4 / (64 * 256)) + 2 * other
+    assert rows["nf4"]["frozen_weights"] == pytest.approx(nf4, rel=1e-12)
+    assert rows["nf4"]["total"] < rows["bf16"]["total"] < rows["fp32"]["total"]
+
+
+def test_the_depth_table_is_estimated_for_the_run_configs_client_setting() -> None:
+    base = {"device": "cpu", "batch_size": 3, "seq_length": 40, "lora_r": 4}
+    setup = client_setup(RunConfig(dtype="bfloat16", gradient_checkpointing=True, **base))
+    assert (setup.dtype, setup.bits, setup.checkpointing) == ("bfloat16", 16, True)
+    assert (setup.batch, setup.seq, setup.lora_r) == (3, 40, 4)
+    # A quantized client computes in bfloat16 when its dtype is float32.
+    setup = client_setup(RunConfig(dtype="float32", quantization="4bit", **base))
+    assert (setup.dtype, setup.bits) == ("bfloat16", 4)
+    assert client_setup(RunConfig(dtype="auto", **base)).dtype == "float32"  # auto on a CPU

@@ -5,36 +5,39 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from bench.alignment_table import summarise
-from federation.step_memory import measure_training_memory
 from models.blocks import get_blocks
-from models.fedbiot_models import FedBiOTModels
+from models.depth_memory import GB
 from models.layout import fedbiot_layout
-from models.lora import LoraSpec
+from models.memory_estimate import Setup, depth_memory
 from tests.flower_runtime import LocalFederation, tiny_run_config
 from tests.tiny import tiny
 
+# The clients' setting of the run below, as the run config gives it (dtype auto: float32 on
+# a CPU; the default LoRA r=8 and FedBiOT's proximal term, prox-epsilon 0.01).
+SETUP = Setup("tiny-llama", drop_rate=0.5, adapter_layers=2, dtype="float32", batch=2, seq=48)
 
-def _measured() -> dict[int, float]:
-    """What the server will measure for depths 1 and 2 (same model, layout and sizes)."""
-    model, tokenizer = tiny("tiny-llama")
-    layout = fedbiot_layout(len(get_blocks(model)), 2, 0.5)
-    models = FedBiOTModels(model, tokenizer, layout, LoraSpec(r=8, alpha=16, dropout=0.05))
-    return measure_training_memory(
-        models.compressed, layout.adapter_blocks, (1, 2), 2, 48, prox_epsilon=0.01
-    )
+
+def _estimated(setup: Setup, prox: bool) -> dict[int, float]:
+    """The estimator's GB for depths 1 and 2 of ``setup`` on the tiny model."""
+    model, _ = tiny("tiny-llama")
+    layout = fedbiot_layout(len(get_blocks(model)), setup.adapter_layers, setup.drop_rate)
+    rows = depth_memory(setup, model.config, layout, (1, 2), prox=prox)
+    return {depth: row["total"] / GB for depth, row in rows.items()}
 
 
 def test_fedbialign_mixed_depths_dp_and_selective_dpo(
     federation: LocalFederation, tmp_path: Path
 ) -> None:
-    measured = _measured()
-    assert measured[1] < measured[2]
-    between = (measured[1] + measured[2]) / 2  # partition 0 fits depth 1 only
+    estimated = _estimated(SETUP, prox=True)
+    assert estimated[1] < estimated[2]
+    between = (estimated[1] + estimated[2]) / 2  # partition 0 fits depth 1 only
+    budgets = [between, 1.0, 1.0]
     config = tiny_run_config(
         tmp_path,
         "align",
@@ -45,7 +48,7 @@ def test_fedbialign_mixed_depths_dp_and_selective_dpo(
         dpo_rounds=1,
         depth_table="1,2",
         adapter_layers=2,
-        memory_budgets=f"0:{between},1:1.0,2:1.0",
+        memory_budgets=",".join(f"{p}:{gb}" for p, gb in enumerate(budgets)),
         preference_clients="0,1",
         preference_eval_pairs=4,
         dp_clipping_norm=1.0,
@@ -79,11 +82,17 @@ def test_fedbialign_mixed_depths_dp_and_selective_dpo(
     history = [
         json.loads(line) for line in (run_dir / "update_history.jsonl").read_text().splitlines()
     ]
-    assert sorted(r["depth"] for r in history if r["round"] == 1) == [1, 2, 2]
-    # The table the server wrote is the one the depths were chosen from: node 0's budget
-    # lies between its two entries.
-    table = json.loads((run_dir / "depth_memory.json").read_text())
-    assert sorted(table) == ["1", "2"] and table["1"] < between < table["2"]
+    depths = sorted(r["depth"] for r in history if r["round"] == 1)
+    assert depths == [1, 2, 2]
+    # The server's table is the estimator's output for the run's client setting (not a
+    # measurement on its own model), and each node got the deepest depth whose entry fits
+    # its budget.
+    written = json.loads((run_dir / "depth_memory.json").read_text())
+    assert written["settings"] == asdict(SETUP) | {"prox": True}
+    table = {int(d): gb for d, gb in written["estimated_gb"].items()}
+    assert table == pytest.approx(_estimated(SETUP, prox=True), rel=1e-9)
+    deepest = [max(d for d, gb in table.items() if gb <= budget) for budget in budgets]
+    assert sorted(deepest) == depths
     assert (run_dir / "adapfu" / "config.json").is_file()
     # bench/alignment_table.py reads "before" from the last SFT round, "after" from the last.
     summary = summarise(run_dir)
