@@ -3,7 +3,9 @@
 Measures, per run (from its run folder):
 
 * accuracy: Banking77 intent accuracy of the global model (AdapFu: the full model with the
-  trained LoRA) after the last round, greedy generation matched to the 77 label names;
+  trained LoRA) after the last round, by ranking the 77 labels (``banking77-eval=rank``);
+* held-out loss: the gold label's negative log-likelihood per token on the server's
+  held-out test texts (``eval-examples``), the same texts for every run;
 * traffic per client: bytes up and down over all rounds (Flower's count of the ArrayRecords,
   from ``communication.csv``), averaged over the clients; the one-time model download apart;
 * client compute: the clients' measured compute seconds (training; plus, for KD, the soft
@@ -29,6 +31,7 @@ from server_app.report import pyplot
 
 MEASURES = {
     "accuracy": "test accuracy",
+    "eval_loss": "held-out loss (nats/token)",
     "bytes_per_client": "traffic per client (up+down)",
     "bytes_up": "up per client",
     "bytes_down": "down per client",
@@ -98,6 +101,8 @@ def _cell(stats: dict[str, Any], key: str) -> str:
     mean, std = stats[key]["mean"], stats[key]["std"]
     if key == "accuracy":
         return f"{100 * mean:.1f} ± {100 * std:.1f} %"
+    if key == "eval_loss":
+        return f"{mean:.3f} ± {std:.3f}"
     if key.startswith("bytes"):
         return f"{_bytes(mean)} ± {_bytes(std)}"
     if key == "client_s_per_example":

@@ -49,6 +49,7 @@ SLOW_FILES = (
     "test_bench_client_cost.py",
     "test_bench_round_cost.py",
     "test_bench_scale.py",
+    "test_bench_case_study.py",
 )
 
 
