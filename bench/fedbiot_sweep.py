@@ -14,7 +14,9 @@ blocks alone can learn.
 
 Finished points are kept (``<out>/runs/<point>/``), so an interrupted sweep resumes.
 ``<out>/sweep.json`` holds every point's AdapEmu and AdapFu loss and accuracy with 95 %
-intervals and paired differences against the base; ``<out>/sweep.md`` is the table.
+intervals and paired differences against the base, and, for a setting run with several
+seeds (``SEED_GROUPS``), the same pooled per text over the seeds; ``<out>/sweep.md`` is the
+table. Every finished point's per-text scores are kept in ``<out>/heldout/<point>/``.
 """
 
 from __future__ import annotations
@@ -22,14 +24,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FEDBIOT_CACHE", str(REPO / ".cache" / "fedbiot"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bench.claims_report import pooled  # noqa: E402
 from bench.federation_runs import run_federations  # noqa: E402
-from server_app.evaluation.confidence import wilson  # noqa: E402
+from server_app.evaluation.confidence import (  # noqa: E402
+    paired_ratio_difference,
+    ratio,
+    wilson,
+)
 from server_app.server_eval import interval_cell  # noqa: E402
 
 CLIENTS = 2
@@ -119,6 +127,16 @@ POINTS: dict[str, dict[str, object]] = {
 }
 
 
+# Settings run with more than one seed: their per-text scores are pooled over the seeds.
+SEED_GROUPS: dict[str, tuple[str, ...]] = {
+    "b0.2-p100-a8-lr3e-3-s40": (
+        "b0.2-p100-a8-lr3e-3-s40",
+        "b0.2-p100-a8-lr3e-3-s40-seed1",
+        "b0.2-p100-a8-lr3e-3-s40-seed2",
+    ),
+}
+
+
 def point_config(name: str, args: argparse.Namespace, runs: Path, threads: int) -> dict:
     point = {"method": "fedbiot", **POINTS[name]}
     if args.quick and "prealign-steps" in point:
@@ -176,6 +194,79 @@ def previous_sweep(path: Path, model: str, common: dict) -> dict:
         raise SystemExit(f"{path} was made with other settings ({', '.join(differ)}): "
                          "choose another --out")  # fmt: skip
     return document
+
+
+def keep_scores(runs: Path, heldout: Path, names: list[str]) -> None:
+    """Copy each finished point's per-text scores (``heldout.jsonl``, a few hundred kB) to
+    ``heldout/<point>/``: they outlive the multi-GB run folders and are committed with the
+    sweep, so pooling over seeds can be redone from the repository."""
+    for name in names:
+        source = runs / name / "heldout.jsonl"
+        if source.is_file():
+            (heldout / name).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, heldout / name / "heldout.jsonl")
+
+
+def pooled_groups(heldout: Path) -> dict[str, dict]:
+    """For every seed group whose points all kept their scores: AdapEmu's and AdapFu's loss
+    and accuracy with per-text scores summed over the seeds (``bench.claims_report.pooled``),
+    each with a bootstrap interval over texts and the paired difference against the base
+    (scored in the same runs)."""
+    out = {}
+    for group, names in SEED_GROUPS.items():
+        dirs = [heldout / name for name in names]
+        base = pooled(dirs, "base")
+        if base is None:
+            continue
+        entry: dict[str, object] = {
+            "points": list(names),
+            "texts": len(base.nll),
+            "ranked_texts": len(base.correct),
+            **ratio(base.nll, base.tokens).keys("base_loss"),
+            **ratio(base.correct, base.ranked).keys("base_accuracy"),
+        }
+        for variant in ("adapemu", "adapfu"):
+            scores = pooled(dirs, variant)
+            if scores is None:
+                continue
+            pair = (scores.correct, scores.ranked), (base.correct, base.ranked)
+            entry.update(
+                **ratio(scores.nll, scores.tokens).keys(f"{variant}_loss"),
+                **paired_ratio_difference(
+                    (scores.nll, scores.tokens), (base.nll, base.tokens)
+                ).keys(f"{variant}_loss_vs_base"),
+                **ratio(scores.correct, scores.ranked).keys(f"{variant}_accuracy"),
+                **paired_ratio_difference(*pair).keys(f"{variant}_accuracy_vs_base"),
+            )
+        out[group] = entry
+    return out
+
+
+def pooled_table(groups: dict[str, dict]) -> str:
+    """The seed groups as Markdown (empty when none is complete)."""
+    if not groups:
+        return ""
+    lines = [
+        "",
+        "Pooled over seeds (per-text scores summed over the seeds; intervals resample texts):",
+        "",
+        "| setting | seeds | model | loss | loss − base | accuracy % | accuracy − base (pp) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for group, entry in groups.items():
+        seeds = len(entry["points"])
+        lines.append(f"| {group} | {seeds} | base | {interval_cell(entry, 'base_loss', 1, 3)} "
+                     f"| – | {interval_cell(entry, 'base_accuracy', 100, 1)} | – |")  # fmt: skip
+        for variant in ("adapemu", "adapfu"):
+            if f"{variant}_loss" in entry:
+                lines.append(
+                    f"| {group} | {seeds} | {variant} "
+                    f"| {interval_cell(entry, f'{variant}_loss', 1, 3)} "
+                    f"| {interval_cell(entry, f'{variant}_loss_vs_base', 1, 3)} "
+                    f"| {interval_cell(entry, f'{variant}_accuracy', 100, 1)} "
+                    f"| {interval_cell(entry, f'{variant}_accuracy_vs_base', 100, 1)} |"
+                )
+    return "\n".join(lines) + "\n"
 
 
 def base_metrics(points: dict) -> dict[str, float]:
@@ -249,11 +340,13 @@ def main(argv: list[str] | None = None) -> Path:
     }
     merged = {**previous.get("points", {}), **collect(runs, list(POINTS), config)}
     points = {name: merged[name] for name in POINTS if name in merged}
+    keep_scores(runs, args.out / "heldout", list(points))
+    groups = pooled_groups(args.out / "heldout")
     document = {"model": args.model, "common": config, "clients": CLIENTS,
-                "wall_seconds": wall, "points": points}  # fmt: skip
+                "wall_seconds": wall, "points": points, "pooled": groups}  # fmt: skip
     (args.out / "sweep.json").write_text(json.dumps(document, indent=2, sort_keys=True))
     report = args.out / "sweep.md"
-    report.write_text(table(points))
+    report.write_text(table(points) + pooled_table(groups))
     print(report.read_text())
     missing = [n for n in args.points if n not in points]
     if missing:

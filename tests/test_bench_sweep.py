@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from bench.fedbiot_sweep import COMMON, QUICK, main
+from bench.fedbiot_sweep import (
+    COMMON,
+    QUICK,
+    SEED_GROUPS,
+    keep_scores,
+    main,
+    pooled_groups,
+    pooled_table,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,5 +45,36 @@ def test_sweep_quick_mode_extends_the_committed_sweep(tmp_path: Path) -> None:
         assert metrics[f"{key}_loss_ci_low"] <= metrics[f"{key}_loss"]
         assert metrics[f"{key}_loss"] <= metrics[f"{key}_loss_ci_high"]
         assert metrics[f"{key}_accuracy_examples"] == 4
+    # The run's per-text scores are kept beside the sweep, for pooling over seeds.
+    kept = tmp_path / "heldout" / "b0.5-p20" / "heldout.jsonl"
+    assert kept.read_text() == (tmp_path / "runs" / "b0.5-p20" / "heldout.jsonl").read_text()
     rows = [line.split(" | ")[0:2] for line in report.read_text().splitlines()]
     assert ["| b0.5-p20", "adapfu"] in rows and ["| fedit", "adapfu"] in rows
+
+
+def test_seed_group_pools_per_text_scores_over_seeds(tmp_path: Path) -> None:
+    """A setting run with three seeds: each text's scores are summed over the seeds, and
+    AdapFu is compared with the base on the same texts."""
+    group, names = next(iter(SEED_GROUPS.items()))
+    base = {"variant": "base", "nll": [2.0, 4.0], "tokens": [1, 2],
+            "predicted": ["a", "x"], "gold": ["a", "b"]}  # fmt: skip
+    predicted = [["a", "b"], ["a", "x"], ["a", "b"]]  # AdapFu: 2, 1 and 2 of 2 right
+    for name, guess in zip(names, predicted, strict=True):
+        adapfu = {**base, "variant": "adapfu", "nll": [1.0, 1.0], "predicted": guess}
+        lines = [json.dumps({**row, "round": 4, "task": "banking77"}) for row in (base, adapfu)]
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "heldout.jsonl").write_text("\n".join(lines))
+    keep_scores(tmp_path / "runs", tmp_path / "heldout", list(names))
+    entry = pooled_groups(tmp_path / "heldout")[group]
+    assert entry["points"] == list(names) and (entry["texts"], entry["ranked_texts"]) == (2, 2)
+    assert entry["base_accuracy"] == pytest.approx(3 / 6)
+    assert entry["adapfu_accuracy"] == pytest.approx(5 / 6)
+    assert entry["adapfu_accuracy_vs_base"] == pytest.approx(2 / 6)
+    assert entry["base_loss"] == pytest.approx(18 / 9) and entry["adapfu_loss"] == 6 / 9
+    assert entry["adapfu_loss_vs_base"] == pytest.approx(6 / 9 - 2.0)
+    assert entry["adapfu_loss_vs_base_ci_high"] < 0  # every resample favours AdapFu's loss
+    assert "adapemu_loss" not in entry
+    assert f"| {group} | 3 | adapfu | 0.667 [" in pooled_table({group: entry})
+    # A group with a seed's scores missing is not pooled.
+    (tmp_path / "heldout" / names[-1] / "heldout.jsonl").unlink()
+    assert pooled_groups(tmp_path / "heldout") == {}
