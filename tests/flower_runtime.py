@@ -158,8 +158,11 @@ class LocalFederation:
 
 
 @contextmanager
-def local_federation(home: Path) -> Iterator[LocalFederation]:
-    """Start ``flower-superlink --simulation`` and write a Flower config pointing at it."""
+def local_federation(
+    home: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[LocalFederation]:
+    """Start ``flower-superlink --simulation`` and write a Flower config pointing at it;
+    ``extra_env`` (e.g. ``RAY_ADDRESS``) goes to the SuperLink and its simulations."""
     # Flower 1.41 serves the runtime, control and fleet APIs on one HTTP port.
     port = free_port()
     home.mkdir(parents=True, exist_ok=True)
@@ -176,6 +179,7 @@ def local_federation(home: Path) -> Iterator[LocalFederation]:
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        **(extra_env or {}),
     }
     log_file = open(home / "superlink.log", "w")  # noqa: SIM115 - closed in finally
     process = subprocess.Popen(
