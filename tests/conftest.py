@@ -50,6 +50,7 @@ SLOW_FILES = (
     "test_bench_round_cost.py",
     "test_bench_scale.py",
     "test_bench_case_study.py",
+    "test_ray_cluster.py",
 )
 
 
