@@ -7,6 +7,7 @@ those actually sent.
     python -m bench.scale                               # SmolLM2, N = 10, 100, 1000, 10 a round
     python -m bench.scale --model tiny-llama --nodes 100 --per-round 50 --json /tmp/s.json
     python -m bench.scale --quick --model tiny-llama --nodes 6 --per-round 2 --json /tmp/s.json
+    python -m bench.scale --model tiny-llama --nodes 100 --rounds 20 --json /tmp/s20.json
 
 The goal is flat in N: a round costs what its sampled clients cost, and the nodes of one host
 keep one copy of the weights (``client_app/weight_store.py``), however many nodes there are.
@@ -59,6 +60,12 @@ def disk_bytes(folder: Path) -> int:
     return total
 
 
+def rounds_of(args: argparse.Namespace) -> dict[str, int]:
+    """``--rounds``, where given, in place of the default rounds (e.g. a 20-round run to see
+    the nodes' disk after many rounds)."""
+    return {"num-server-rounds": args.rounds} if args.rounds else {}
+
+
 def config_for(nodes: int, args: argparse.Namespace, out: Path) -> dict[str, object]:
     name = f"n{nodes}"
     base = tiny_run_config(out, name) if args.model.startswith("tiny") else {
@@ -70,6 +77,7 @@ def config_for(nodes: int, args: argparse.Namespace, out: Path) -> dict[str, obj
         "model": args.model,
         **COMMON,
         **(QUICK if args.quick else {}),
+        **rounds_of(args),
         "num-partitions": nodes,
         "fraction-train": args.per_round / nodes,
         "min-train-nodes": args.per_round,
@@ -145,6 +153,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--per-round", type=int, default=10, help="clients sampled a round")
     parser.add_argument("--quick", action="store_true", help="smoke-test sizes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=0, help="rounds (0: 3, quick: 2)")
     parser.add_argument("--timeout", type=float, default=5400, help="seconds per run")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "scale")
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "bench" / "scale.json")
@@ -153,7 +162,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"every --nodes value must be at least --per-round={args.per_round}")
     given = sys.argv[1:] if argv is None else argv
     settings = {"model": args.model, "per_round": args.per_round, "quick": args.quick,
-                "seed": args.seed, **COMMON, **(QUICK if args.quick else {})}  # fmt: skip
+                "seed": args.seed, **COMMON, **(QUICK if args.quick else {}),
+                **rounds_of(args)}  # fmt: skip
     document = json.loads(args.json.read_text()) if args.json.is_file() else {}
     kept = document.get("results", []) if document.get("settings") == settings else []
     done = {r["nodes"]: r for r in kept}
