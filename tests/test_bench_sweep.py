@@ -3,6 +3,7 @@ held-out metrics with intervals in sweep.json, and the committed sweep's points 
 sweep is extended."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from bench.fedbiot_sweep import (
     pooled_groups,
     pooled_table,
 )
+from bench.heldout_eval import main as heldout_eval
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,6 +51,7 @@ def test_sweep_quick_mode_extends_the_committed_sweep(tmp_path: Path) -> None:
     kept = tmp_path / "heldout" / "b0.5-p20" / "heldout.jsonl"
     assert kept.read_text() == (tmp_path / "runs" / "b0.5-p20" / "heldout.jsonl").read_text()
     rows = [line.split(" | ")[0:2] for line in report.read_text().splitlines()]
+    _rescored_like_the_server(tmp_path / "runs" / "b0.5-p20", tmp_path / "rescored")
     assert ["| b0.5-p20", "adapfu"] in rows and ["| fedit", "adapfu"] in rows
 
 
@@ -78,3 +81,28 @@ def test_seed_group_pools_per_text_scores_over_seeds(tmp_path: Path) -> None:
     # A group with a seed's scores missing is not pooled.
     (tmp_path / "heldout" / names[-1] / "heldout.jsonl").unlink()
     assert pooled_groups(tmp_path / "heldout") == {}
+
+
+def _rescored_like_the_server(run: Path, out: Path) -> None:
+    """bench.heldout_eval scores a run's exported models again: on the run's own held-out
+    texts it reproduces the server's in-run scores text by text, and two runs pool per text."""
+    twin = run.with_name(run.name + "-twin")
+    shutil.copytree(run, twin)
+    document = heldout_eval(["--runs", str(run), str(twin), "--split", "validation",
+                             "--examples", str(QUICK["eval-examples"]),
+                             "--ranked", str(QUICK["eval-generation-examples"]),
+                             "--variants", "adapfu", "adapemu", "--out", str(out)])  # fmt: skip
+    in_run = {r["variant"]: r for r in map(json.loads, (run / "heldout.jsonl").open())}
+    again = {r["variant"]: r for r in map(json.loads, (out / run.name / "heldout.jsonl").open())}
+    for variant in ("base", "adapemu", "adapfu"):
+        assert again[variant]["nll"] == pytest.approx(in_run[variant]["nll"], rel=1e-4)
+        assert again[variant]["tokens"] == in_run[variant]["tokens"]
+        assert again[variant]["predicted"] == in_run[variant]["predicted"]
+    adapfu = document["runs"][run.name]["adapfu"]
+    metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert adapfu["loss"] == pytest.approx(metrics["eval_adapfu_banking77_loss"], rel=1e-4)
+    assert adapfu["accuracy"] == metrics["eval_adapfu_banking77_accuracy"]
+    # Two identical runs pooled per text: the same ratios as one.
+    assert document["pooled"]["adapfu"]["loss"] == pytest.approx(adapfu["loss"])
+    assert document["pooled"]["adapfu"]["accuracy"] == pytest.approx(adapfu["accuracy"])
+    assert "| pooled over 2 runs | adapfu | " in (out / "heldout_eval.md").read_text()

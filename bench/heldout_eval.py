@@ -1,0 +1,188 @@
+"""Finished runs' delivered models scored again on another held-out set, paired with the base.
+
+A sweep picks its settings on a validation part of the training split; its final models are
+then scored once on the test split, the texts no choice was made on. Each run's exported
+models (``adapfu/``, optionally ``adapemu/``) and the untrained model are scored on the same
+texts of ``--split``, chosen exactly as the server chooses them (``eval-examples`` texts by
+``heldout_test_indices``, the first ``--ranked`` of them ranked over the 77 Banking77 labels),
+so the scores pair with the claims bench's, which evaluates on the same test texts:
+
+    python -m bench.heldout_eval --runs results/fedbiot-sweep/runs/b0.2-p100-a8-lr3e-3-s40 \\
+        results/fedbiot-sweep/runs/b0.2-p100-a8-lr3e-3-s40-seed{1,2} \\
+        --out docs/fedbiot-recipe/test-split
+    python -m bench.heldout_eval --runs /tmp/sweep/runs/b0.5-p20 --examples 6 --ranked 4 \\
+        --out /tmp/test-split                                  # a tiny-model sweep's run
+
+Per run, ``<out>/<run>/heldout.jsonl`` holds every text's scores (variants ``base``,
+``adapfu``, ...); ``<out>/heldout_eval.json`` each model's loss and accuracy with 95 %
+intervals, paired differences against the base and McNemar's p, and the same pooled per text
+over the runs (seeds; ``bench.claims_report.pooled``); ``<out>/heldout_eval.md`` the table.
+A run already scored in ``<out>`` is not scored again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("FEDBIOT_CACHE", str(REPO / ".cache" / "fedbiot"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench.claims_report import pooled  # noqa: E402
+from federation.run_config import RunConfig  # noqa: E402
+from models.loading import load_model  # noqa: E402
+from server_app.evaluation.confidence import paired_ratio_difference, ratio  # noqa: E402
+from server_app.evaluation.heldout import HeldoutResult, score_records  # noqa: E402
+from server_app.server_eval import heldout_records, interval_cell  # noqa: E402
+from task_data.sources import default_data_dir  # noqa: E402
+
+
+def run_settings(run_dir: Path, args: argparse.Namespace) -> RunConfig:
+    """The run's own config (model, task, sequence length, data) with the held-out set
+    asked for here."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise SystemExit(f"{run_dir}: no config.json, not a finished run folder")
+    run_config = json.loads(path.read_text())["run_config"]
+    run_config.update({"eval-split": args.split, "eval-examples": args.examples})
+    return RunConfig.from_flower(run_config)
+
+
+def score(model_dir: str, config: RunConfig, args: argparse.Namespace, what: str) -> HeldoutResult:
+    model, tokenizer = load_model(model_dir)
+    root = Path(config.data_dir) if config.data_dir else default_data_dir()
+    labels = json.loads((root / "banking77" / "categories.json").read_text())
+    records = heldout_records(config)
+    return score_records(model, tokenizer, records, config.seq_length, config.batch_size,
+                         labels=labels, ranked=min(args.ranked, len(records)),
+                         description=what)  # fmt: skip
+
+
+def scored_runs(args: argparse.Namespace) -> list[Path]:
+    """Score every run not yet scored in ``--out``; returns the runs' score folders."""
+    base: HeldoutResult | None = None
+    folders = []
+    # The base is scored once: every run must score the same texts with the same model.
+    shared = {(c.model, c.task, c.seq_length, c.data_dir): d
+              for d in args.runs for c in [run_settings(d, args)]}  # fmt: skip
+    if len(shared) > 1:
+        raise SystemExit(
+            "runs differ in model, task, seq-length or data-dir: "
+            + ", ".join(str(d) for d in shared.values())
+        )
+    for run_dir in args.runs:
+        folder = args.out / run_dir.name
+        folders.append(folder)
+        if (folder / "heldout.jsonl").is_file():
+            continue
+        config = run_settings(run_dir, args)
+        if config.task != "banking77":
+            raise SystemExit(f"{run_dir}: task={config.task!r}; only banking77 runs are ranked")
+        if base is None:
+            base = score(config.model, config, args, "base")
+        scores = {"base": base}
+        for variant in args.variants:
+            if not (run_dir / variant / "config.json").is_file():
+                raise SystemExit(f"{run_dir}: no exported {variant}/ model")
+            scores[variant] = score(str(run_dir / variant), config, args, variant)
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = [{"round": 0, "variant": v, "task": "banking77", **r.to_json()}
+                for v, r in scores.items()]  # fmt: skip
+        (folder / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folders
+
+
+def summarise(folders: list[Path], variants: list[str]) -> dict:
+    """Per run: every model's summary against the base; pooled over the runs the same."""
+    per_run = {}
+    for folder in folders:
+        rows = [json.loads(line) for line in (folder / "heldout.jsonl").read_text().splitlines()]
+        results = {r["variant"]: HeldoutResult(r["nll"], r["tokens"], r["predicted"], r["gold"])
+                   for r in rows}  # fmt: skip
+        base = results["base"]
+        per_run[folder.name] = {
+            v: results[v].summary(None if v == "base" else base) for v in ("base", *variants)
+        }
+    pooled_base = pooled(folders, "base")
+    together: dict[str, dict[str, float]] = {}
+    if pooled_base is not None and len(folders) > 1:
+        b = pooled_base
+        together["base"] = {**ratio(b.nll, b.tokens).keys("loss"),
+                            **ratio(b.correct, b.ranked).keys("accuracy")}  # fmt: skip
+        for variant in variants:
+            p = pooled(folders, variant)
+            if p is None:
+                continue
+            together[variant] = {
+                **ratio(p.nll, p.tokens).keys("loss"),
+                **paired_ratio_difference((p.nll, p.tokens), (b.nll, b.tokens)).keys(
+                    "loss_vs_base"
+                ),
+                **ratio(p.correct, p.ranked).keys("accuracy"),
+                **paired_ratio_difference((p.correct, p.ranked), (b.correct, b.ranked)).keys(
+                    "accuracy_vs_base"
+                ),
+            }
+    return {"runs": per_run, "pooled": together}
+
+
+def table(summary: dict) -> str:
+    lines = [
+        "| run | model | texts (loss/ranked) | loss | loss − base | accuracy % "
+        "| accuracy − base (pp) | McNemar p |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    groups = [*summary["runs"].items()]
+    if summary["pooled"]:
+        groups.append((f"pooled over {len(summary['runs'])} runs", summary["pooled"]))
+    for name, models in groups:
+        for variant, m in models.items():
+            texts = f"{int(m.get('loss_examples', 0))}/{int(m.get('accuracy_examples', 0))}"
+            p = m.get("accuracy_vs_base_p")
+            differences = (
+                ("–", "–")
+                if variant == "base"
+                else (interval_cell(m, "loss_vs_base", 1, 3),
+                      interval_cell(m, "accuracy_vs_base", 100, 1))
+            )  # fmt: skip
+            lines.append(
+                f"| {name} | {variant} | {texts if 'loss_examples' in m else '–'} "
+                f"| {interval_cell(m, 'loss', 1, 3)} | {differences[0]} "
+                f"| {interval_cell(m, 'accuracy', 100, 1)} | {differences[1]} "
+                f"| {'–' if p is None else f'{p:.2g}'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", nargs="+", type=Path, required=True, help="run folders")
+    parser.add_argument("--split", choices=("test", "validation"), default="test")
+    parser.add_argument("--examples", type=int, default=1000, help="texts for the loss")
+    parser.add_argument("--ranked", type=int, default=300, help="texts ranked over the labels")
+    parser.add_argument("--variants", nargs="+", default=["adapfu"], choices=("adapfu", "adapemu"))
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    folders = scored_runs(args)
+    summary = summarise(folders, args.variants)
+    document = {
+        "command": " ".join(["python -m bench.heldout_eval", *(sys.argv[1:] if argv is None
+                                                                  else argv)]),
+        "split": args.split,
+        "examples": args.examples,
+        "ranked": args.ranked,
+        **summary,
+    }  # fmt: skip
+    (args.out / "heldout_eval.json").write_text(json.dumps(document, indent=2, sort_keys=True))
+    report = table(summary)
+    (args.out / "heldout_eval.md").write_text(report)
+    print(report)
+    return document
+
+
+if __name__ == "__main__":
+    main()
