@@ -42,13 +42,16 @@ from task_data.sources import default_data_dir  # noqa: E402
 
 
 def run_settings(run_dir: Path, args: argparse.Namespace) -> RunConfig:
-    """The run's own config (model, task, sequence length, data) with the held-out set
-    asked for here."""
+    """The run's own config (model, task, sequence length) with the held-out set asked for
+    here, read from ``--data-dir`` (the run's own data folder may be gone with its
+    worktree)."""
     path = run_dir / "config.json"
     if not path.is_file():
         raise SystemExit(f"{run_dir}: no config.json, not a finished run folder")
     run_config = json.loads(path.read_text())["run_config"]
-    run_config.update({"eval-split": args.split, "eval-examples": args.examples})
+    run_config.update(
+        {"eval-split": args.split, "eval-examples": args.examples, "data-dir": str(args.data_dir)}
+    )
     return RunConfig.from_flower(run_config)
 
 
@@ -67,11 +70,11 @@ def scored_runs(args: argparse.Namespace) -> list[Path]:
     base: HeldoutResult | None = None
     folders = []
     # The base is scored once: every run must score the same texts with the same model.
-    shared = {(c.model, c.task, c.seq_length, c.data_dir): d
+    shared = {(c.model, c.task, c.seq_length): d
               for d in args.runs for c in [run_settings(d, args)]}  # fmt: skip
     if len(shared) > 1:
         raise SystemExit(
-            "runs differ in model, task, seq-length or data-dir: "
+            "runs differ in model, task or seq-length: "
             + ", ".join(str(d) for d in shared.values())
         )
     for run_dir in args.runs:
@@ -165,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--examples", type=int, default=1000, help="texts for the loss")
     parser.add_argument("--ranked", type=int, default=300, help="texts ranked over the labels")
     parser.add_argument("--variants", nargs="+", default=["adapfu"], choices=("adapfu", "adapemu"))
+    parser.add_argument("--data-dir", type=Path, default=REPO / "data")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     folders = scored_runs(args)
