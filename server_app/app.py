@@ -37,7 +37,7 @@ from server_app.run_setup import model_fields, open_run, public_batches
 from server_app.server_eval import ServerEvaluator
 from server_app.split_learning import run_split
 from server_app.superlink_guard import check_superlink
-from server_app.tracking import check_tracking
+from server_app.tracking import check_tracking, close_trackers
 from strategies.algorithms import strategy_class
 from strategies.client_dp import ClientDP, with_client_dp
 from strategies.depth_aggregation import FedBiAlign
@@ -111,6 +111,7 @@ def main(grid: Grid, context: Context) -> None:
     check_tracking(config.report_to)  # before any weights load
     # KD-FedLLM and split learning exchange logits or activations, not parameters: their
     # own loops, not a strategy.
+    failed = True
     try:
         if config.method == "kdfed":
             run_kdfed(grid, config)
@@ -118,7 +119,9 @@ def main(grid: Grid, context: Context) -> None:
             run_split(grid, config)
         else:
             run_federation(grid, config)
+        failed = False
     finally:  # also after a failed run: its marks would keep entries from eviction a day
+        close_trackers(failed)
         release_caches(grid, min(config.round_timeout, RELEASE_TIMEOUT_S))
 
 

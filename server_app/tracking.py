@@ -3,6 +3,8 @@ TensorBoard (``<run>/tensorboard/``) or Weights & Biases, numeric keys only, ste
 
 Neither package is a dependency of the project (extras ``tracking`` and ``wandb``), so
 ``check_tracking`` refuses a missing one when the ServerApp starts, before any weights load.
+Every tracker opened is closed by ``close_trackers`` when the ServerApp ends, failed or not:
+a W&B run left unfinished has no exit record, and ``wandb sync`` uploads it as crashed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from federation.run_config import ConfigError
 # report-to value -> (module it needs, pyproject extra that installs it)
 _PACKAGES = {"tensorboard": ("tensorboard", "tracking"), "wandb": ("wandb", "wandb")}
 _WANDB_HOST = ("api.wandb.ai", 443)
+# The trackers this process opened and has not closed (a ServerApp process runs one run).
+_OPEN: list[Tracker] = []
 
 
 def check_tracking(report_to: str) -> None:
@@ -78,6 +82,13 @@ class Tracker:
         else:
             self.run.log(values, step=step)
 
+    def close(self, failed: bool) -> None:
+        """Flush and close the backend; a W&B run ends with exit code 1 when the run failed."""
+        if self.report_to == "tensorboard":
+            self.writer.close()
+        else:
+            self.run.finish(exit_code=1 if failed else 0)
+
 
 def _wandb_mode() -> str:
     """``online`` when the W&B server answers, else ``offline`` (sync later with
@@ -93,4 +104,14 @@ def open_tracker(
     report_to: str, run_dir: Path, config: dict[str, Any], resumed_at: int | None
 ) -> Tracker | None:
     """The run's tracker, or None for ``report-to=none``."""
-    return None if report_to == "none" else Tracker(report_to, run_dir, config, resumed_at)
+    if report_to == "none":
+        return None
+    tracker = Tracker(report_to, run_dir, config, resumed_at)
+    _OPEN.append(tracker)
+    return tracker
+
+
+def close_trackers(failed: bool) -> None:
+    """Close every tracker this process opened (the end of a ServerApp, failed or not)."""
+    while _OPEN:
+        _OPEN.pop().close(failed)

@@ -5,7 +5,6 @@ run: tests/test_precision_e2e.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -21,7 +20,6 @@ from transformers import AutoModelForCausalLM
 from federation.run_config import ConfigError, RunConfig
 from models.loading import EMBEDDED_HUB_ID, base_model_id
 from models.wire import state_bytes, state_digest
-from server_app.tracking import check_tracking
 from tests.flower_runtime import LocalFederation, tiny_run_config
 
 # One worker for the module: its run is a module fixture, made once, not once per worker.
@@ -134,12 +132,6 @@ def test_bad_output_keys_fail_naming_the_key() -> None:
         RunConfig.from_flower({"save-every-round": -1})
     with pytest.raises(ConfigError, match="save-every-round: method=kdfed"):
         RunConfig.from_flower({"save-every-round": 1, "method": "kdfed"})
-
-
-@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
-def test_a_missing_tracking_package_names_the_key_and_the_extra() -> None:
-    with pytest.raises(ConfigError, match=r"report-to='wandb'.*pip install '\.\[wandb\]'"):
-        check_tracking("wandb")
 
 
 def test_adapters_name_a_base_that_means_something_elsewhere(tmp_path: Path) -> None:
