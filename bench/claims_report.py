@@ -70,6 +70,33 @@ def pooled(run_dirs: list[Path], model: str) -> Pooled | None:
     )
 
 
+def pooled_against_base(run_dirs: list[Path], variants: list[str]) -> dict[str, dict] | None:
+    """Per model (``base`` and each of ``variants`` every run has): loss and accuracy pooled
+    per text over the runs, each with a bootstrap interval over texts, and for the variants
+    the paired differences against the base scored in the same runs (keys ``loss``,
+    ``loss_vs_base``, ``accuracy``, ``accuracy_vs_base`` with ``_ci_low``/``_ci_high``);
+    None unless every run has the base's scores."""
+    base = pooled(run_dirs, "base")
+    if base is None:
+        return None
+    out = {"base": {**ratio(base.nll, base.tokens).keys("loss"),
+                    **ratio(base.correct, base.ranked).keys("accuracy")}}  # fmt: skip
+    for variant in variants:
+        scores = pooled(run_dirs, variant)
+        if scores is None:
+            continue
+        loss, correct = (scores.nll, scores.tokens), (scores.correct, scores.ranked)
+        out[variant] = {
+            **ratio(*loss).keys("loss"),
+            **paired_ratio_difference(loss, (base.nll, base.tokens)).keys("loss_vs_base"),
+            **ratio(*correct).keys("accuracy"),
+            **paired_ratio_difference(correct, (base.correct, base.ranked)).keys(
+                "accuracy_vs_base"
+            ),
+        }
+    return out
+
+
 def models_of(row: str) -> tuple[str, ...]:
     if row.startswith("fedbiot") or row in ("fedot", "offsite"):
         return ("adapemu", "adapfu")

@@ -31,11 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FEDBIOT_CACHE", str(REPO / ".cache" / "fedbiot"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.claims_report import pooled  # noqa: E402
+from bench.claims_report import pooled, pooled_against_base  # noqa: E402
 from bench.federation_runs import run_federations  # noqa: E402
 from server_app.evaluation.confidence import (  # noqa: E402
-    paired_ratio_difference,
-    ratio,
     wilson,
 )
 from server_app.server_eval import interval_cell  # noqa: E402
@@ -209,35 +207,23 @@ def keep_scores(runs: Path, heldout: Path, names: list[str]) -> None:
 
 def pooled_groups(heldout: Path) -> dict[str, dict]:
     """For every seed group whose points all kept their scores: AdapEmu's and AdapFu's loss
-    and accuracy with per-text scores summed over the seeds (``bench.claims_report.pooled``),
-    each with a bootstrap interval over texts and the paired difference against the base
-    (scored in the same runs)."""
+    and accuracy with per-text scores summed over the seeds, each with a bootstrap interval
+    over texts and the paired difference against the base scored in the same runs
+    (``bench.claims_report.pooled_against_base``), keys prefixed with the model."""
     out = {}
     for group, names in SEED_GROUPS.items():
         dirs = [heldout / name for name in names]
-        base = pooled(dirs, "base")
-        if base is None:
+        models = pooled_against_base(dirs, ["adapemu", "adapfu"])
+        if models is None:
             continue
+        base = pooled(dirs, "base")
         entry: dict[str, object] = {
             "points": list(names),
             "texts": len(base.nll),
             "ranked_texts": len(base.correct),
-            **ratio(base.nll, base.tokens).keys("base_loss"),
-            **ratio(base.correct, base.ranked).keys("base_accuracy"),
         }
-        for variant in ("adapemu", "adapfu"):
-            scores = pooled(dirs, variant)
-            if scores is None:
-                continue
-            pair = (scores.correct, scores.ranked), (base.correct, base.ranked)
-            entry.update(
-                **ratio(scores.nll, scores.tokens).keys(f"{variant}_loss"),
-                **paired_ratio_difference(
-                    (scores.nll, scores.tokens), (base.nll, base.tokens)
-                ).keys(f"{variant}_loss_vs_base"),
-                **ratio(scores.correct, scores.ranked).keys(f"{variant}_accuracy"),
-                **paired_ratio_difference(*pair).keys(f"{variant}_accuracy_vs_base"),
-            )
+        for model, values in models.items():
+            entry.update({f"{model}_{key}": value for key, value in values.items()})
         out[group] = entry
     return out
 

@@ -32,10 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FEDBIOT_CACHE", str(REPO / ".cache" / "fedbiot"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.claims_report import pooled  # noqa: E402
-from federation.run_config import RunConfig  # noqa: E402
+from bench.claims_report import pooled_against_base  # noqa: E402
+from federation.run_config import ConfigError, RunConfig  # noqa: E402
 from models.loading import load_model  # noqa: E402
-from server_app.evaluation.confidence import paired_ratio_difference, ratio  # noqa: E402
 from server_app.evaluation.heldout import HeldoutResult, score_records  # noqa: E402
 from server_app.server_eval import heldout_records, interval_cell  # noqa: E402
 from task_data.sources import default_data_dir  # noqa: E402
@@ -48,11 +47,17 @@ def run_settings(run_dir: Path, args: argparse.Namespace) -> RunConfig:
     path = run_dir / "config.json"
     if not path.is_file():
         raise SystemExit(f"{run_dir}: no config.json, not a finished run folder")
-    run_config = json.loads(path.read_text())["run_config"]
-    run_config.update(
-        {"eval-split": args.split, "eval-examples": args.examples, "data-dir": str(args.data_dir)}
-    )
-    return RunConfig.from_flower(run_config)
+    try:
+        run_config = json.loads(path.read_text())["run_config"]
+        run_config.update(
+            {"eval-split": args.split, "eval-examples": args.examples,
+             "data-dir": str(args.data_dir)}
+        )  # fmt: skip
+        return RunConfig.from_flower(run_config)
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise SystemExit(f"{path}: not a run's config.json ({error!r})") from None
+    except ConfigError as error:
+        raise SystemExit(f"{path}: {error}") from None
 
 
 def score(model_dir: str, config: RunConfig, args: argparse.Namespace, what: str) -> HeldoutResult:
@@ -70,8 +75,8 @@ def scored_runs(args: argparse.Namespace) -> list[Path]:
     base: HeldoutResult | None = None
     folders = []
     # The base is scored once: every run must score the same texts with the same model.
-    shared = {(c.model, c.task, c.seq_length): d
-              for d in args.runs for c in [run_settings(d, args)]}  # fmt: skip
+    settings = {run_dir: run_settings(run_dir, args) for run_dir in args.runs}
+    shared = {(c.model, c.task, c.seq_length): d for d, c in settings.items()}
     if len(shared) > 1:
         raise SystemExit(
             "runs differ in model, task or seq-length: "
@@ -82,7 +87,7 @@ def scored_runs(args: argparse.Namespace) -> list[Path]:
         folders.append(folder)
         if (folder / "heldout.jsonl").is_file():
             continue
-        config = run_settings(run_dir, args)
+        config = settings[run_dir]
         if config.task != "banking77":
             raise SystemExit(f"{run_dir}: task={config.task!r}; only banking77 runs are ranked")
         if base is None:
@@ -99,38 +104,37 @@ def scored_runs(args: argparse.Namespace) -> list[Path]:
     return folders
 
 
+def read_scores(path: Path) -> dict[str, HeldoutResult]:
+    """Every model's per-text scores in a ``heldout.jsonl`` written by this script; a bad
+    line is refused naming the file and the line."""
+    results = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            row = json.loads(line)
+            results[row["variant"]] = HeldoutResult(
+                row["nll"], row["tokens"], row["predicted"], row["gold"]
+            )
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise SystemExit(f"{path}, line {number}: not a scored model ({error!r})") from None
+    if "base" not in results:
+        raise SystemExit(f"{path}: no base model's scores")
+    return results
+
+
 def summarise(folders: list[Path], variants: list[str]) -> dict:
     """Per run: every model's summary against the base; pooled over the runs the same."""
     per_run = {}
     for folder in folders:
-        rows = [json.loads(line) for line in (folder / "heldout.jsonl").read_text().splitlines()]
-        results = {r["variant"]: HeldoutResult(r["nll"], r["tokens"], r["predicted"], r["gold"])
-                   for r in rows}  # fmt: skip
+        results = read_scores(folder / "heldout.jsonl")
         base = results["base"]
+        missing = [v for v in variants if v not in results]
+        if missing:
+            raise SystemExit(f"{folder / 'heldout.jsonl'}: no scores of {missing}; score again")
         per_run[folder.name] = {
             v: results[v].summary(None if v == "base" else base) for v in ("base", *variants)
         }
-    pooled_base = pooled(folders, "base")
-    together: dict[str, dict[str, float]] = {}
-    if pooled_base is not None and len(folders) > 1:
-        b = pooled_base
-        together["base"] = {**ratio(b.nll, b.tokens).keys("loss"),
-                            **ratio(b.correct, b.ranked).keys("accuracy")}  # fmt: skip
-        for variant in variants:
-            p = pooled(folders, variant)
-            if p is None:
-                continue
-            together[variant] = {
-                **ratio(p.nll, p.tokens).keys("loss"),
-                **paired_ratio_difference((p.nll, p.tokens), (b.nll, b.tokens)).keys(
-                    "loss_vs_base"
-                ),
-                **ratio(p.correct, p.ranked).keys("accuracy"),
-                **paired_ratio_difference((p.correct, p.ranked), (b.correct, b.ranked)).keys(
-                    "accuracy_vs_base"
-                ),
-            }
-    return {"runs": per_run, "pooled": together}
+    together = pooled_against_base(folders, variants) if len(folders) > 1 else None
+    return {"runs": per_run, "pooled": together or {}}
 
 
 def table(summary: dict) -> str:

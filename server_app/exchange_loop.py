@@ -29,8 +29,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from federation.methods import method_plan
 from federation.run_config import ConfigError, RunConfig
+from models.fedbiot_models import FedBiOTModels
+from server_app.model_card import export_with_cards
 from server_app.results import RunRecorder
 from server_app.run_setup import open_run
+from server_app.server_eval import ServerEvaluator
 from server_app.superlink_guard import check_superlink
 from strategies.fedbiot import audit_entry
 from strategies.lr_schedule import round_learning_rate
@@ -160,3 +163,15 @@ def start_run(
     if config.resume_from:
         raise ConfigError(f"resume-from: method={config.method} keeps no checkpoints; rerun it")
     return open_run(config, method_plan(config))
+
+
+def finish_run(
+    models: FedBiOTModels, config: RunConfig, recorder: RunRecorder, evaluator: ServerEvaluator
+) -> Path:
+    """The end of an exchange method's run: the exported models with their cards, then the
+    open-ended answers; returns the results folder."""
+    check_superlink()
+    outputs = export_with_cards(models, config, recorder)
+    log(INFO, "Saved %s", ", ".join(f"{name} to {path}" for name, path in outputs.items()))
+    evaluator.open_ended(recorder.dir, config.open_ended_examples, config.eval_max_new_tokens)
+    return recorder.dir

@@ -43,14 +43,13 @@ from models.precision import set_gradient_checkpointing
 from server_app.exchange_loop import (
     RoundTrip,
     client_means,
+    finish_run,
     round_config,
     sample_nodes,
     start_run,
 )
-from server_app.model_card import export_with_cards
 from server_app.run_setup import model_fields
 from server_app.server_eval import ServerEvaluator
-from server_app.superlink_guard import check_superlink
 from strategies.shipment import Shipment
 
 MESSAGE_TYPE = "train.kdfed"
@@ -130,8 +129,4 @@ def run_kdfed(grid: Grid, config: RunConfig) -> Path:
             metrics["payload_bytes_down"],
         )
         evaluator(server_round, ArrayRecord())
-    check_superlink()
-    outputs = export_with_cards(models, config, recorder)
-    log(INFO, "Saved %s", ", ".join(f"{k} to {v}" for k, v in outputs.items()))
-    evaluator.open_ended(recorder.dir, config.open_ended_examples, config.eval_max_new_tokens)
-    return recorder.dir
+    return finish_run(models, config, recorder, evaluator)

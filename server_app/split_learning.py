@@ -46,14 +46,13 @@ from models.split_model import (
 from models.wire import from_record, record_bytes, to_record
 from server_app.exchange_loop import (
     RoundTrip,
+    finish_run,
     round_config,
     sample_nodes,
     start_run,
 )
-from server_app.model_card import export_with_cards
 from server_app.run_setup import model_fields
 from server_app.server_eval import ServerEvaluator
-from server_app.superlink_guard import check_superlink
 from strategies.shipment import Shipment
 
 MESSAGE_TYPE = "train.split"
@@ -255,8 +254,4 @@ def run_split(grid: Grid, config: RunConfig) -> Path:
             shipment.metrics(server_round)["bytes_down"],
         )
         evaluator(server_round, ArrayRecord())
-    check_superlink()
-    outputs = export_with_cards(models, config, recorder)
-    log(INFO, "Saved %s", ", ".join(f"{name} to {path}" for name, path in outputs.items()))
-    evaluator.open_ended(recorder.dir, config.open_ended_examples, config.eval_max_new_tokens)
-    return recorder.dir
+    return finish_run(models, config, recorder, evaluator)

@@ -106,3 +106,31 @@ def _rescored_like_the_server(run: Path, out: Path) -> None:
     assert document["pooled"]["adapfu"]["loss"] == pytest.approx(adapfu["loss"])
     assert document["pooled"]["adapfu"]["accuracy"] == pytest.approx(adapfu["accuracy"])
     assert "| pooled over 2 runs | adapfu | " in (out / "heldout_eval.md").read_text()
+
+
+def test_heldout_eval_refuses_bad_run_files_naming_them(tmp_path: Path) -> None:
+    """A run folder's config.json and a scored heldout.jsonl cross a boundary: a broken one
+    stops the bench with the file (and line) named, before any model loads."""
+    run = tmp_path / "runs" / "b0.2"
+    run.mkdir(parents=True)
+    out = tmp_path / "out"
+    args = ["--runs", str(run), "--out", str(out)]
+    with pytest.raises(SystemExit, match=rf"{run}: no config.json"):
+        heldout_eval(args)
+    (run / "config.json").write_text('{"run_config": {"seq-length": ')
+    with pytest.raises(SystemExit, match=rf"{run / 'config.json'}: not a run's config.json"):
+        heldout_eval(args)
+    (run / "config.json").write_text(json.dumps({"run_config": {"seq-length": -3}}))
+    with pytest.raises(SystemExit, match=rf"{run / 'config.json'}: .*seq-length"):
+        heldout_eval(args)
+    # Scores already in --out are read back, not recomputed: a bad line is named.
+    (run / "config.json").write_text(json.dumps({"run_config": {"task": "banking77"}}))
+    scores = out / "b0.2" / "heldout.jsonl"
+    scores.parent.mkdir(parents=True)
+    good = {"variant": "base", "nll": [1.0], "tokens": [2], "predicted": [3], "gold": [3]}
+    scores.write_text(json.dumps(good) + "\n" + '{"variant": "adapfu", "nll": [1.0]}\n')
+    with pytest.raises(SystemExit, match=rf"{scores}, line 2: not a scored model"):
+        heldout_eval(args)
+    scores.write_text(json.dumps(good) + "\n")
+    with pytest.raises(SystemExit, match=rf"{scores}: no scores of \['adapfu'\]"):
+        heldout_eval(args)
