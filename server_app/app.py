@@ -121,8 +121,10 @@ def main(grid: Grid, context: Context) -> None:
             run_federation(grid, config)
         failed = False
     finally:  # also after a failed run: its marks would keep entries from eviction a day
-        close_trackers(failed)
-        release_caches(grid, min(config.round_timeout, RELEASE_TIMEOUT_S))
+        try:
+            close_trackers(failed)
+        finally:
+            release_caches(grid, min(config.round_timeout, RELEASE_TIMEOUT_S))
 
 
 def _sampling(config: RunConfig, plan: MethodPlan) -> dict[str, float | int | str]:
