@@ -11,7 +11,9 @@ those actually sent.
 
 The goal is flat in N: a round costs what its sampled clients cost, and the nodes of one host
 keep one copy of the weights (``client_app/weight_store.py``), however many nodes there are.
-Finished N are kept in ``--json`` and skipped, so the bench resumes. Prints a Markdown table.
+Each node trains the partition Flower's simulation engine gives it (its node config's
+``partition-id`` of ``num-partitions`` = N); the run config sets none. Finished N are kept in
+``--json`` and skipped, so the bench resumes. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -78,7 +80,6 @@ def config_for(nodes: int, args: argparse.Namespace, out: Path) -> dict[str, obj
         **COMMON,
         **(QUICK if args.quick else {}),
         **rounds_of(args),
-        "num-partitions": nodes,
         "fraction-train": args.per_round / nodes,
         "min-train-nodes": args.per_round,
         "seed": args.seed,

@@ -143,18 +143,25 @@ class RunRecorder:
             writer.writeheader()
             writer.writerows(self.rows)
 
-    def append_communication(self, server_round: int, per_node: dict[int, dict[str, int]]) -> None:
+    def append_communication(
+        self,
+        server_round: int,
+        per_node: dict[int, dict[str, int]],
+        partitions: dict[int, tuple[int, int]],
+    ) -> None:
         """One row per node and round in ``communication.csv``: the bytes each client got
-        and sent, measured from the actual ArrayRecords."""
+        and sent, measured from the actual ArrayRecords, and the data partition it said it
+        trained on (empty where its reply named none)."""
         check_superlink()
         path = self.dir / "communication.csv"
         new = not path.exists()
         with open(path, "a", newline="") as f:
             writer = csv.writer(f)
             if new:
-                writer.writerow(["round", "node", *NODE_KEYS])
+                writer.writerow(["round", "node", *NODE_KEYS, "partition_id", "num_partitions"])
             for node, counts in sorted(per_node.items()):
-                writer.writerow([server_round, node, *(counts[k] for k in NODE_KEYS)])
+                partition = partitions.get(node, ("", ""))
+                writer.writerow([server_round, node, *(counts[k] for k in NODE_KEYS), *partition])
 
 
 def _finite(record: dict[str, Any]) -> dict[str, Any]:

@@ -324,7 +324,9 @@ class ServerEvaluator:
         record["unix_time_s"] = time.time()  # places the row on a bench's own clock
         self.recorder.append_round(record)
         self.recorder.append_communication(
-            server_round, self.strategy.node_bytes.get(server_round, {})
+            server_round,
+            self.strategy.node_bytes.get(server_round, {}),
+            self.strategy.node_partitions.get(server_round, {}),
         )
         history = getattr(self.strategy, "history", None)
         if history is not None and server_round in history.rounds:

@@ -112,6 +112,7 @@ class FedBiOTMixin:
         # What ServerEvaluator and the DP wrapper read and extend, kept by the shipment.
         self.round_metrics = self.shipment.round_metrics
         self.node_bytes = self.shipment.node_bytes
+        self.node_partitions = self.shipment.node_partitions
         self._sent_at = 0.0
         self._phase_start = 0.0  # when configure_train or configure_evaluate began
         self.skipped_nodes: set[int] = set()

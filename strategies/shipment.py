@@ -14,7 +14,9 @@ the node and that node simply gets the weights. At the end of a run every node i
 release its cache (``release_caches``). Every ArrayRecord is counted per round and per node,
 down and up, the one-time download apart. ``FedBiOTMixin`` (the Flower strategies) and
 ``server_app/exchange_loop.RoundTrip`` (KD-FedLLM, split learning) both ship through a
-``Shipment``; ``ServerEvaluator`` reads its ``round_metrics`` and ``node_bytes``.
+``Shipment``; ``ServerEvaluator`` reads its ``round_metrics``, ``node_bytes`` and
+``node_partitions`` (the data partition each node said it trained on, from its reply's
+``partition-id`` and ``num-partitions``: Flower's node config in a simulation).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Shipment:
         self.models = models  # the frozen weights and model package nodes rebuild
         self.round_metrics: dict[int, dict[str, float]] = {}
         self.node_bytes: dict[int, dict[int, dict[str, int]]] = {}
+        self.node_partitions: dict[int, dict[int, tuple[int, int]]] = {}
         self.served: set[int] = set()
         self.awaited: set[int] = set()
         self.offered: set[int] = set()  # asked once; after a failure a node just gets them
@@ -95,6 +98,9 @@ class Shipment:
             node = reply.metadata.src_node_id
             self.count(server_round, node, "bytes_up", content_bytes(reply.content))
             answered.add(node)
+            partition = _partition(reply)
+            if partition is not None:
+                self.node_partitions.setdefault(server_round, {})[node] = partition
         failed = sorted(self.awaited - answered)
         self.served -= set(failed)
         self.holding -= set(failed)
@@ -181,3 +187,15 @@ def release_caches(grid: Grid, timeout: float) -> None:
     failed = set(nodes) - {r.metadata.src_node_id for r in replies if not r.has_error()}
     for node in sorted(failed):
         log(WARNING, "node %d did not release its model cache at the end of the run", node)
+
+
+def _partition(reply: Message) -> tuple[int, int] | None:
+    """``(partition-id, num-partitions)`` from a reply's metrics, when both are there and are
+    a valid pair (a reply is untrusted: anything else records no partition)."""
+    metrics = reply.content.metric_records.get("metrics")
+    if metrics is None or "partition-id" not in metrics or "num-partitions" not in metrics:
+        return None
+    pid, count = metrics["partition-id"], metrics["num-partitions"]
+    if not all(isinstance(v, int | float) and float(v).is_integer() for v in (pid, count)):
+        return None
+    return (int(pid), int(count)) if 0 <= pid < count else None
