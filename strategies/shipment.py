@@ -190,12 +190,21 @@ def release_caches(grid: Grid, timeout: float) -> None:
 
 
 def _partition(reply: Message) -> tuple[int, int] | None:
-    """``(partition-id, num-partitions)`` from a reply's metrics, when both are there and are
-    a valid pair (a reply is untrusted: anything else records no partition)."""
+    """``(partition-id, num-partitions)`` from a reply's metrics, when both are there; a
+    reply is untrusted, so a pair that is not two whole numbers with 0 <= id < count is
+    logged with the node and records no partition."""
     metrics = reply.content.metric_records.get("metrics")
     if metrics is None or "partition-id" not in metrics or "num-partitions" not in metrics:
         return None
     pid, count = metrics["partition-id"], metrics["num-partitions"]
-    if not all(isinstance(v, int | float) and float(v).is_integer() for v in (pid, count)):
+    whole = all(isinstance(v, int | float) and float(v).is_integer() for v in (pid, count))
+    if not whole or not 0 <= pid < count:
+        log(
+            WARNING,
+            "node %d: partition-id=%r of num-partitions=%r is not a partition; not recorded",
+            reply.metadata.src_node_id,
+            pid,
+            count,
+        )
         return None
-    return (int(pid), int(count)) if 0 <= pid < count else None
+    return int(pid), int(count)

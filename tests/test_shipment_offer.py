@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -103,3 +103,34 @@ def test_one_copy_per_store_and_bad_answers_named_without_ending_the_run(
     # A node offered once is not asked again; the next round sends nothing more.
     assert shipment.offer(2, grid, range(1, 8), timeout=5) == []
     assert grid.queried.count(2) == 1
+
+
+def test_each_replys_partition_is_recorded_and_a_bad_one_is_logged_with_the_node(
+    models: FedBiOTModels,
+) -> None:
+    """A reply's partition-id/num-partitions (Flower's node config) go to communication.csv;
+    a reply is untrusted, so a pair that names no partition is logged and not recorded."""
+    shipment = Shipment(models)
+    sent = {
+        1: {"partition-id": 3, "num-partitions": 20},
+        2: {"partition-id": 20, "num-partitions": 20},  # out of range
+        3: {"partition-id": 1.5, "num-partitions": 4},  # not a whole number
+        4: {"train_loss": 1.0},  # names none: nothing to record, nothing wrong
+    }
+    replies = [
+        Message(RecordDict({"metrics": MetricRecord(values)}),
+                reply_to=Message(RecordDict(), dst_node_id=node, message_type="train"))
+        for node, values in sent.items()
+    ]  # fmt: skip
+    warnings: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("flwr").addHandler(handler)
+    try:
+        shipment.receive(1, replies)
+    finally:
+        logging.getLogger("flwr").removeHandler(handler)
+    assert shipment.node_partitions == {1: {1: (3, 20)}}
+    assert any("node 2: partition-id=20 of num-partitions=20" in w for w in warnings)
+    assert any("node 3: partition-id=1.5" in w for w in warnings)
+    assert not any("node 4" in w for w in warnings)
