@@ -87,6 +87,7 @@ QUICK: dict[str, object] = {
     "prealign-steps": 2,
     "distill-steps": 1,
     "public-examples": 8,
+    "kd-public-examples": 8,
 }
 
 

@@ -107,6 +107,7 @@ def value_checks(config: RunConfig) -> Checks:
             "eval-split=validation, or train on another split",
         ),
         (config.client_eval_examples >= 0, "client-eval-examples must be >= 0"),
+        (config.fidelity_examples >= 0, "fidelity-examples must be >= 0"),
         (config.eval_every >= 0, "eval-every must be >= 0"),
         (config.eval_generation_examples >= 0, "eval-generation-examples must be >= 0"),
         (config.eval_max_new_tokens >= 1, "eval-max-new-tokens must be >= 1"),

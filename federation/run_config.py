@@ -98,6 +98,7 @@ class RunConfig:
     eval_examples: int = 300
     eval_split: str = "auto"
     client_eval_examples: int = 16
+    fidelity_examples: int = 64
     eval_tasks: str = "auto"
     eval_every: int = 0
     eval_generation_examples: int = 50

@@ -45,9 +45,6 @@ from task_data.sources import default_data_dir
 from task_data.tables import JSON_SUFFIXES, TABLE_SUFFIXES
 from task_data.validation import heldout_test_indices, validation_split
 
-# Texts of each kind (task, public) on which the emulator's fidelity is measured.
-FIDELITY_TEXTS = 64
-
 
 def heldout_records(config: RunConfig) -> list[dict[str, str]]:
     """The run's held-out texts: a fixed random selection of ``eval-examples`` records of the
@@ -269,10 +266,10 @@ class ServerEvaluator:
         """E∘A against E*∘A (KL per response token, top-1 agreement) on held-out task texts and
         on public texts distillation never reads: how much of what the adapter learns on the
         emulator can carry over to the full model."""
-        if not self.models.has_emulator:
+        if not self.models.has_emulator or not self.config.fidelity_examples:
             return {}
         if self.fidelity_batches is None:
-            tokenizer, size = self.models.tokenizer, FIDELITY_TEXTS
+            tokenizer, size = self.models.tokenizer, self.config.fidelity_examples
             public = public_heldout_records(self.config, size)
             self.fidelity_batches = {
                 name: [

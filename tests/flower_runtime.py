@@ -6,12 +6,16 @@ SuperLink the developer may have running, and it stops every process it started.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -19,6 +23,31 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+@functools.cache
+def app_dir() -> Path:
+    """The app as ``flwr run`` should see it: the checkout's files without what git ignores.
+
+    ``flwr run <dir>`` walks every file under ``dir`` (resolving each) before it filters
+    them into the FAB; in a checkout that is the 55,000 files of .venv and the caches, about
+    3.5 s of CPU per run. This copy, made once per process, holds git's tracked and
+    unignored files only, so the FAB (and its hash) is the same and the walk is instant.
+    Outside a git checkout it is the repository itself."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, check=False,
+    )  # fmt: skip
+    if listed.returncode != 0:
+        return REPO
+    staged = Path(tempfile.mkdtemp(prefix="fedbiot-app-"))
+    atexit.register(shutil.rmtree, staged, ignore_errors=True)
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        source = REPO / name
+        if source.is_file() and not source.is_symlink():
+            (staged / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, staged / name)
+    return staged
 
 
 def free_port() -> int:
@@ -58,6 +87,7 @@ def tiny_run_config(out: Path, run_name: str, **overrides: object) -> dict[str, 
         "eval-examples": 2,
         "eval-every": 1,
         "eval-generation-examples": 2,
+        "fidelity-examples": 4,
         "eval-max-new-tokens": 8,
         "open-ended-examples": 0,
         "prealign-steps": 2,
@@ -98,7 +128,7 @@ class LocalFederation:
         return [
             str(BIN / "flwr"),
             "run",
-            str(REPO),
+            str(app_dir()),
             "test",
             "--stream",
             "--federation-config",

@@ -56,6 +56,7 @@ def test_natural_partitions_from_a_labelled_task_file(tmp_path: Path) -> None:
         ({"run-name": ".."}, "run-name='..' must be a plain folder name"),
         ({"max-update-norm": -1.0}, "max-update-norm must be >= 0"),
         ({"max-num-examples": -5}, "max-num-examples must be >= 0"),
+        ({"fidelity-examples": -1}, "fidelity-examples must be >= 0"),
         ({"no-such-key": 1}, "unknown run-config key(s) no-such-key;"),
     ],
 )

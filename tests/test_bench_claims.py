@@ -5,41 +5,38 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from bench.claims_report import pooled, verdict
+from bench.claims_report import claims, model_table, pooled, verdict
 from bench.fedbiot_claims import main
 from server_app.evaluation.confidence import Interval
 
 
 def test_claims_quick_mode_pairs_methods_on_the_same_texts(tmp_path: Path) -> None:
-    first = ["--model", "tiny-llama", "--quick", "--rows", "fedbiot-b0.2", "split",
-             "--partitions", "iid", "--seeds", "0", "--jobs", "2",
+    first = ["--model", "tiny-llama", "--quick", "--rows", "split",
+             "--partitions", "iid", "--seeds", "0", "--jobs", "1",
              "--out", str(tmp_path)]  # fmt: skip
     main(first)
     # A second part of the grid: its report covers every finished row, not only its own.
-    argv = [*first[:3], "--rows", "kdfed", *first[6:]]
+    argv = [*first[:3], "--rows", "kdfed", *first[5:]]
     report = main(argv)
     document = json.loads((tmp_path / "claims.json").read_text())
     assert document["command"] == "python -m bench.fedbiot_claims " + " ".join(argv)
-    assert sorted(document["rows"]) == ["fedbiot-b0.2", "kdfed", "split"]
+    assert sorted(document["rows"]) == ["kdfed", "split"]
     models = {(e["method"], e["model"]): e for e in document["table"]}
-    assert set(models) == {("base", "base"), ("fedbiot-b0.2", "adapemu"),
-                           ("fedbiot-b0.2", "adapfu"), ("split", "adapfu"),
-                           ("kdfed", "adapfu")}  # fmt: skip
+    assert set(models) == {("base", "base"), ("split", "adapfu"), ("kdfed", "adapfu")}
     runs = tmp_path / "runs"
-    fedbiot = pooled([runs / "fedbiot-b0.2-iid-s0"], "adapfu")
     split = pooled([runs / "split-iid-s0"], "adapfu")
     kd = pooled([runs / "kdfed-iid-s0"], "adapfu")
-    assert fedbiot is not None and split is not None and kd is not None
-    # The table's loss is the run's own per-token loss; every method scored the same texts.
-    entry = models[("fedbiot-b0.2", "adapfu")]
-    assert entry["loss"] == fedbiot.nll.sum() / fedbiot.tokens.sum()
+    assert split is not None and kd is not None
+    # The table's loss is the run's own per-token loss; both methods scored the same texts.
+    entry = models[("split", "adapfu")]
+    assert entry["loss"] == split.nll.sum() / split.tokens.sum()
     assert entry["texts"] == 6 and entry["ranked_texts"] == 4
-    assert np.array_equal(fedbiot.tokens, split.tokens) and np.array_equal(kd.tokens, split.tokens)
+    assert np.array_equal(kd.tokens, split.tokens)
     assert entry["bytes_per_client"] > 0 and entry["client_seconds_per_example"] > 0
     # Split learning's clients report client_seconds, and its server half is server compute.
-    assert models[("split", "adapfu")]["client_seconds_per_example"] > 0
-    assert models[("split", "adapfu")]["server_seconds"] > 0
+    assert entry["server_seconds"] > 0
     assert models[("kdfed", "adapfu")]["server_seconds"] > 0
     verdicts = {c["claim"]: c for c in document["claims"]}
     versus_kd = verdicts["split learning > KD-FedLLM"]
@@ -50,14 +47,11 @@ def test_claims_quick_mode_pairs_methods_on_the_same_texts(tmp_path: Path) -> No
     expected = "agrees" if high < 0 else "disagrees" if low > 0 else "cannot tell"
     assert versus_kd["verdict_loss"] == expected  # a lower loss is better
     assert verdicts["federated (FedIT) > local-only"]["verdict"] == "not run"
-    assert verdicts["FedBiOT AdapFu >= FedOT AdapFu"]["verdict"] == "not run"
-    # The untrained model: one row, scored on the same texts, and the claim against it.
-    base = pooled([runs / "fedbiot-b0.2-iid-s0"], "base")
-    assert base is not None and np.array_equal(base.tokens, fedbiot.tokens)
+    assert verdicts["FedBiOT AdapFu > base (beta 0.2)"]["verdict"] == "not run"
+    # The untrained model: one row, scored on the same texts as every method.
+    base = pooled([runs / "split-iid-s0"], "base")
+    assert base is not None and np.array_equal(base.tokens, split.tokens)
     assert models[("base", "base")]["loss"] == base.nll.sum() / base.tokens.sum()
-    versus_base = verdicts["FedBiOT AdapFu > base (beta 0.2)"]
-    to_base = fedbiot.nll.sum() / fedbiot.tokens.sum() - base.nll.sum() / base.tokens.sum()
-    assert versus_base["loss_difference"] == to_base
     assert "| split learning > KD-FedLLM | iid |" in report.read_text()
 
 
@@ -85,3 +79,42 @@ def test_local_only_pools_its_client_models_per_text(tmp_path: Path) -> None:
     assert local is not None
     assert local.nll.tolist() == [4.0, 6.0] and local.tokens.tolist() == [2, 4]
     assert local.correct.tolist() == [2, 1] and local.ranked.tolist() == [2, 2]
+
+
+def test_fedbiot_rows_pair_adapfu_with_adapemu_and_the_base_of_the_same_runs(
+    tmp_path: Path,
+) -> None:
+    """A FedBiOT cell over two seeds: AdapEmu and AdapFu rows in the table, and its claims
+    paired text by text with the AdapEmu and base scored in those runs."""
+    dirs = []
+    for seed, adapfu_nll in enumerate(([1.0, 1.0, 1.0], [1.0, 2.0, 1.0])):
+        run = tmp_path / f"fedbiot-b0.2-iid-s{seed}"
+        run.mkdir()
+        scores = {"base": [3.0, 3.0, 3.0], "adapemu": [2.0, 2.0, 2.0], "adapfu": adapfu_nll}
+        rows = [{"round": 1, "variant": variant, "nll": nll, "tokens": [1, 1, 1],
+                 "predicted": ["a", "b", "x"] if variant == "adapfu" else ["x", "x", "x"],
+                 "gold": ["a", "b", "c"]} for variant, nll in scores.items()]  # fmt: skip
+        (run / "heldout.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        config = {"run_config": {"local-steps": 2, "batch-size": 2}}
+        (run / "config.json").write_text(json.dumps(config))
+        metrics = [{"round": 0}, {"round": 1, "train_seconds": 1.0, "clients_sampled": 3}]
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in metrics))
+        dirs.append(run)
+    cells = {("fedbiot-b0.2", "iid"): dirs}
+    verdicts = {c["claim"]: c for c in claims(cells, ["iid"])}
+    to_emu = verdicts["AdapFu > AdapEmu (FedBiOT beta 0.2)"]
+    # Per text over both seeds: AdapFu 2, 3, 2 nats against AdapEmu's 4, 4, 4.
+    assert to_emu["loss_difference"] == pytest.approx(7 / 6 - 2.0)
+    assert to_emu["accuracy_difference"] == pytest.approx(4 / 6)
+    assert to_emu["verdict_loss"] == "agrees"
+    # Three texts: one resample in 27 draws only the third (a tie), so the interval holds 0.
+    assert to_emu["verdict_accuracy"] == "cannot tell"
+    to_base = verdicts["FedBiOT AdapFu > base (beta 0.2)"]
+    assert to_base["loss_difference"] == pytest.approx(7 / 6 - 3.0)
+    assert verdicts["FedBiOT AdapFu >= FedOT AdapFu"]["verdict"] == "not run"
+    table = {(e["method"], e["model"]): e for e in model_table(cells, {}, clients=3)}
+    assert set(table) == {("base", "base"), ("fedbiot-b0.2", "adapemu"),
+                          ("fedbiot-b0.2", "adapfu")}  # fmt: skip
+    assert table[("fedbiot-b0.2", "adapemu")]["loss"] == 2.0
+    assert table[("fedbiot-b0.2", "adapfu")]["accuracy"] == pytest.approx(4 / 6)
+    assert table[("fedbiot-b0.2", "adapfu")]["seeds"] == 2

@@ -43,12 +43,12 @@ def _run(federation: LocalFederation, config: dict[str, object]) -> list[dict]:
 def test_resumed_run_matches_the_uninterrupted_one(
     federation: LocalFederation, tmp_path: Path
 ) -> None:
-    whole_rows = _run(federation, _config(tmp_path, "whole", 3))
+    whole_rows = _run(federation, _config(tmp_path, "whole", 2))
     _run(federation, _config(tmp_path, "stopped", 1))  # the server is gone after round 1
     stopped = tmp_path / "stopped"
     assert (stopped / "checkpoints" / "round-1.pt").is_file()
-    rows = _run(federation, _config(tmp_path, "ignored", 3, **{"resume-from": str(stopped)}))
-    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    rows = _run(federation, _config(tmp_path, "ignored", 2, **{"resume-from": str(stopped)}))
+    assert [r["round"] for r in rows] == [0, 1, 2]
     # Same losses round by round first: where they part says which round went wrong.
     for key in ("train_loss", "distill_loss"):
         assert [r.get(key) for r in rows[1:]] == pytest.approx(
@@ -59,7 +59,7 @@ def test_resumed_run_matches_the_uninterrupted_one(
 
     whole = read_checkpoint(tmp_path / "whole" / "checkpoints" / "latest.pt")
     resumed = read_checkpoint(stopped / "checkpoints" / "latest.pt")
-    assert whole["round"] == resumed["round"] == 3
+    assert whole["round"] == resumed["round"] == 2
     for part in ("adapter", "emulator"):
         assert whole[part].keys() == resumed[part].keys()
         for name, value in whole[part].items():
@@ -73,7 +73,7 @@ def test_resumed_run_matches_the_uninterrupted_one(
     # (a run that fails through `flwr run` exits non-zero: tests/test_run_checked.py).
     # A resume that would compute something else is refused, naming the keys.
     extra = {"algorithm": "fedavg", "lora-alpha": 32, "resume-from": str(stopped)}
-    changed = RunConfig.from_flower(_config(tmp_path, "changed", 4, **extra))
+    changed = RunConfig.from_flower(_config(tmp_path, "changed", 3, **extra))
     refused = "algorithm: 'fedadam' -> 'fedavg'; lora-alpha: 16 -> 32"
     with pytest.raises(ConfigError, match=re.escape(refused)):
         run_federation(None, changed)  # type: ignore[arg-type] - refused before the grid
@@ -85,22 +85,23 @@ def test_resumed_run_matches_the_uninterrupted_one(
     middle = len(data) // 2
     data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
     latest.write_bytes(bytes(data))
-    at_damaged = RunConfig.from_flower(_config(tmp_path, "d", 4, **{"resume-from": str(damaged)}))
+    at_damaged = RunConfig.from_flower(_config(tmp_path, "d", 3, **{"resume-from": str(damaged)}))
     with pytest.raises(CheckpointError, match=re.escape(f"{latest} fails its SHA-256 check")):
         run_federation(None, at_damaged)  # type: ignore[arg-type]
-    assert len((damaged / "metrics.jsonl").read_text().splitlines()) == 4
+    assert len((damaged / "metrics.jsonl").read_text().splitlines()) == 3
 
     # Resuming the finished run is refused before any model is loaded; nothing is added.
-    again = _config(tmp_path, "again", 3, **{"resume-from": str(stopped)})
+    again = _config(tmp_path, "again", 2, **{"resume-from": str(stopped)})
     with pytest.raises(ConfigError, match="leaves nothing to do"):
         run_federation(None, RunConfig.from_flower(again))  # type: ignore[arg-type]
-    assert len((stopped / "metrics.jsonl").read_text().splitlines()) == 4
+    assert len((stopped / "metrics.jsonl").read_text().splitlines()) == 3
 
     # A server that died while exporting, after its last checkpoint: the half-written export
-    # never took the final name, and resuming the checkpoint finishes the export.
+    # never took the final name, and resuming the checkpoint finishes the export. With no
+    # round left the grid is never used, so the ServerApp's entry is called directly.
     shutil.rmtree(stopped / "adapfu")
     (stopped / ".adapfu-partial-crashed").mkdir()
-    _run(federation, again)
+    assert run_federation(None, RunConfig.from_flower(again)) == stopped  # type: ignore[arg-type]
     assert (stopped / "adapfu" / "config.json").is_file()
     assert not list(stopped.glob(".adapfu-partial-*"))
-    assert len((stopped / "metrics.jsonl").read_text().splitlines()) == 4
+    assert len((stopped / "metrics.jsonl").read_text().splitlines()) == 3

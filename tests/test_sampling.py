@@ -6,6 +6,8 @@ then stops the run, and the README's wrapper exits non-zero)."""
 from __future__ import annotations
 
 import csv
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -19,10 +21,16 @@ pytestmark = pytest.mark.xdist_group("sampling")
 def test_fraction_train_samples_half_of_the_nodes_each_round(
     federation: LocalFederation, tmp_path: Path
 ) -> None:
+    # FedAvgM's end-to-end run (its server momentum is checked in test_algorithms.py): the
+    # sampling must not depend on the aggregation.
     config = tiny_run_config(tmp_path, "half", num_partitions=4, fraction_train=0.5,
-                             min_train_nodes=2, num_server_rounds=3, eval_tasks="")  # fmt: skip
+                             min_train_nodes=2, num_server_rounds=3, eval_tasks="",
+                             algorithm="fedavgm")  # fmt: skip
     rows = federation.run_to_end(config, supernodes=4)
     assert [r["clients_sampled"] for r in rows[1:]] == [2, 2, 2]
+    assert all(math.isfinite(r["train_loss"]) and r["clients_failed"] == 0 for r in rows[1:])
+    run_config = json.loads((tmp_path / "half" / "config.json").read_text())["run_config"]
+    assert run_config["algorithm"] == "fedavgm"
     with open(tmp_path / "half" / "communication.csv") as f:
         per_node = list(csv.DictReader(f))
     # Every node is sent the model and evaluates; the trained ones send LoRA back.

@@ -23,10 +23,15 @@ def _entries(store: Path) -> list[str]:
 def test_nodes_on_one_host_get_the_weights_once_and_an_ephemeral_run_removes_them(
     federation: LocalFederation, tmp_path: Path
 ) -> None:
-    config = tiny_run_config(tmp_path, "shared", num_partitions=NODES, eval_examples=2)
+    # Krum's end-to-end run (a Flower aggregator behind the same mixin as FedMedian and
+    # FedTrimmedAvg, checked against the paper in test_algorithms.py): it keeps one client's
+    # update, which must move the delivered model.
+    config = tiny_run_config(tmp_path, "shared", num_partitions=NODES, eval_examples=2,
+                             algorithm="krum")  # fmt: skip
     rows = federation.run_to_end(config, supernodes=NODES)
     first = rows[1]
     assert first["clients_sampled"] == NODES and first["clients_failed"] == 0
+    assert first["eval_adapfu_gsm8k_loss_vs_base"] != 0.0
     per_node = first["bytes_model_download"] / NODES
     assert first["bytes_model_download_sent"] == pytest.approx(per_node, rel=0.01)
     assert first["bytes_model_download_sent"] < first["bytes_model_download"]
