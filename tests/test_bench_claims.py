@@ -18,41 +18,43 @@ def test_claims_quick_mode_pairs_methods_on_the_same_texts(tmp_path: Path) -> No
              "--out", str(tmp_path)]  # fmt: skip
     main(first)
     # A second part of the grid: its report covers every finished row, not only its own.
-    argv = [*first[:3], "--rows", "kdfed", *first[5:]]
+    argv = [*first[:3], "--rows", "fedit", *first[5:]]
     report = main(argv)
     document = json.loads((tmp_path / "claims.json").read_text())
     assert document["command"] == "python -m bench.fedbiot_claims " + " ".join(argv)
-    assert sorted(document["rows"]) == ["kdfed", "split"]
+    assert sorted(document["rows"]) == ["fedit", "split"]
     models = {(e["method"], e["model"]): e for e in document["table"]}
-    assert set(models) == {("base", "base"), ("split", "adapfu"), ("kdfed", "adapfu")}
+    assert set(models) == {("base", "base"), ("split", "adapfu"), ("fedit", "adapfu")}
     runs = tmp_path / "runs"
     split = pooled([runs / "split-iid-s0"], "adapfu")
-    kd = pooled([runs / "kdfed-iid-s0"], "adapfu")
-    assert split is not None and kd is not None
+    fedit = pooled([runs / "fedit-iid-s0"], "adapfu")
+    assert split is not None and fedit is not None
     # The table's loss is the run's own per-token loss; both methods scored the same texts.
     entry = models[("split", "adapfu")]
     assert entry["loss"] == split.nll.sum() / split.tokens.sum()
     assert entry["texts"] == 6 and entry["ranked_texts"] == 4
-    assert np.array_equal(kd.tokens, split.tokens)
+    assert np.array_equal(fedit.tokens, split.tokens)
     assert entry["bytes_per_client"] > 0 and entry["client_seconds_per_example"] > 0
     # Split learning's clients report client_seconds, and its server half is server compute.
     assert entry["server_seconds"] > 0
-    assert models[("kdfed", "adapfu")]["server_seconds"] > 0
     verdicts = {c["claim"]: c for c in document["claims"]}
-    versus_kd = verdicts["split learning > KD-FedLLM"]
-    difference = split.nll.sum() / split.tokens.sum() - kd.nll.sum() / kd.tokens.sum()
-    assert versus_kd["loss_difference"] == difference
-    low, high = versus_kd["loss_difference_ci_low"], versus_kd["loss_difference_ci_high"]
+    versus_split = verdicts["parameter averaging (FedIT) > split learning"]
+    difference = fedit.nll.sum() / fedit.tokens.sum() - split.nll.sum() / split.tokens.sum()
+    assert versus_split["loss_difference"] == difference
+    low, high = versus_split["loss_difference_ci_low"], versus_split["loss_difference_ci_high"]
     assert low <= difference <= high
     expected = "agrees" if high < 0 else "disagrees" if low > 0 else "cannot tell"
-    assert versus_kd["verdict_loss"] == expected  # a lower loss is better
+    assert versus_split["verdict_loss"] == expected  # a lower loss is better
     assert verdicts["federated (FedIT) > local-only"]["verdict"] == "not run"
-    assert verdicts["FedBiOT AdapFu > base (beta 0.2)"]["verdict"] == "not run"
-    # The untrained model: one row, scored on the same texts as every method.
-    base = pooled([runs / "split-iid-s0"], "base")
+    assert verdicts["split learning > KD-FedLLM"]["verdict"] == "not run"
+    # The untrained model: one row, scored on the same texts as every method, and the claim
+    # against it paired with the base of FedIT's own run.
+    base = pooled([runs / "fedit-iid-s0"], "base")
     assert base is not None and np.array_equal(base.tokens, split.tokens)
     assert models[("base", "base")]["loss"] == base.nll.sum() / base.tokens.sum()
-    assert "| split learning > KD-FedLLM | iid |" in report.read_text()
+    to_base = fedit.nll.sum() / fedit.tokens.sum() - base.nll.sum() / base.tokens.sum()
+    assert verdicts["FedIT AdapFu > base"]["loss_difference"] == to_base
+    assert "| parameter averaging (FedIT) > split learning | iid |" in report.read_text()
 
 
 def test_verdict_reads_the_interval_on_the_better_side() -> None:

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from tests.flower_runtime import LocalFederation, tiny_run_config
 
@@ -33,6 +34,9 @@ CASES = [
 ]
 
 
+BFLOAT16 = {"dtype": "bfloat16", "gradient_checkpointing": True, "grad_accum_steps": 2}
+
+
 def _run(federation: LocalFederation, out: Path, method: str, algorithm: str, rounds: int):
     config = tiny_run_config(
         out,
@@ -49,6 +53,9 @@ def _run(federation: LocalFederation, out: Path, method: str, algorithm: str, ro
         num_partitions=3 if method == "local" else 2,
         # Offsite-tuning's run turns the emulator-fidelity metrics off.
         fidelity_examples=0 if method == "offsite" else 4,
+        # FedIT's run (LoRA on the whole model) has bfloat16 frozen weights, gradient
+        # checkpointing and accumulation; FedBiOT's bfloat16 run is test_outputs.py's.
+        **(BFLOAT16 if method == "fedit" else {}),
     )
     return out / "run", federation.run_to_end(config, supernodes=2)
 
@@ -127,3 +134,12 @@ def test_method_and_algorithm_run_end_to_end(
     assert aggregated and not any("partition-id" in line for line in aggregated), aggregated
     config = json.loads((run_dir / "config.json").read_text())
     assert config["method"] == method and config["run_config"]["algorithm"] == algorithm
+    if method == "fedit":
+        assert "Frozen weights in bfloat16, LoRA in float32" in federation.last_output
+        assert all(r["client_quantized_bits"] == 16 for r in rows[1:])  # the nodes' too
+        assert config["run_config"]["dtype"] == "bfloat16"
+        # The merged AdapFu keeps the run's dtype; its PEFT adapter is the float32 LoRA.
+        assert json.loads((run_dir / "adapfu" / "config.json").read_text())["dtype"] == "bfloat16"
+        adapter = run_dir / "adapfu" / "peft" / "adapter_model.safetensors"
+        with safe_open(str(adapter), "pt") as f:
+            assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float32"}  # noqa: SIM118

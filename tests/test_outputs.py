@@ -1,7 +1,7 @@
 """Outputs people use elsewhere: per-round PEFT adapters (``save-every-round``), model cards
 and experiment tracking (``report-to``), from one real two-round Flower simulation whose
 frozen weights are bfloat16, with gradient checkpointing and accumulation (FedIT's bfloat16
-run: tests/test_precision_e2e.py)."""
+run: tests/test_methods_e2e.py)."""
 
 from __future__ import annotations
 
