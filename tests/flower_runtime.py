@@ -30,9 +30,9 @@ def app_dir() -> Path:
     """The app as ``flwr run`` should see it: the checkout's files without what git ignores.
 
     ``flwr run <dir>`` walks every file under ``dir`` (resolving each) before it filters
-    them into the FAB; in a checkout that is the 55,000 files of .venv and the caches, about
-    3.5 s of CPU per run. This copy, made once per process, holds git's tracked and
-    unignored files only, so the FAB (and its hash) is the same and the walk is instant.
+    them into the FAB; in a checkout that includes every file of .venv and the caches, seconds
+    of CPU per run. This copy, made once per process, holds git's tracked and unignored files
+    only, so the FAB (and its hash) is the same and the walk is short.
     Outside a git checkout it is the repository itself."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],

@@ -59,19 +59,19 @@ def offline_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failed: bool) -
     # just after finish() returns, so the file is read until they are there (or 30 s).
     deadline = time.monotonic() + 30
     records = wandb_records(path)
-    while not _has_exit(records) and time.monotonic() < deadline:
+    while not _exits(records) and time.monotonic() < deadline:
         time.sleep(0.2)
         records = wandb_records(path)
     return records
 
 
-def _has_exit(records: list) -> bool:
-    return any(r.WhichOneof("record_type") == "exit" for r in records)
+def _exits(records: list) -> list:
+    return [r.exit for r in records if r.WhichOneof("record_type") == "exit"]
 
 
 def _exit_code(records: list) -> int:
     """The run's one exit record's code; the record types read, if there is not one."""
-    exits = [r.exit for r in records if r.WhichOneof("record_type") == "exit"]
+    exits = _exits(records)
     assert len(exits) == 1, [r.WhichOneof("record_type") for r in records]
     return exits[0].exit_code
 
