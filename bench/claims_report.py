@@ -74,13 +74,15 @@ def pooled_against_base(run_dirs: list[Path], variants: list[str]) -> dict[str, 
     """Per model (``base`` and each of ``variants`` every run has): loss and accuracy pooled
     per text over the runs, each with a bootstrap interval over texts, and for the variants
     the paired differences against the base scored in the same runs (keys ``loss``,
-    ``loss_vs_base``, ``accuracy``, ``accuracy_vs_base`` with ``_ci_low``/``_ci_high``);
-    None unless every run has the base's scores."""
+    ``loss_vs_base``, ``accuracy``, ``accuracy_vs_base`` with ``_ci_low``/``_ci_high``, and
+    the texts behind them, ``loss_examples`` and ``accuracy_examples``); None unless every
+    run has the base's scores."""
     base = pooled(run_dirs, "base")
     if base is None:
         return None
     out = {"base": {**ratio(base.nll, base.tokens).keys("loss"),
-                    **ratio(base.correct, base.ranked).keys("accuracy")}}  # fmt: skip
+                    **ratio(base.correct, base.ranked).keys("accuracy"),
+                    **_text_counts(base)}}  # fmt: skip
     for variant in variants:
         scores = pooled(run_dirs, variant)
         if scores is None:
@@ -93,8 +95,13 @@ def pooled_against_base(run_dirs: list[Path], variants: list[str]) -> dict[str, 
             **paired_ratio_difference(correct, (base.correct, base.ranked)).keys(
                 "accuracy_vs_base"
             ),
+            **_text_counts(scores),
         }
     return out
+
+
+def _text_counts(scores: Pooled) -> dict[str, int]:
+    return {"loss_examples": len(scores.nll), "accuracy_examples": len(scores.correct)}
 
 
 def models_of(row: str) -> tuple[str, ...]:

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FEDBIOT_CACHE", str(REPO / ".cache" / "fedbiot"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.claims_report import pooled, pooled_against_base  # noqa: E402
+from bench.claims_report import pooled_against_base  # noqa: E402
 from bench.federation_runs import run_federations  # noqa: E402
 from server_app.evaluation.confidence import (  # noqa: E402
     wilson,
@@ -216,14 +216,16 @@ def pooled_groups(heldout: Path) -> dict[str, dict]:
         models = pooled_against_base(dirs, ["adapemu", "adapfu"])
         if models is None:
             continue
-        base = pooled(dirs, "base")
+        base = models["base"]
         entry: dict[str, object] = {
             "points": list(names),
-            "texts": len(base.nll),
-            "ranked_texts": len(base.correct),
+            "texts": base["loss_examples"],
+            "ranked_texts": base["accuracy_examples"],
         }
         for model, values in models.items():
-            entry.update({f"{model}_{key}": value for key, value in values.items()})
+            entry.update(
+                {f"{model}_{key}": value for key, value in values.items() if "examples" not in key}
+            )
         out[group] = entry
     return out
 

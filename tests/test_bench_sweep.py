@@ -105,7 +105,15 @@ def _rescored_like_the_server(run: Path, out: Path) -> None:
     # Two identical runs pooled per text: the same ratios as one.
     assert document["pooled"]["adapfu"]["loss"] == pytest.approx(adapfu["loss"])
     assert document["pooled"]["adapfu"]["accuracy"] == pytest.approx(adapfu["accuracy"])
-    assert "| pooled over 2 runs | adapfu | " in (out / "heldout_eval.md").read_text()
+    # Pooling is per text, so the texts are those of one run (each scored twice), not twice
+    # as many; the pooled rows of the report say so.
+    texts = (len(in_run["adapfu"]["nll"]), QUICK["eval-generation-examples"])
+    pooled = document["pooled"]["adapfu"]
+    assert (pooled["loss_examples"], pooled["accuracy_examples"]) == texts
+    assert (
+        f"| pooled over 2 runs | adapfu | {texts[0]}/{texts[1]} | "
+        in (out / "heldout_eval.md").read_text()
+    )
 
 
 def test_heldout_eval_refuses_bad_run_files_naming_them(tmp_path: Path) -> None:
