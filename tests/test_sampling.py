@@ -48,8 +48,10 @@ def test_a_round_timeout_ends_a_round_nobody_answered_in_time(
     # Round 1 ships the model and trains 40 steps: far more than the one second allowed.
     config = tiny_run_config(tmp_path, "late", round_timeout=1.0, local_steps=40,
                              eval_tasks="")  # fmt: skip
-    returncode, output, seconds = run_wrapped(federation, config, 2, timeout=600)
-    assert returncode == 1, output
+    wrapped = run_wrapped(federation, config, 2, timeout=600)
+    output = wrapped.output
+    assert wrapped.returncode == 1, output
     assert "round 1: no client update" in output, output
+    assert "ended as finished:failed" in wrapped.stderr, output
     assert not (tmp_path / "late" / "adapfu").exists()
-    assert seconds < 300, output
+    assert wrapped.seconds < 300, output
