@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.claims_report import model_table
 from federation.kd_public import public_set
 from federation.run_config import RunConfig
 from tests.flower_runtime import LocalFederation, tiny_run_config
@@ -98,6 +99,21 @@ def test_kdfed_sends_soft_labels_and_never_parameters(
         right = [p == g for p, g in zip(scored[-1]["predicted"], scored[-1]["gold"], strict=True)]
         assert rows[-1]["eval_adapfu_banking77_accuracy"] == sum(right) / len(right)
         assert not any("accuracy" in key for row in rows[:-1] for key in row)
+        # The claims table's costs for this run: the server's seconds are its distillation
+        # on the clients' soft labels (KD has no aggregation or emulator), the bytes per
+        # client both ways plus the model download, the client seconds per example.
+        table = model_table({("kdfed", "iid"): [run_dir]}, {run_dir.name: 9.0}, CLIENTS)
+        (entry,) = [e for e in table if e["method"] == "kdfed"]
+        trained = rows[1:]
+        assert all(r["time_server_s"] > 0 for r in trained)
+        assert entry["server_seconds"] == pytest.approx(sum(r["time_server_s"] for r in trained))
+        moved = sum(r["bytes_up"] + r["bytes_down"] + r["bytes_model_download"] for r in trained)
+        assert entry["bytes_per_client"] == pytest.approx(moved / CLIENTS)
+        examples = int(config["local-steps"]) * int(config["batch-size"])
+        assert entry["client_seconds_per_example"] == pytest.approx(
+            sum(r["train_seconds"] for r in trained) / len(trained) / examples
+        )
+        assert entry["wall_seconds"] == 9.0
     else:  # top-3 fp16 log-probs and int32 token ids per response position
         shape, per_client = [sum(public.rows), 3], sum(public.rows) * 3 * (2 + 4)
     for row in rows[1:]:
