@@ -48,7 +48,7 @@ def parse_depth_table(
     return depths
 
 
-def _budget(value: Any, where: str) -> float:
+def budget_gb(value: Any, where: str) -> float:
     """A positive, finite number of GB, or an error naming where it came from."""
     try:
         budget = float(value)
@@ -71,14 +71,14 @@ def parse_budget_map(text: str, key: str = "memory-budgets") -> dict[int, float]
         pid = int(partition)
         if pid in budgets:
             raise MemoryBudgetError(f"run-config {key}: partition {pid} is given twice")
-        budgets[pid] = _budget(value.strip(), f"run-config {key} entry {entry!r}")
+        budgets[pid] = budget_gb(value.strip(), f"run-config {key} entry {entry!r}")
     return budgets
 
 
 def node_budget_gb(node_config: Mapping[str, Any], budgets: Mapping[int, float]) -> float:
     """The node's own ``memory-budget-gb``, else its partition's entry in the run config."""
     if BUDGET_KEY in node_config:
-        return _budget(node_config[BUDGET_KEY], f"node config {BUDGET_KEY}")
+        return budget_gb(node_config[BUDGET_KEY], f"node config {BUDGET_KEY}")
     partition = node_config.get("partition-id")
     if partition is not None and int(partition) in budgets:
         return budgets[int(partition)]

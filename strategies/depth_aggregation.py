@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
 from federation.messages import BUDGET_QUERY, BUDGET_RECORD, DEPTH_KEY
-from models.depth_memory import BUDGET_KEY, choose_depths
+from models.depth_memory import BUDGET_KEY, MemoryBudgetError, budget_gb, choose_depths
 from models.wire import from_record, to_record
 from strategies.fedbiot import FedBiOTMixin
 from strategies.update_checks import Rejection, update_norm, update_problem
@@ -173,9 +173,10 @@ class HeterogeneousDepthFedAvg(FedAvg):
 
     ``node_depths`` maps node ids to depths. A sampled node without one is asked for its
     memory budget (``BUDGET_QUERY``) and given the deepest depth of ``depth_gb`` (GB per
-    depth) that fits; a node that does not answer sits the round out and is asked again
-    when next sampled. ``history`` keeps per-node update statistics of the last
-    ``history_rounds`` rounds, and each round's summary joins the train metrics.
+    depth) that fits; a node that does not answer, answers no positive finite budget, or
+    whose budget fits no depth sits the round out and is asked again when next sampled.
+    ``history`` keeps per-node update statistics of the last ``history_rounds`` rounds, and
+    each round's summary joins the train metrics.
     """
 
     def __init__(
@@ -210,13 +211,22 @@ class HeterogeneousDepthFedAvg(FedAvg):
             node = reply.metadata.src_node_id
             record = None if reply.has_error() else reply.content.metric_records.get(BUDGET_RECORD)
             if record is not None and BUDGET_KEY in record:
-                budgets[node] = float(record[BUDGET_KEY])
-                failures.pop(node, None)
+                try:
+                    budgets[node] = budget_gb(record[BUDGET_KEY], f"its reply's {BUDGET_KEY}")
+                    failures.pop(node, None)
+                except MemoryBudgetError as error:
+                    failures[node] = str(error)
             else:
                 failures[node] = reply.error.reason if reply.has_error() else "malformed reply"
         for node, reason in failures.items():
             log(WARNING, "Node %d sits this round out: no memory budget (%s)", node, reason)
-        self.node_depths.update(choose_depths(budgets, self.depth_gb))
+        # A node whose budget fits no depth sits out (and is asked again next round): one
+        # small site must not end everybody's run.
+        for node, budget in budgets.items():
+            try:
+                self.node_depths.update(choose_depths({node: budget}, self.depth_gb))
+            except MemoryBudgetError as error:
+                log(WARNING, "Node %d sits this round out: %s", node, error)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

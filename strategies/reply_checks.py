@@ -45,10 +45,9 @@ def array_problem(name: str, array: Array) -> str | None:
 
 
 def _finite_number(value: object) -> bool:
-    numbers = value if isinstance(value, list) else [value]
-    return all(
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in numbers
-    )
+    # A MetricRecord may hold lists, but no ClientApp of ours sends one, and the strategies
+    # (and Flower's averaging, for lists of unequal length) take each metric as one number.
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def metrics_problem(metrics: MetricRecord) -> str | None:
@@ -59,7 +58,7 @@ def metrics_problem(metrics: MetricRecord) -> str | None:
     weight = metrics.get(WEIGHT_KEY)
     if weight is None:
         return f"no {WEIGHT_KEY!r} metric"
-    if isinstance(weight, list) or weight <= 0:
+    if weight <= 0:
         return f"{WEIGHT_KEY}={weight!r} must be a number > 0"
     return None
 

@@ -1,7 +1,7 @@
 """Screen client updates before aggregation: a bad update is dropped, logged and counted.
 
-A reply's ``arrays`` must hold exactly the keys the server sent, with the same shapes and a
-floating dtype, only finite values, and an update norm ``||y_i - x||`` not far above the
+A reply's ``arrays`` must hold exactly the keys the server sent, with the same shapes and
+dtypes, only finite values, and an update norm ``||y_i - x||`` not far above the
 other clients' (more than ``max_norm_ratio`` times their median, checked when at least three
 clients replied). Flower's aggregation would otherwise average a NaN into every client's
 model, or fail on a shape mismatch and lose the whole round.
@@ -42,10 +42,11 @@ def update_problem(arrays: ArrayRecord | None, reference: ArrayRecord) -> str | 
         got = arrays[name]
         if tuple(got.shape) != tuple(expected.shape):
             return f"{name}: shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
-        value = got.numpy()
-        if not np.issubdtype(value.dtype, np.floating):
-            return f"{name}: dtype {value.dtype}, expected floating point"
-        if not np.isfinite(value).all():
+        # The dtype the server sent, exactly: a float64 update of finite but huge values
+        # would overflow the float32 model when aggregated, a float16 one lose precision.
+        if (got.dtype, got.stype) != (expected.dtype, expected.stype):
+            return f"{name}: dtype {got.dtype}, expected {expected.dtype}"
+        if not np.isfinite(got.numpy()).all():
             return f"{name}: NaN or Inf"
     return None
 

@@ -121,7 +121,10 @@ def caplog_records() -> Iterator[list[str]]:
         (lambda s: dict(list(s.items())[1:]), "missing keys"),
         (lambda s: {**s, "blocks.0.extra.lora_A": torch.zeros(2)}, "unexpected keys"),
         (lambda s: {**s, next(iter(s)): torch.zeros(3, 3)}, "shape"),
-        (lambda s: {**s, next(iter(s)): s[next(iter(s))].to(torch.int32)}, "dtype"),
+        (lambda s: {**s, next(iter(s)): s[next(iter(s))].to(torch.int32)}, "dtype int32"),
+        # Finite in float64, Inf once averaged into the float32 adapter.
+        (lambda s: {k: v.double() * 1e39 for k, v in s.items()}, "dtype float64, expected float32"),
+        (lambda s: {k: v.half() for k, v in s.items()}, "dtype float16, expected float32"),
         (lambda s: {k: v + 1e4 for k, v in s.items()}, "update norm"),
     ],
 )

@@ -68,7 +68,7 @@ def _garbage(state: dict[str, torch.Tensor]) -> Message:
     return _with_content(state, arrays=record)
 
 
-def _metrics(**values: float) -> Reply:
+def _metrics(**values: float | list[float]) -> Reply:
     return lambda s: _with_content(s, metrics=MetricRecord(values))
 
 
@@ -89,6 +89,15 @@ BAD_REPLIES: dict[str, tuple[Reply, str]] = {
     "num-examples zero": (_metrics(train_loss=1.0, **{"num-examples": 0}), "> 0"),
     "num-examples missing": (_metrics(train_loss=1.0), "no 'num-examples'"),
     "metric NaN": (_metrics(train_loss=float("nan"), **{"num-examples": 10}), "finite"),
+    # Flower's MetricRecord takes lists; the strategies take each metric as one number.
+    "metric list": (
+        _metrics(train_loss=[1.0, 2.0], **{"num-examples": 10}),
+        "train_loss=[1.0, 2.0] is not a finite number",
+    ),
+    "num-examples list": (
+        _metrics(train_loss=1.0, **{"num-examples": [10]}),
+        "num-examples=[10] is not a finite number",
+    ),
     "bytes of another shape": (_bad_bytes, "bytes hold float64[3, 3]"),
     "undecodable bytes": (_garbage, "bytes do not decode"),
 }

@@ -3,6 +3,7 @@ sending each node its depth and averaging what comes back."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -10,10 +11,8 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from federation.messages import BUDGET_QUERY, DEPTH_KEY, OFFER_QUERY, budget_reply
-from models.depth_memory import (
-    MemoryBudgetError,
-)
+from federation.messages import BUDGET_QUERY, BUDGET_RECORD, DEPTH_KEY, OFFER_QUERY, budget_reply
+from models.depth_memory import BUDGET_KEY
 from models.fedbiot_models import FedBiOTModels
 from models.wire import from_record, to_record
 from strategies.depth_aggregation import (
@@ -22,6 +21,7 @@ from strategies.depth_aggregation import (
     block_of,
     per_block_weighted_mean,
 )
+from tests.test_aggregation import caplog_records
 from tests.tiny import ADAPTER_REGION as REGION
 from tests.tiny import tiny_fedbiot_models
 
@@ -107,7 +107,7 @@ def test_block_of_parses_the_original_block_index() -> None:
 class FakeGrid:
     """The two Grid calls the strategy makes; budget queries answered from a table."""
 
-    def __init__(self, budgets: dict[int, float | None]) -> None:
+    def __init__(self, budgets: dict[int, float | list[float] | None]) -> None:
         self.budgets = budgets
         self.queried: list[int] = []
 
@@ -125,6 +125,9 @@ class FakeGrid:
             budget = self.budgets[node]
             if budget is None:
                 replies.append(Message(Error(code=0, reason="no query handler"), reply_to=message))
+            elif isinstance(budget, list):  # what budget_reply never sends
+                record = MetricRecord({BUDGET_KEY: budget})
+                replies.append(Message(RecordDict({BUDGET_RECORD: record}), reply_to=message))
             else:
                 replies.append(budget_reply(message, budget))
         return replies
@@ -211,11 +214,28 @@ def test_unknown_nodes_are_asked_for_their_budget(models: FedBiOTModels) -> None
     assert strategy.node_depths == {1: 2, 2: 4, 3: 6}
 
 
-def test_a_budget_below_the_shallowest_depth_stops_the_run(models: FedBiOTModels) -> None:
-    strategy = HeterogeneousDepthFedAvg(depth_gb={2: 1.0, 4: 2.0}, **_sampling(2))
-    grid = FakeGrid({1: 4.0, 2: 0.5})
-    with pytest.raises(MemoryBudgetError, match=r"client 2: memory budget 0\.5 GB .* depth 2"):
-        strategy.configure_train(1, to_record(models.adapter_state()), ConfigRecord(), grid)
+def test_a_node_without_a_usable_budget_sits_the_round_out(models: FedBiOTModels) -> None:
+    """A budget below the shallowest depth, or one that is no positive finite number of GB
+    (a node's reply crosses a boundary), leaves that node out of the round, named in the
+    log; the others train, and the node is asked again when next sampled."""
+    strategy = HeterogeneousDepthFedAvg(depth_gb={2: 1.0, 4: 2.0}, **_sampling(6))
+    grid = FakeGrid({1: 4.0, 2: 0.5, 3: float("nan"), 4: -1.0, 5: [4.0], 6: 1.5})
+    with caplog_records() as records:
+        messages = strategy.configure_train(
+            1, to_record(models.adapter_state()), ConfigRecord(), grid
+        )
+    depths = {m.metadata.dst_node_id: m.content["config"][DEPTH_KEY] for m in messages}
+    assert depths == {1: 4, 6: 2}
+    for node, reason in [
+        (2, r"client 2: memory budget 0\.5 GB is below the 1 GB the shallowest adapter depth 2"),
+        (3, r"its reply's memory-budget-gb: nan must be a positive number of GB"),
+        (4, r"its reply's memory-budget-gb: -1\.0 must be a positive number of GB"),
+        (5, r"its reply's memory-budget-gb: \[4\.0\] is not a number of GB"),
+    ]:
+        assert any(re.search(f"Node {node} sits this round out: .*{reason}", r) for r in records)
+    grid.queried.clear()
+    strategy.configure_train(2, to_record(models.adapter_state()), ConfigRecord(), grid)
+    assert sorted(grid.queried) == [2, 3, 4, 5]
 
 
 @pytest.mark.parametrize(
