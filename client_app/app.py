@@ -28,12 +28,12 @@ from federation.local_training import client_control_update, response_loss, trai
 from federation.messages import (
     BUDGET_ACTION,
     DELTA_C,
-    DEPTH_KEY,
     DPO_REFERENCE,
     OFFER_ACTION,
     RELEASE_ACTION,
     SERVER_C,
     budget_reply,
+    depth_blocks,
 )
 from federation.methods import method_plan
 from federation.run_config import RunConfig
@@ -100,8 +100,7 @@ def train(msg: Message, context: Context) -> Message:
     torch.manual_seed(seed)
     pad = model.tokenizer.pad_token_id
     # FedBiAlign: a node trains the top ``adapter-depth`` blocks its memory allows.
-    depth = int(train_config.get(DEPTH_KEY, len(model.layout.adapter_blocks)))
-    adapter = model.layout.adapter_blocks[-depth:]
+    adapter = depth_blocks(train_config, model.layout.adapter_blocks)
     if str(train_config.get("stage", "sft")) == "dpo":
         preference_file = str(context.node_config.get("preference-file", ""))
         pairs = client_preferences(config, partition_id, model.tokenizer, preference_file)

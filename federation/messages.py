@@ -6,7 +6,9 @@ other way round), so the names live below both apps; neither side imports the ot
 
 from __future__ import annotations
 
-from flwr.app import Message, MessageType, MetricRecord, RecordDict
+from collections.abc import Sequence
+
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from models.depth_memory import BUDGET_KEY
 
@@ -43,3 +45,20 @@ def budget_reply(message: Message, budget_gb: float) -> Message:
         RecordDict({BUDGET_RECORD: MetricRecord({BUDGET_KEY: float(budget_gb)})}),
         reply_to=message,
     )
+
+
+def depth_blocks(config: ConfigRecord, adapter_blocks: Sequence[int]) -> list[int]:
+    """The top blocks a train message's ``adapter-depth`` asks for (all when it has none).
+    The depth comes from the server: anything but a whole number from 1 to the region's
+    size is refused naming the key, not sliced into other blocks (0 or -1 would)."""
+    value = config.get(DEPTH_KEY, len(adapter_blocks))
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not 1 <= value <= len(adapter_blocks)
+    ):
+        raise ValueError(
+            f"train message {DEPTH_KEY}={value!r}: must be a whole number from 1 to the "
+            f"adapter region's {len(adapter_blocks)} blocks"
+        )
+    return list(adapter_blocks[-value:])

@@ -11,7 +11,14 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from federation.messages import BUDGET_QUERY, BUDGET_RECORD, DEPTH_KEY, OFFER_QUERY, budget_reply
+from federation.messages import (
+    BUDGET_QUERY,
+    BUDGET_RECORD,
+    DEPTH_KEY,
+    OFFER_QUERY,
+    budget_reply,
+    depth_blocks,
+)
 from models.depth_memory import BUDGET_KEY
 from models.fedbiot_models import FedBiOTModels
 from models.wire import from_record, to_record
@@ -197,6 +204,17 @@ def test_each_node_gets_its_depth_and_the_whole_region_and_blocks_are_averaged(
         metrics["clients_depth_2"] == metrics["clients_depth_4"] == metrics["clients_depth_6"] == 1
     )
     assert {r["node"]: r["depth"] for r in strategy.history.rows(1)} == {1: 2, 2: 4, 3: 6}
+
+
+def test_a_client_takes_the_top_blocks_of_its_depth_and_refuses_a_bad_one() -> None:
+    """The depth crosses from the server: 0, -1 or more than the region's blocks would
+    slice other blocks than asked (0 all of them, -1 all but the first)."""
+    region = [24, 25, 26, 27, 28, 29]
+    assert depth_blocks(ConfigRecord({DEPTH_KEY: 2}), region) == [28, 29]
+    assert depth_blocks(ConfigRecord(), region) == region
+    for bad in (0, -1, 7, 2.0, True, "2"):
+        with pytest.raises(ValueError, match=f"train message adapter-depth={bad!r}: must be"):
+            depth_blocks(ConfigRecord({DEPTH_KEY: bad}), region)
 
 
 def test_unknown_nodes_are_asked_for_their_budget(models: FedBiOTModels) -> None:
