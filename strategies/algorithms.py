@@ -109,7 +109,14 @@ def inner_strategy(config: RunConfig) -> tuple[type, dict[str, Any]]:
                 "server_momentum": config.server_momentum,
             },
         ),
-        "scaffold": (Scaffold, {"server_learning_rate": config.server_learning_rate}),
+        "scaffold": (
+            Scaffold,
+            {
+                "server_learning_rate": config.server_learning_rate,
+                "local_steps": config.local_steps,
+                "local_learning_rate": config.learning_rate,
+            },
+        ),
         "fedadam": (PaperFedAdam, {**fedopt, **betas}),
         "fedyogi": (PaperFedYogi, {**fedopt, **betas}),
         "fedadagrad": (PaperFedAdagrad, {**fedopt, "beta_1": config.fedopt_beta_1}),

@@ -173,23 +173,31 @@ class FedBiOTMixin:
         reference = self._round_arrays
         if reference is None:
             return replies, rejected
-        if scaffold:
+        replies, more = self.screen_train_replies(replies, reference, self.max_norm_ratio)
+        rejected += more
+        if scaffold:  # after the update itself passed: its delta_c_i is checked against it
             bad = {
                 id(r): problem
                 for r in replies
                 if not r.has_error()
                 and DELTA_C in r.content
-                and (problem := update_problem(r.content[DELTA_C], reference)) is not None
+                and (problem := self._control_delta_problem(r, reference)) is not None
             }
             for reply in [r for r in replies if id(r) in bad]:
                 node, reason = reply.metadata.src_node_id, f"{DELTA_C}: {bad[id(reply)]}"
                 log(WARNING, "Rejected the reply of node %d: %s", node, reason)
                 rejected.append(Rejection(node, reason))
             replies = [r for r in replies if id(r) not in bad]
-        replies, more = self.screen_train_replies(replies, reference, self.max_norm_ratio)
-        rejected += more
         replies, more = bound_norms(replies, reference, self.max_update_norm)
         return replies, rejected + more
+
+    def _control_delta_problem(self, reply: Message, reference: ArrayRecord) -> str | None:
+        """SCAFFOLD: why a reply's ``delta_c_i`` is malformed or not its update's, or None."""
+        delta = reply.content[DELTA_C]
+        problem = update_problem(delta, reference)
+        if problem is None:
+            problem = self.control_delta_problem(delta, reply.content["arrays"])  # type: ignore[attr-defined]
+        return problem
 
     def _wait_for_nodes(self, grid: Grid, sample_minimum: int) -> None:
         """At most ``node_wait_timeout`` seconds for the nodes Flower's sampling waits for

@@ -56,17 +56,54 @@ def _record(tensors: Tensors) -> ArrayRecord:
 class Scaffold(FedAvg):
     """FedAvg's sampling plus SCAFFOLD's control variates and unweighted server step."""
 
-    def __init__(self, *, server_learning_rate: float = 1.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        server_learning_rate: float = 1.0,
+        local_steps: int = 0,
+        local_learning_rate: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.server_learning_rate = server_learning_rate
+        # K and the clients' default eta_l (a round's config may set its own): with them the
+        # server knows what each delta_c_i must be (``control_delta_problem``); 0: unchecked.
+        self.local_steps = local_steps
+        self.local_learning_rate = local_learning_rate
+        self.round_learning_rate = local_learning_rate
         self.control: dict[str, torch.Tensor] | None = None
         self.current: dict[str, torch.Tensor] | None = None
         self.num_nodes = 0
+
+    def control_delta_problem(self, delta: ArrayRecord, model: ArrayRecord) -> str | None:
+        """Why a reply's ``delta_c_i`` is not the option-II value of its own model ``y_i``,
+        ``-c + (x - y_i) / (K * eta_l)``, or None. The server knows c, x, K and eta_l, so a
+        client's delta_c_i is checked, not trusted: a huge one would blow up ``c``, which
+        every client then applies at every step. The bound leaves room for float32 rounding
+        (the client computes ``(c_i - c + q) - c_i``)."""
+        if self.local_steps <= 0 or self.round_learning_rate <= 0 or self.control is None:
+            return None
+        if self.current is None:
+            return None
+        scale = self.local_steps * self.round_learning_rate
+        got, y = _tensors(delta), _tensors(model)
+        error = norm = 0.0
+        for name, c in self.control.items():
+            expected = -c + (self.current[name] - y[name]) / scale
+            error += float(torch.sum((got[name].double() - expected.double()) ** 2))
+            norm += float(torch.sum(expected.double() ** 2) + torch.sum(c.double() ** 2))
+        if error**0.5 > 1e-3 * norm**0.5 + 1e-6:
+            return (
+                f"||delta_c_i - (-c + (x - y_i) / (K eta_l))|| = {error**0.5:.3g} with K = "
+                f"{self.local_steps}, eta_l = {self.round_learning_rate:g}: not this update's"
+            )
+        return None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.current = _tensors(arrays)
+        self.round_learning_rate = float(config.get("learning-rate", self.local_learning_rate))
         if self.control is None:
             self.control = {k: torch.zeros_like(v) for k, v in self.current.items()}
         messages = list(super().configure_train(server_round, arrays, config, grid))

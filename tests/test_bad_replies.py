@@ -24,8 +24,12 @@ from flwr.app import (
     RecordDict,
 )
 
+from federation.local_training import client_control_update
+from federation.messages import DELTA_C
+from federation.run_config import RunConfig
 from models.distillation import EmulatorDistiller
 from models.wire import to_record
+from strategies.algorithms import strategy_class
 from strategies.fedbiot import FedBiOT
 from strategies.reply_checks import screen_contents
 from tests import test_aggregation
@@ -248,3 +252,39 @@ def test_the_exchange_loops_keep_a_split_step_reply_and_drop_a_broken_one() -> N
 
     assert [r.metadata.src_node_id for r in kept] == [1]
     assert [r.node for r in rejected] == [2] and "do not decode" in rejected[0].reason
+
+
+def test_scaffold_checks_each_control_delta_against_its_own_update(strategy: FedBiOT) -> None:
+    """``delta_c_i`` is ``-c + (x - y_i) / (K eta_l)``, which the server can compute from the
+    reply's own model: one that is not (here finite float32 values near the top of the
+    range, which would turn ``c`` into Inf for every client) is dropped, and ``c`` moves by
+    the honest deltas, computed as the ClientApp computes them."""
+    steps, rate = 5, 1e-3
+    cls, params = strategy_class(RunConfig(algorithm="scaffold", local_steps=steps,
+                                           learning_rate=rate))  # fmt: skip
+    scaffold = cls(models=strategy.models, distiller=None, distill_steps=0, **params)
+    x = strategy.models.adapter_state()
+    generator = torch.Generator().manual_seed(3)
+    c = {k: 0.1 * torch.randn(v.shape, generator=generator) for k, v in x.items()}
+    scaffold._round_arrays, scaffold.current, scaffold.control = to_record(x), x, c
+    scaffold.num_nodes = 4
+    replies, deltas = [], []
+    for node, y in enumerate(_honest(strategy, 3, seed=5), start=1):
+        c_i = {k: torch.randn(v.shape, generator=generator) for k, v in x.items()}
+        _, delta = client_control_update(c, c_i, x, y, steps, rate)
+        if node == 3:
+            delta = {k: torch.full_like(v, 3e38) for k, v in delta.items()}
+        else:
+            deltas.append(delta)
+        reply = _reply(node, y, 10, 1.0)
+        reply.content[DELTA_C] = to_record(delta)
+        replies.append(reply)
+
+    with caplog_records() as records:
+        arrays, _ = scaffold.aggregate_train(1, replies)
+
+    assert arrays is not None and scaffold.round_metrics[1]["clients_rejected"] == 1
+    assert any("node 3: scaffold-delta-c: ||delta_c_i" in r for r in records), records
+    for name, value in scaffold.control.items():
+        expected = c[name] + (deltas[0][name] + deltas[1][name]) / 4
+        torch.testing.assert_close(value, expected)

@@ -128,6 +128,9 @@ def test_method_and_algorithm_run_end_to_end(
     assert all(has_control) if algorithm == "scaffold" else not any(has_control)
     if algorithm == "scaffold":  # each client's control variate carried across rounds
         assert [r["scaffold_ci_updates"] for r in rows[1:]] == [1.0, 2.0]
+        # The server checks every delta_c_i against its update (K, the cosine schedule's
+        # eta_l of the round): the ClientApp's own pass.
+        assert [r["clients_rejected"] for r in rows[1:]] == [0, 0]
     # Flower's per-round aggregated metrics hold no average of partition ids.
     log_lines = federation.last_output.splitlines()
     aggregated = [line for line in log_lines if "Aggregated MetricRecord" in line]
