@@ -32,6 +32,7 @@ from federation.messages import DELTA_C, DPO_REFERENCE
 from models.distillation import EmulatorDistiller
 from models.fedbiot_models import FedBiOTModels
 from models.wire import from_record, to_record
+from strategies.local_only import LocalOnly
 from strategies.node_wait import wait_for_nodes
 from strategies.reply_checks import finite_state, screen_contents
 from strategies.scaffold import Scaffold
@@ -175,6 +176,9 @@ class FedBiOTMixin:
             return replies, rejected
         replies, more = self.screen_train_replies(replies, reference, self.max_norm_ratio)
         rejected += more
+        if isinstance(self, LocalOnly):
+            replies, more = self.screen_partitions(replies)
+            rejected += more
         if scaffold:  # after the update itself passed: its delta_c_i is checked against it
             bad = {
                 id(r): problem

@@ -9,11 +9,16 @@ never change.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from logging import WARNING
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+
+from strategies.reply_checks import reply_partition
+from strategies.update_checks import Rejection
 
 
 class LocalOnly(FedAvg):
@@ -58,10 +63,36 @@ class LocalOnly(FedAvg):
         for reply in replies:
             if reply.has_error():
                 continue
+            partition = reply_partition(reply)
+            if not isinstance(partition, tuple):
+                continue  # the FedBiOT mixin's screen (screen_partitions) logged and counted it
             self.node_arrays[reply.metadata.src_node_id] = reply.content["arrays"]
-            reply_metrics = reply.content["metrics"]
-            partition = int(reply_metrics["partition-id"])
-            self.client_arrays[partition] = reply.content["arrays"]
-            self.client_partitions[partition] = int(reply_metrics["num-partitions"])
+            self.client_arrays[partition[0]] = reply.content["arrays"]
+            self.client_partitions[partition[0]] = partition[1]
         _, metrics = super().aggregate_train(server_round, replies)
         return None, metrics
+
+    @staticmethod
+    def screen_partitions(replies: list[Message]) -> tuple[list[Message], list[Rejection]]:
+        """Replies that name one partition no other reply of the round names (its model is
+        kept and exported under that partition), and the rejected ones: a model without a
+        partition cannot be kept, and a second claim would overwrite another client's."""
+        kept, rejected, claimed = [], [], {}
+        for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
+            if reply.has_error():
+                kept.append(reply)
+                continue
+            node, partition = reply.metadata.src_node_id, reply_partition(reply)
+            if isinstance(partition, tuple) and partition[0] not in claimed:
+                claimed[partition[0]] = node
+                kept.append(reply)
+                continue
+            if partition is None:
+                reason = "no partition-id and num-partitions metrics"
+            elif isinstance(partition, str):
+                reason = partition
+            else:
+                reason = f"partition-id={partition[0]} is node {claimed[partition[0]]}'s this round"
+            log(WARNING, "Rejected the reply of node %d: %s", node, reason)
+            rejected.append(Rejection(node, reason))
+        return kept, rejected

@@ -63,6 +63,20 @@ def metrics_problem(metrics: MetricRecord) -> str | None:
     return None
 
 
+def reply_partition(reply: Message) -> tuple[int, int] | str | None:
+    """``(partition-id, num-partitions)`` from a reply's metrics; None when it has neither,
+    and why not when they are not two whole numbers with 0 <= id < count (the reply is
+    untrusted)."""
+    metrics = reply.content.metric_records.get(METRICS)
+    if metrics is None or "partition-id" not in metrics or "num-partitions" not in metrics:
+        return None
+    pid, count = metrics["partition-id"], metrics["num-partitions"]
+    whole = all(_finite_number(v) and float(v).is_integer() for v in (pid, count))
+    if not whole or not 0 <= pid < count:
+        return f"partition-id={pid!r} of num-partitions={count!r} is not a partition"
+    return int(pid), int(count)
+
+
 def content_problem(
     reply: Message, required: Iterable[str], optional: Iterable[str] | None = ()
 ) -> str | None:

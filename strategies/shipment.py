@@ -38,6 +38,7 @@ from federation.messages import (
 )
 from models.fedbiot_models import FedBiOTModels
 from models.wire import record_bytes
+from strategies.reply_checks import reply_partition
 
 NODE_KEYS = ("bytes_down", "bytes_up", "bytes_model_download", "bytes_model_download_sent")
 # The ClientApp's @app.query handlers (client_app/app.py) and the reply's record and keys.
@@ -98,8 +99,10 @@ class Shipment:
             node = reply.metadata.src_node_id
             self.count(server_round, node, "bytes_up", content_bytes(reply.content))
             answered.add(node)
-            partition = _partition(reply)
-            if partition is not None:
+            partition = reply_partition(reply)
+            if isinstance(partition, str):
+                log(WARNING, "node %d: %s; not recorded", node, partition)
+            elif partition is not None:
                 self.node_partitions.setdefault(server_round, {})[node] = partition
         failed = sorted(self.awaited - answered)
         self.served -= set(failed)
@@ -187,24 +190,3 @@ def release_caches(grid: Grid, timeout: float) -> None:
     failed = set(nodes) - {r.metadata.src_node_id for r in replies if not r.has_error()}
     for node in sorted(failed):
         log(WARNING, "node %d did not release its model cache at the end of the run", node)
-
-
-def _partition(reply: Message) -> tuple[int, int] | None:
-    """``(partition-id, num-partitions)`` from a reply's metrics, when both are there; a
-    reply is untrusted, so a pair that is not two whole numbers with 0 <= id < count is
-    logged with the node and records no partition."""
-    metrics = reply.content.metric_records.get("metrics")
-    if metrics is None or "partition-id" not in metrics or "num-partitions" not in metrics:
-        return None
-    pid, count = metrics["partition-id"], metrics["num-partitions"]
-    whole = all(isinstance(v, int | float) and float(v).is_integer() for v in (pid, count))
-    if not whole or not 0 <= pid < count:
-        log(
-            WARNING,
-            "node %d: partition-id=%r of num-partitions=%r is not a partition; not recorded",
-            reply.metadata.src_node_id,
-            pid,
-            count,
-        )
-        return None
-    return int(pid), int(count)

@@ -288,3 +288,44 @@ def test_scaffold_checks_each_control_delta_against_its_own_update(strategy: Fed
     for name, value in scaffold.control.items():
         expected = c[name] + (deltas[0][name] + deltas[1][name]) / 4
         torch.testing.assert_close(value, expected)
+
+
+def test_the_local_baseline_keeps_each_partition_s_model_once(strategy: FedBiOT) -> None:
+    """The local-only baseline keeps (and exports) every client's model under the partition
+    its reply names: a reply naming none, or one another node named this round, would lose
+    a client's model or overwrite it without a word; such replies are dropped instead."""
+    cls, params = strategy_class(RunConfig(method="local"), aggregates=False)
+    local = cls(models=strategy.models, distiller=None, distill_steps=0, **params)
+    x = strategy.models.adapter_state()
+    local._round_arrays = to_record(x)
+    states = _honest(strategy, 5)
+    claims = {1: 0, 2: 1, 3: 0, 4: 2.5, 5: None}  # node: partition-id it names
+    replies = []
+    for (node, pid), state in zip(claims.items(), states, strict=True):
+        metrics = {"train_loss": 1.0, "num-examples": 10, "num-partitions": 3}
+        if pid is not None:
+            metrics["partition-id"] = pid
+        else:
+            del metrics["num-partitions"]
+        sent = Message(content=RecordDict(), message_type=MessageType.TRAIN, dst_node_id=node)
+        content = RecordDict({"arrays": to_record(state), "metrics": MetricRecord(metrics)})
+        replies.append(Message(content, reply_to=sent))
+
+    with caplog_records() as records:
+        local.aggregate_train(1, replies)
+
+    assert local.round_metrics[1]["clients_rejected"] == 3
+    assert sorted(local.client_arrays) == [0, 1]
+    for pid, state in ((0, states[0]), (1, states[1])):
+        for name, value in local.client_arrays[pid].items():
+            np.testing.assert_array_equal(value.numpy(), state[name].numpy())
+    for node, reason in [
+        (3, "partition-id=0 is node 1's this round"),
+        (4, "partition-id=2.5 of num-partitions=3 is not a partition"),
+        (5, "metric keys differ from the others'"),  # the others have them
+    ]:
+        assert any(f"node {node}: {reason}" in r for r in records), records
+    # Alone (no other reply to differ from), a reply without a partition is dropped too.
+    with caplog_records() as records, pytest.raises(RuntimeError, match="1 rejected"):
+        local.aggregate_train(2, replies[-1:])
+    assert any("node 5: no partition-id and num-partitions metrics" in r for r in records)
