@@ -169,6 +169,41 @@ def record_payload(record: ArrayRecord) -> Payload:
     return arrays["values"] if "indices" not in arrays else (arrays["values"], arrays["indices"])
 
 
+def payload_problem(
+    record: ArrayRecord | None, public: PublicSet, k: int, vocab: int
+) -> str | None:
+    """Why a client's soft-labels record is not what the server can average with the others
+    for ``public``, or None: dense label log-probs (texts, labels) for classification; else
+    top-``k`` log-probs with int token ids below ``vocab`` for every response position; all
+    finite, log-probs at most 0 and a row's kept probability at most 1. A reply crosses a
+    boundary: a wrong shape would end the round's aggregation, a token id past the vocabulary
+    the distillation, and probabilities above 1 would skew everybody's targets."""
+    if record is None:
+        return f"no {SOFT_LABELS!r} record"
+    names = sorted(record)
+    if names != (["values"] if public.classification else ["indices", "values"]):
+        return f"{SOFT_LABELS} arrays {names}"
+    try:
+        arrays = from_record(record)
+    except ValueError as error:  # NaN or Inf, or bytes that are not their declared array
+        return f"{SOFT_LABELS}: {error}"
+    values, rows = arrays["values"], sum(public.rows)
+    shape = (rows, len(public.labels) if public.classification else min(k, vocab))
+    if tuple(values.shape) != shape or not values.dtype.is_floating_point:
+        return f"{SOFT_LABELS} values {values.dtype}{list(values.shape)}, expected {list(shape)}"
+    if not torch.isfinite(values).all() or values.max() > 1e-3:
+        return f"{SOFT_LABELS} values are not finite log-probabilities"
+    if not public.classification:
+        indices = arrays["indices"]
+        if tuple(indices.shape) != shape or indices.dtype not in (torch.int32, torch.int64):
+            return f"{SOFT_LABELS} indices {indices.dtype}{list(indices.shape)}"
+        if indices.min() < 0 or indices.max() >= vocab:
+            return f"{SOFT_LABELS} token ids outside [0, {vocab})"
+        if values.float().exp().sum(-1).max() > 1.01:
+            return f"{SOFT_LABELS}: a row's kept probability exceeds 1"
+    return None
+
+
 @dataclass
 class KdResult:
     """Mean losses of ``kd_steps`` and the time they took."""

@@ -17,7 +17,7 @@ count of the same ArrayRecords (plus NumPy headers and keys).
 from __future__ import annotations
 
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 from federation.kd_public import (
     SOFT_LABELS,
     kd_steps,
+    payload_problem,
     payload_record,
     public_set,
     record_payload,
@@ -64,6 +65,7 @@ def run_kdfed(grid: Grid, config: RunConfig) -> Path:
     models.to(config.torch_device())
     set_gradient_checkpointing(models.full.peft.get_base_model(), config.gradient_checkpointing)
     public = public_set(config, tokenizer)
+    vocab = int(base.config.vocab_size)  # the clients' top-k token ids index the logits
     recorder.write_config(
         layout,
         {
@@ -92,10 +94,18 @@ def run_kdfed(grid: Grid, config: RunConfig) -> Path:
         start = time.perf_counter()
         replies, failed = send(server_round, dict.fromkeys(nodes, body))
         metrics["time_client_train_s"] = time.perf_counter() - start
+        for node, reply in list(replies.items()):
+            problem = payload_problem(
+                reply.content.array_records.get(SOFT_LABELS), public, config.kd_topk, vocab
+            )
+            if problem is not None:
+                log(WARNING, "Rejected the reply of node %d: %s", node, problem)
+                del replies[node]
+                failed.append(node)
         if not replies:
-            raise RuntimeError(f"round {server_round}: no client answered ({failed})")
+            raise RuntimeError(f"round {server_round}: no usable client reply ({failed})")
         payloads = [
-            (record_payload(r.content[SOFT_LABELS]), int(r.content["metrics"]["num-examples"]))
+            (record_payload(r.content[SOFT_LABELS]), float(r.content["metrics"]["num-examples"]))
             for r in replies.values()
         ]
         metrics.update(
