@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import csv
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -53,6 +53,7 @@ from server_app.exchange_loop import (
 )
 from server_app.run_setup import model_fields
 from server_app.server_eval import ServerEvaluator
+from server_app.split_checks import forward_problem, screen_finals
 from strategies.shipment import Shipment
 
 MESSAGE_TYPE = "train.split"
@@ -92,6 +93,9 @@ class SplitServer:
         n = models.layout.num_blocks
         models.full.train_only(range(k, n))
         self.part: ServerPart = split_model(models.full, k)[1]
+        # What a client's activations must match (server_app/split_checks.py).
+        model_config = models.full.peft.get_base_model().config
+        self.hidden_size, self.vocab = int(model_config.hidden_size), int(model_config.vocab_size)
         self.optimizer = torch.optim.AdamW(
             self.part.trainable(), lr=config.learning_rate, weight_decay=config.weight_decay
         )
@@ -184,13 +188,32 @@ def _split_round(
             if step == steps:
                 finals.append(reply)
                 continue
+            problem = forward_problem(reply, server.hidden_size, server.vocab, config.split_dtype)
+            if problem is not None:  # the node is out of this round; the others go on
+                log(
+                    WARNING,
+                    "round %d step %d: dropped node %d: %s",
+                    server_round,
+                    step,
+                    node,
+                    problem,
+                )
+                grads.pop(node)
+                failed += 1
+                continue
             loss, row = server.step(reply, lr)
             server_seconds += float(row["server_seconds"])
             grads[node] = row.pop("grad")
             rows[node] = {"round": server_round, "step": step, "node": node, **row}
             losses.append(loss)
+    finals, rejected = screen_finals(
+        finals, lora, config.max_update_norm_ratio, config.max_update_norm
+    )
+    failed += len(rejected)
     if not finals:
-        raise RuntimeError(f"round {server_round}: no client finished")
+        raise RuntimeError(
+            f"round {server_round}: no client finished with a usable LoRA ({failed} failed)"
+        )
     start = time.perf_counter()
     averaged = aggregate_arrayrecords([r.content for r in finals], "num-examples")
     models.full.load_state(from_record(averaged))
