@@ -34,6 +34,7 @@ from transformers import PreTrainedTokenizerBase
 from federation.run_choices import parse_tasks
 from federation.run_config import ConfigError, RunConfig
 from models.kd_logits import (
+    VALUE_DTYPES,
     Payload,
     TopKTargets,
     dense_pack,
@@ -173,34 +174,45 @@ def payload_problem(
     record: ArrayRecord | None, public: PublicSet, k: int, vocab: int
 ) -> str | None:
     """Why a client's soft-labels record is not what the server can average with the others
-    for ``public``, or None: dense label log-probs (texts, labels) for classification; else
-    top-``k`` log-probs with int token ids below ``vocab`` for every response position; all
-    finite, log-probs at most 0 and a row's kept probability at most 1. A reply crosses a
-    boundary: a wrong shape would end the round's aggregation, a token id past the vocabulary
-    the distillation, and probabilities above 1 would skew everybody's targets."""
+    for ``public``, or None: fp16 label log-probs (texts, labels) for classification; else
+    top-``min(k, vocab)`` fp16 log-probs with distinct int token ids below ``vocab`` for every
+    response position; all finite, log-probs at most 0 and a row's kept probability at most
+    1. A reply crosses a boundary: a wrong shape or repeated ids would end the round's
+    aggregation, a token id past the vocabulary the distillation, and probabilities above 1
+    would skew everybody's targets."""
     if record is None:
         return f"no {SOFT_LABELS!r} record"
     names = sorted(record)
     if names != (["values"] if public.classification else ["indices", "values"]):
         return f"{SOFT_LABELS} arrays {names}"
+    wire = {"values": (VALUE_DTYPES[WIRE_DTYPE],), "indices": (torch.int32, torch.int64)}
+    for name in names:
+        allowed = [str(d).removeprefix("torch.") for d in wire[name]]
+        if record[name].dtype not in allowed:
+            return f"{SOFT_LABELS} {name} of dtype {record[name].dtype}, expected {allowed}"
     try:
         arrays = from_record(record)
     except ValueError as error:  # NaN or Inf, or bytes that are not their declared array
         return f"{SOFT_LABELS}: {error}"
     values, rows = arrays["values"], sum(public.rows)
     shape = (rows, len(public.labels) if public.classification else min(k, vocab))
-    if tuple(values.shape) != shape or not values.dtype.is_floating_point:
-        return f"{SOFT_LABELS} values {values.dtype}{list(values.shape)}, expected {list(shape)}"
+    if tuple(values.shape) != shape:
+        return f"{SOFT_LABELS} values of shape {list(values.shape)}, expected {list(shape)}"
+    if values.numel() == 0:
+        return None
     if not torch.isfinite(values).all() or values.max() > 1e-3:
         return f"{SOFT_LABELS} values are not finite log-probabilities"
-    if not public.classification:
-        indices = arrays["indices"]
-        if tuple(indices.shape) != shape or indices.dtype not in (torch.int32, torch.int64):
-            return f"{SOFT_LABELS} indices {indices.dtype}{list(indices.shape)}"
-        if indices.min() < 0 or indices.max() >= vocab:
-            return f"{SOFT_LABELS} token ids outside [0, {vocab})"
-        if values.float().exp().sum(-1).max() > 1.01:
-            return f"{SOFT_LABELS}: a row's kept probability exceeds 1"
+    if public.classification:
+        return None
+    indices = arrays["indices"]
+    if tuple(indices.shape) != shape:
+        return f"{SOFT_LABELS} indices of shape {list(indices.shape)}, expected {list(shape)}"
+    if indices.min() < 0 or indices.max() >= vocab:
+        return f"{SOFT_LABELS} token ids outside [0, {vocab})"
+    if (indices.sort(-1).values.diff(dim=-1) == 0).any():
+        return f"{SOFT_LABELS}: a position lists a token id twice"
+    if values.float().exp().sum(-1).max() > 1.01:
+        return f"{SOFT_LABELS}: a row's kept probability exceeds 1"
     return None
 
 

@@ -92,8 +92,8 @@ def node_budget_gb(node_config: Mapping[str, Any], budgets: Mapping[int, float])
 def choose_depths(budgets_gb: Mapping[int, float], depth_gb: Mapping[int, float]) -> dict[int, int]:
     """Each client's deepest depth whose memory (GB per depth) fits its budget.
 
-    A client below the shallowest depth is an error rather than a silent skip: it asked to
-    take part, and the run should not quietly train without it.
+    A client below the shallowest depth is an error naming it and its budget; FedBiAlign's
+    strategy logs it and leaves that client out of the round rather than end the run.
     """
     if not depth_gb:
         raise ValueError("no memory for any adapter depth")

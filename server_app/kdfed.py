@@ -115,7 +115,7 @@ def run_kdfed(grid: Grid, config: RunConfig) -> Path:
             **client_means(list(replies.values())),
         )
         start = time.perf_counter()
-        aggregated = aggregate_soft_labels(payloads, k=config.kd_topk)
+        aggregated = aggregate_soft_labels(payloads, k=min(config.kd_topk, vocab))
         result = kd_steps(
             models.full,
             optimizer,

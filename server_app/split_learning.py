@@ -180,7 +180,8 @@ def _split_round(
             grads.pop(node)
             failed += 1
         for node, reply in sorted(replies.items()):
-            client_seconds += float(reply.content["metrics"]["client_seconds"])
+            # Bookkeeping only: a reply without it reports no client time.
+            client_seconds += float(reply.content["metrics"].get("client_seconds", 0.0))
             if node in rows:  # the gradient of the previous step went down with this message
                 previous = rows.pop(node)
                 previous["bytes_down"] = record_bytes(bodies[node][GRADIENT])

@@ -197,6 +197,7 @@ class HeterogeneousDepthFedAvg(FedAvg):
         self.allowed_keys: dict[int, frozenset[str]] = {}
         self._sent: dict[str, torch.Tensor] = {}
         self._received: dict[int, dict[str, torch.Tensor]] = {}
+        self.sat_out: list[int] = []  # this round's sampled nodes without a depth
 
     def _learn_depths(self, grid: Grid, nodes: list[int]) -> None:
         """Ask nodes without a depth for their budgets and choose their depths."""
@@ -244,6 +245,12 @@ class HeterogeneousDepthFedAvg(FedAvg):
             for node in sampled
             if node in self.node_depths
         }
+        self.sat_out = sorted(node for node in sampled if node not in self.node_depths)
+        if not self.allowed_keys:
+            raise RuntimeError(
+                f"round {server_round}: every sampled node sits out for want of a usable "
+                f"memory budget (nodes {self.sat_out}; the log names each one's reason)"
+            )
         return [
             Message(
                 RecordDict(
@@ -301,6 +308,7 @@ class HeterogeneousDepthFedAvg(FedAvg):
             self.history.add(server_round, UpdateRow(node, depth, int(n), norm, cosine))
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         metrics.update(self.history.round_summary(server_round))
+        metrics["clients_sat_out"] = len(self.sat_out)
         return to_record(new), metrics
 
 

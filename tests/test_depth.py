@@ -251,9 +251,15 @@ def test_a_node_without_a_usable_budget_sits_the_round_out(models: FedBiOTModels
         (5, r"its reply's memory-budget-gb: \[4\.0\] is not a number of GB"),
     ]:
         assert any(re.search(f"Node {node} sits this round out: .*{reason}", r) for r in records)
+    assert strategy.sat_out == [2, 3, 4, 5]  # counted in the round's clients_sat_out
     grid.queried.clear()
     strategy.configure_train(2, to_record(models.adapter_state()), ConfigRecord(), grid)
     assert sorted(grid.queried) == [2, 3, 4, 5]
+    # With no node able to train, the round cannot happen: one error names them all.
+    alone = HeterogeneousDepthFedAvg(depth_gb={2: 1.0}, **_sampling(2))
+    with pytest.raises(RuntimeError, match=r"every sampled node sits out .*\(nodes \[1, 2\]"):
+        alone.configure_train(1, to_record(models.adapter_state()), ConfigRecord(),
+                              FakeGrid({1: 0.5, 2: float("nan")}))  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -7,12 +7,14 @@ The payloads are what a real ClientApp computes with the tiny model on the real 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 
 from federation.kd_public import (
     PublicSet,
@@ -54,14 +56,27 @@ TOPK_CASES = {
         lambda r: ArrayRecord({"values": r["values"]}),
         "soft-labels arrays ['values']",
     ),
-    "one row short": (lambda r: _changed(r, values=lambda v: v[1:]), "values torch.float16["),
+    "one row short": (lambda r: _changed(r, values=lambda v: v[1:]), "values of shape ["),
+    "float64 values": (lambda r: _changed(r, values=lambda v: v.double()), "dtype float64"),
+    "text values": (
+        lambda r: ArrayRecord({"values": Array(np.array([["a"]])), "indices": r["indices"]}),
+        "values of dtype <U1",
+    ),
+    "a token id listed k times": (
+        lambda r: _changed(
+            r,
+            indices=lambda i: i[:, :1].expand(i.shape).contiguous(),
+            values=lambda v: torch.full_like(v, math.log(0.2)),
+        ),
+        "a position lists a token id twice",
+    ),
     "a token id past the vocabulary": (
         lambda r: _changed(r, indices=lambda i: i.clone().fill_(10**6)),
         "token ids outside [0, ",
     ),
     "int indices of another width": (
         lambda r: _changed(r, indices=lambda i: i.to(torch.int16)),
-        "indices torch.int16",
+        "indices of dtype int16",
     ),
     "probabilities above 1": (
         lambda r: _changed(r, values=torch.zeros_like),  # log 1 for each of the k tokens

@@ -6,6 +6,7 @@ skewing the average. The good replies are what the ClientApp packs (``pack_forwa
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,9 +23,18 @@ from flwr.app import (
 from flwr.supercore.task_identity import TaskIdentity
 
 from federation.messages import ACTIVATIONS
+from federation.run_config import RunConfig
+from models.blocks import get_blocks
+from models.fedbiot_models import FedBiOTModels
+from models.layout import full_layout
+from models.lora import LoraSpec
 from models.split_model import pack_forward
-from models.wire import to_record
+from models.wire import from_record, to_record
+from server_app.exchange_loop import round_config
 from server_app.split_checks import forward_problem, screen_finals
+from server_app.split_learning import SplitServer, _split_round
+from tests.test_aggregation import caplog_records
+from tests.tiny import tiny
 
 HIDDEN, VOCAB, WIRE = 64, 100, "fp16"
 
@@ -123,3 +133,47 @@ def test_final_replies_must_be_the_client_lora_as_sent() -> None:
     assert "missing keys ['b']" in reasons[3]
     assert reasons[4] == "ArrayRecords ['activations', 'arrays']"
     assert "dtype float64, expected float32" in reasons[5]
+
+
+def test_a_split_round_drops_a_bad_node_and_averages_the_others(tmp_path: Path) -> None:
+    """The round loop on the real server part (tiny model): node 2's first step carries a
+    label past the vocabulary, so it gets no further message and is counted as failed;
+    node 3's final LoRA misses a key, so only node 1's is loaded. The transport is a
+    function answering each step as a ClientApp would."""
+    model, tokenizer = tiny("tiny-llama")
+    spec = LoraSpec(r=4, alpha=8)
+    models = FedBiOTModels(model, tokenizer, full_layout(len(get_blocks(model))), spec)
+    config = RunConfig(local_steps=2, split_point=1, split_dtype=WIRE)
+    server = SplitServer(models, 1, config, tmp_path / "steps.csv")
+    sent_lora = to_record(models.full.state(range(1)))
+    vocab, width = int(model.config.vocab_size), int(model.config.hidden_size)
+    trained = {k: v + 0.01 for k, v in from_record(sent_lora).items()}
+    asked: dict[int, list[int]] = {}
+
+    def send(server_round: int, bodies: dict, step: int = 0) -> tuple[dict, list]:
+        replies = {}
+        for node, body in bodies.items():
+            asked.setdefault(node, []).append(step)
+            if bool(body["config"]["final"]):
+                lora = trained if node == 1 else dict(list(trained.items())[1:])
+                replies[node] = _message(node, arrays=to_record(lora))
+                continue
+            labels = torch.full((2, 5), vocab if node == 2 else 3)
+            hidden = torch.randn(2, 5, width, generator=torch.Generator().manual_seed(step))
+            arrays, meta = pack_forward(hidden, None, labels, WIRE)
+            records = {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
+            replies[node] = _message(
+                node,
+                **{ACTIVATIONS: ArrayRecord(records), f"{ACTIVATIONS}-meta": ConfigRecord(meta)},
+            )
+        return replies, []
+
+    with caplog_records() as records:
+        metrics = _split_round(1, send, server, [1, 2, 3], round_config(config, 1, "digest"))
+
+    assert asked == {1: [0, 1, 2], 2: [0], 3: [0, 1, 2]}
+    assert (metrics["clients_failed"], metrics["clients_averaged"]) == (2, 1)
+    assert any("dropped node 2: labels outside [0, " in r for r in records), records
+    assert any("node 3: missing keys" in r for r in records), records
+    for name, value in models.full.state(range(1)).items():
+        torch.testing.assert_close(value, trained[name])
