@@ -183,11 +183,13 @@ CLAIMS = (
     ("FedIT AdapFu > base", "fedit", "adapfu", "fedit", "base"),
     ("AdapFu > AdapEmu (FedBiOT beta 0.2)", "fedbiot-b0.2", "adapfu", "fedbiot-b0.2", "adapemu"),
     ("AdapFu > AdapEmu (FedBiOT beta 0.5)", "fedbiot-b0.5", "adapfu", "fedbiot-b0.5", "adapemu"),
+    ("AdapFu > AdapEmu (offsite-tuning)", "offsite", "adapfu", "offsite", "adapemu"),
     ("FedBiOT AdapFu >= FedOT AdapFu", "fedbiot-b0.2", "adapfu", "fedot", "adapfu"),
     ("FedBiOT AdapFu >= offsite-tuning AdapFu", "fedbiot-b0.2", "adapfu", "offsite", "adapfu"),
     ("federated (FedIT) > local-only", "fedit", "adapfu", "local", "local"),
     ("parameter averaging (FedIT) > split learning", "fedit", "adapfu", "split", "adapfu"),
     ("split learning > KD-FedLLM", "split", "adapfu", "kdfed", "adapfu"),
+    ("KD-FedLLM AdapFu > base", "kdfed", "adapfu", "kdfed", "base"),
 )
 
 
