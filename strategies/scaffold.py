@@ -81,9 +81,8 @@ class Scaffold(FedAvg):
         client's delta_c_i is checked, not trusted: a huge one would blow up ``c``, which
         every client then applies at every step. The bound leaves room for float32 rounding
         (the client computes ``(c_i - c + q) - c_i``)."""
-        if self.local_steps <= 0 or self.round_learning_rate <= 0 or self.control is None:
-            return None
-        if self.current is None:
+        unchecked = min(self.local_steps, self.round_learning_rate) <= 0
+        if unchecked or self.control is None or self.current is None:
             return None
         scale = self.local_steps * self.round_learning_rate
         got, y = _tensors(delta), _tensors(model)
