@@ -2,10 +2,11 @@
 
 For each drop rate β, the server's pre-alignment (``EmulatorDistiller``, the run's own code)
 runs on the public data, and every ``--every`` steps the bench measures E∘A against E*∘A:
-KL(p_{E*∘A} || p_{E∘A}) per response token and top-1 agreement, on held-out public texts
-(never distilled on) and on Banking77 validation texts (the part of the training split no
-client trains on). The adapter is the untrained one here; FedBiOT's runs report the same
-measure on every due round (``fidelity_*`` keys) with the trained adapter.
+KL(p_{E*∘A} || p_{E∘A}) per response token and top-1 agreement, each with a 95 % interval
+that resamples texts, on held-out public texts (never distilled on) and on Banking77
+validation texts (the part of the training split no client trains on). The adapter is the
+untrained one here; FedBiOT's runs report the same measure on every due round
+(``fidelity_*`` keys) with the trained adapter.
 
     python -m bench.emulator_fidelity --betas 0.2 0.5 --steps 100 --every 20
     python -m bench.emulator_fidelity --model tiny-llama --steps 2 --every 1 --texts 4   # smoke
@@ -31,10 +32,11 @@ from federation.run_config import RunConfig  # noqa: E402
 from models.blocks import get_blocks  # noqa: E402
 from models.distillation import EmulatorDistiller  # noqa: E402
 from models.fedbiot_models import FedBiOTModels  # noqa: E402
-from models.fidelity import agreement  # noqa: E402
+from models.fidelity import per_text_agreement  # noqa: E402
 from models.layout import fedbiot_layout  # noqa: E402
 from models.loading import load_model  # noqa: E402
 from models.lora import LoraSpec  # noqa: E402
+from server_app.evaluation.confidence import agreement_intervals  # noqa: E402
 from server_app.run_setup import public_batches, public_heldout_records  # noqa: E402
 from task_data import collate, load_records, tokenize_records  # noqa: E402
 from task_data.validation import validation_split  # noqa: E402
@@ -45,6 +47,10 @@ def batches(tokenizer, records: list[dict], config: RunConfig) -> list[dict]:
     size = config.batch_size
     return [collate(examples[i : i + size], tokenizer.pad_token_id)
             for i in range(0, len(examples), size)]  # fmt: skip
+
+
+def with_interval(row: dict[str, float], key: str) -> str:
+    return f"{row[key]:.2f} [{row[key + '_ci_low']:.2f}, {row[key + '_ci_high']:.2f}]"
 
 
 def curve(beta: float, args: argparse.Namespace) -> list[dict[str, float]]:
@@ -72,8 +78,9 @@ def curve(beta: float, args: argparse.Namespace) -> list[dict[str, float]]:
     while True:
         row: dict[str, float] = {"beta": beta, "step": step}
         for name, data in held.items():
-            for metric, value in agreement(models.full.peft, models.compressed.peft, data).items():
-                row[f"{name}_{metric}"] = value
+            texts = per_text_agreement(models.full.peft, models.compressed.peft, data)
+            for metric, interval in agreement_intervals(texts, args.seed).items():
+                row |= interval.keys(f"{name}_{metric}")
         row["seconds"] = time.perf_counter() - start
         points.append(row)
         print(json.dumps(row), flush=True)
@@ -100,8 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("| β | step | public KL | public top-1 | task KL | task top-1 |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['beta']} | {r['step']} | {r['public_kl']:.3f} | {r['public_top1']:.3f} "
-              f"| {r['task_kl']:.3f} | {r['task_top1']:.3f} |")  # fmt: skip
+        cells = [with_interval(r, f"{k}_{m}") for k in ("public", "task") for m in ("kl", "top1")]
+        print(f"| {r['beta']} | {r['step']} | {' | '.join(cells)} |")
     given = sys.argv[1:] if argv is None else argv
     document = {"command": " ".join(["python -m bench.emulator_fidelity", *given]), "rows": rows}
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -28,9 +28,10 @@ from flwr.common.logger import log
 from federation.run_choices import parse_tasks
 from federation.run_config import RunConfig
 from models.fedbiot_models import FedBiOTModels
-from models.fidelity import agreement
+from models.fidelity import per_text_agreement
 from models.loading import cache_root
 from models.wire import from_record
+from server_app.evaluation.confidence import agreement_intervals
 from server_app.evaluation.generation import generate
 from server_app.evaluation.heldout import HeldoutResult, score_records
 from server_app.evaluation.open_ended import side_by_side
@@ -279,12 +280,12 @@ class ServerEvaluator:
                 for name, records in (("task", self.records[:size]), ("public", public))
                 if (examples := tokenize_records(tokenizer, records, self.config.seq_length))
             }
-        full, emulated = self.models.full.peft, self.models.compressed.peft
-        return {
-            f"fidelity_{name}_{metric}": value
-            for name, batches in self.fidelity_batches.items()
-            for metric, value in agreement(full, emulated, batches).items()
-        }
+        full, emulated, out = self.models.full.peft, self.models.compressed.peft, {}
+        for name, batches in self.fidelity_batches.items():
+            texts = per_text_agreement(full, emulated, batches)
+            for metric, interval in agreement_intervals(texts).items() if texts["tokens"] else ():
+                out |= interval.keys(f"fidelity_{name}_{metric}")
+        return out
 
     def _local_only(self, server_round: int, client_arrays: dict) -> dict[str, float]:
         """Each client's model: its loss per client, their mean and spread; per-text scores go

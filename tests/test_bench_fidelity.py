@@ -1,5 +1,6 @@
 """bench.emulator_fidelity's quick mode: pre-alignment moves the emulator towards the full
-model (the KL falls from step 0) and the JSON carries every measured step."""
+model (the KL falls from step 0) and the JSON carries every measured step with its
+intervals."""
 
 import json
 from pathlib import Path
@@ -15,3 +16,5 @@ def test_prealignment_reduces_the_emulators_kl(tmp_path: Path) -> None:
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert rows[-1]["public_kl"] < rows[0]["public_kl"]
     assert rows[-1]["task_kl"] < rows[0]["task_kl"]
+    assert rows[0]["task_kl_ci_low"] <= rows[0]["task_kl"] <= rows[0]["task_kl_ci_high"]
+    assert {"public_top1_ci_low", "public_top1_ci_high"} <= rows[0].keys()

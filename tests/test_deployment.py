@@ -114,6 +114,10 @@ def test_tls_authenticated_deployment_survives_a_killed_client(tmp_path: Path) -
         reported = {(r["partition_id"], r["num_partitions"])
                     for r in traffic if r["round"] == 2}  # fmt: skip
         assert reported == {(0, 3), (1, 3), (2, 3)}, traffic
+        # A node keeps its partition from round to round (round 1: the nodes that replied).
+        by_node = {r["node"]: r["partition_id"] for r in traffic if r["round"] == 2}
+        first = [r for r in traffic if r["round"] == 1 and r["partition_id"] is not None]
+        assert len(first) == 2 and all(by_node[r["node"]] == r["partition_id"] for r in first)
         failed = [r["node"] for r in traffic if r["round"] == 1 and r["bytes_up"] == 0]
         assert len(failed) == 1, traffic
         again = [r for r in traffic if r["round"] == 2 and r["node"] == failed[0]]

@@ -253,7 +253,12 @@ def test_heldout_scores_are_per_text_paired_and_summarised(finished_run) -> None
         assert row[f"{key}_loss_vs_base"] == pytest.approx(loss - base_loss)
         right = sum(p == g for p, g in zip(text["predicted"], text["gold"], strict=True))
         assert row[f"{key}_accuracy"] == right / 2
-    fidelity = {f"fidelity_{kind}_{m}" for kind in ("task", "public") for m in ("kl", "top1")}
+    fidelity = {
+        f"fidelity_{kind}_{m}{end}"
+        for kind in ("task", "public")
+        for m in ("kl", "top1")
+        for end in ("", "_ci_low", "_ci_high")
+    }
     assert all(fidelity <= row.keys() for row in rows)  # E∘A against E*∘A every due round
     summary = (run_dir / "heldout_summary.md").read_text()
     adapfu = next(line for line in summary.splitlines() if line.startswith("| adapfu "))

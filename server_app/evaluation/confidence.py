@@ -76,6 +76,16 @@ def ratio(numerators: Sequence[float], denominators: Sequence[float], seed: int 
     return Interval(float(_ratio(num, den)), low, high)
 
 
+def agreement_intervals(texts: dict[str, Sequence[float]], seed: int = 0) -> dict[str, Interval]:
+    """``kl`` per response token and ``top1`` agreement from per-text sums
+    (``models.fidelity.per_text_agreement``): ratios over tokens, resampling texts, since the
+    tokens of one text are not independent draws (so no Wilson interval over tokens)."""
+    return {
+        "kl": ratio(texts["kl"], texts["tokens"], seed),
+        "top1": ratio(texts["agree"], texts["tokens"], seed),
+    }
+
+
 def paired_ratio_difference(
     a: tuple[Sequence[float], Sequence[float]],
     b: tuple[Sequence[float], Sequence[float]],
