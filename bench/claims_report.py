@@ -15,7 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from server_app.evaluation.confidence import Interval, paired_ratio_difference, ratio
+from server_app.evaluation.confidence import (
+    Interval,
+    interval_cell,
+    paired_ratio_difference,
+    ratio,
+)
 
 
 @dataclass(frozen=True)
@@ -227,13 +232,6 @@ def claims(cells: dict[tuple[str, str], list[Path]], partitions: list[str]) -> l
     return out
 
 
-def _cell(entry: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
-    if key not in entry:
-        return "–"
-    value, low, high = (scale * entry[k] for k in (key, f"{key}_ci_low", f"{key}_ci_high"))
-    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
-
-
 def _number(value: float, digits: int) -> str:
     return f"{value:.{digits}f}" if np.isfinite(value) else "–"
 
@@ -254,8 +252,9 @@ def write_report(document: dict, path: Path) -> Path:
     ]
     for e in document["table"]:
         lines.append(
-            f"| {e['method']} | {e['partition']} | {e['model']} | {_cell(e, 'loss')} "
-            f"| {_cell(e, 'accuracy', 100, 1)} | {_number(e['client_seconds_per_example'], 3)} "
+            f"| {e['method']} | {e['partition']} | {e['model']} | {interval_cell(e, 'loss')} "
+            f"| {interval_cell(e, 'accuracy', 100, 1)} "
+            f"| {_number(e['client_seconds_per_example'], 3)} "
             f"| {_number(e['bytes_per_client'] / 1e6, 1)} | {_number(e['server_seconds'], 0)} "
             f"| {_number(e['wall_seconds'], 0)} |"
         )
@@ -263,9 +262,9 @@ def write_report(document: dict, path: Path) -> Path:
               "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for c in document["claims"]:
         lines.append(
-            f"| {c['claim']} | {c['partition']} | {_cell(c, 'loss_difference')} "
+            f"| {c['claim']} | {c['partition']} | {interval_cell(c, 'loss_difference')} "
             f"| {c.get('verdict_loss', c.get('verdict', '–'))} "
-            f"| {_cell(c, 'accuracy_difference', 100, 1)} "
+            f"| {interval_cell(c, 'accuracy_difference', 100, 1)} "
             f"| {c.get('verdict_accuracy', c.get('verdict', '–'))} |"
         )
     path.write_text("\n".join(lines) + "\n")

@@ -36,7 +36,7 @@ from models.fidelity import per_text_agreement  # noqa: E402
 from models.layout import fedbiot_layout  # noqa: E402
 from models.loading import load_model  # noqa: E402
 from models.lora import LoraSpec  # noqa: E402
-from server_app.evaluation.confidence import agreement_intervals  # noqa: E402
+from server_app.evaluation.confidence import agreement_intervals, interval_cell  # noqa: E402
 from server_app.run_setup import public_batches, public_heldout_records  # noqa: E402
 from task_data import collate, load_records, tokenize_records  # noqa: E402
 from task_data.validation import validation_split  # noqa: E402
@@ -47,10 +47,6 @@ def batches(tokenizer, records: list[dict], config: RunConfig) -> list[dict]:
     size = config.batch_size
     return [collate(examples[i : i + size], tokenizer.pad_token_id)
             for i in range(0, len(examples), size)]  # fmt: skip
-
-
-def with_interval(row: dict[str, float], key: str) -> str:
-    return f"{row[key]:.2f} [{row[key + '_ci_low']:.2f}, {row[key + '_ci_high']:.2f}]"
 
 
 def curve(beta: float, args: argparse.Namespace) -> list[dict[str, float]]:
@@ -107,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("| β | step | public KL | public top-1 | task KL | task top-1 |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        cells = [with_interval(r, f"{k}_{m}") for k in ("public", "task") for m in ("kl", "top1")]
+        keys = [f"{kind}_{metric}" for kind in ("public", "task") for metric in ("kl", "top1")]
+        cells = [interval_cell(r, key, digits=2) for key in keys]
         print(f"| {r['beta']} | {r['step']} | {' | '.join(cells)} |")
     given = sys.argv[1:] if argv is None else argv
     document = {"command": " ".join(["python -m bench.emulator_fidelity", *given]), "rows": rows}

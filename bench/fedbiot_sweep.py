@@ -33,10 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.claims_report import pooled_against_base  # noqa: E402
 from bench.federation_runs import run_federations  # noqa: E402
-from server_app.evaluation.confidence import (  # noqa: E402
-    wilson,
-)
-from server_app.server_eval import interval_cell  # noqa: E402
+from server_app.evaluation.confidence import interval_cell, wilson  # noqa: E402
 
 CLIENTS = 2
 # One client budget for every point: 4 rounds x 10 steps x batch 4 per client.

@@ -35,8 +35,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from bench.claims_report import pooled_against_base  # noqa: E402
 from federation.run_config import ConfigError, RunConfig  # noqa: E402
 from models.loading import load_model  # noqa: E402
+from server_app.evaluation.confidence import interval_cell  # noqa: E402
 from server_app.evaluation.heldout import HeldoutResult, score_records  # noqa: E402
-from server_app.server_eval import heldout_records, interval_cell  # noqa: E402
+from server_app.server_eval import heldout_records  # noqa: E402
 from task_data.sources import default_data_dir  # noqa: E402
 
 

@@ -31,7 +31,7 @@ from models.fedbiot_models import FedBiOTModels
 from models.fidelity import per_text_agreement
 from models.loading import cache_root
 from models.wire import from_record
-from server_app.evaluation.confidence import agreement_intervals
+from server_app.evaluation.confidence import agreement_intervals, interval_cell
 from server_app.evaluation.generation import generate
 from server_app.evaluation.heldout import HeldoutResult, score_records
 from server_app.evaluation.open_ended import side_by_side
@@ -283,8 +283,9 @@ class ServerEvaluator:
         full, emulated, out = self.models.full.peft, self.models.compressed.peft, {}
         for name, batches in self.fidelity_batches.items():
             texts = per_text_agreement(full, emulated, batches)
-            for metric, interval in agreement_intervals(texts).items() if texts["tokens"] else ():
-                out |= interval.keys(f"fidelity_{name}_{metric}")
+            if texts["tokens"]:
+                for metric, interval in agreement_intervals(texts).items():
+                    out |= interval.keys(f"fidelity_{name}_{metric}")
         return out
 
     def _local_only(self, server_round: int, client_arrays: dict) -> dict[str, float]:
@@ -353,18 +354,6 @@ class ServerEvaluator:
         return side_by_side(
             variants, tokenizer, size, self.settings.seed, out_dir, self.settings.data_dir
         )
-
-
-def interval_cell(metrics: dict[str, float], name: str, scale: float = 1.0, digits: int = 3) -> str:
-    """``value [low, high]`` of ``name`` and its ``_ci_low``/``_ci_high`` keys, scaled; the value
-    alone when it has no interval, ``–`` when it is missing."""
-    if name not in metrics:
-        return "–"
-    value = metrics[name] * scale
-    low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
-    if low is None or high is None:
-        return f"{value:.{digits}f}"
-    return f"{value:.{digits}f} [{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
 
 
 def summary_table(task: str, results: dict[str, dict[str, float]]) -> str:

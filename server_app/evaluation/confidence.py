@@ -37,6 +37,18 @@ class Interval:
 NAN = Interval(float("nan"), float("nan"), float("nan"))
 
 
+def interval_cell(metrics: dict[str, float], name: str, scale: float = 1.0, digits: int = 3) -> str:
+    """``value [low, high]`` of ``name`` and its ``_ci_low``/``_ci_high`` keys, scaled; the value
+    alone when it has no interval, ``–`` when it is missing."""
+    if name not in metrics:
+        return "–"
+    value = metrics[name] * scale
+    low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
+    if low is None or high is None:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
+
+
 def wilson(successes: int, n: int) -> Interval:
     """A proportion with Wilson's score interval."""
     if n <= 0:
