@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,8 +37,14 @@ PRECISIONS = (
 METHODS = {"fedbiot": "fedbiot", "fedit": "full"}  # method -> client layout
 
 
-def client_row(root: Path, layout: str, dtype: str, ckpt: bool, quant: str, args) -> dict:
-    """Tokens/s, peak CUDA memory and FLOPs/token of one client configuration."""
+def client_row(
+    root: Path, layout: str, dtype: str, ckpt: bool, quant: str, args, flops: dict[str, float]
+) -> dict:
+    """Tokens/s, peak CUDA memory and FLOPs/token of one client configuration.
+
+    FLOPs per token are the model's (no recomputation) and the same in every precision, so
+    they are counted once per layout, in the first (fp32) row: PyTorch's FLOP counter
+    rejects the grouped-query SDPA call that bf16 on CUDA takes."""
     from client_app.model_cache import load_client_model
     from federation.local_training import train_lora
     from models.flops import training_flops_per_token
@@ -58,7 +66,8 @@ def client_row(root: Path, layout: str, dtype: str, ckpt: bool, quant: str, args
             yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
     first = {k: v.cuda() for k, v in next(batches()).items()}
-    flops = training_flops_per_token(client.lora, blocks, first, response_only=False)
+    if layout not in flops:
+        flops[layout] = training_flops_per_token(client.lora, blocks, first, response_only=False)
     train_lora(client.lora, blocks, batches(), steps=1, learning_rate=1e-4)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -68,7 +77,7 @@ def client_row(root: Path, layout: str, dtype: str, ckpt: bool, quant: str, args
     row = {
         "tokens_per_s": tokens_per_s,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "gflop_per_token": flops / 1e9,
+        "gflop_per_token": flops[layout] / 1e9,
         "quantization": client.quantization,
         "note": client.quantization_note,
     }
@@ -77,27 +86,81 @@ def client_row(root: Path, layout: str, dtype: str, ckpt: bool, quant: str, args
     return row
 
 
-def federation_check(out: Path, rounds: int) -> dict:
-    """A FedBiOT ``flwr run`` of ``rounds`` rounds on 3 simulated nodes with device=cuda."""
-    from tests.flower_runtime import REPO, local_federation
+def random_weights(model: str, out: Path) -> str:
+    """``model``'s config and tokenizer with seeded random weights, saved in ``out``.
+
+    For GPU nodes the weights cannot reach (one call carries at most 64 MiB; the embedded
+    GGUF is 98 MB): throughput, memory and FLOPs depend on the shapes alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from models.loading import resolve_model_dir
+
+    source = resolve_model_dir(model)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return str(out)
+
+
+def federation_check(
+    out: Path,
+    rounds: int,
+    model: str,
+    device: str,
+    timeout: float,
+    overrides: dict[str, object] | None = None,
+) -> dict:
+    """A FedBiOT ``flwr run`` of ``rounds`` rounds on a real deployment: a SuperLink and 3
+    SuperNode processes on loopback (``scripts/deploy_local.py``), each training on
+    ``device``; ``overrides`` replace run-config defaults. The deployment runtime needs no
+    Ray, whose wheel cannot travel to the GPU node with the rest."""
+    from tests.flower_runtime import BIN, REPO, app_dir
 
     config = {
-        "model": "smollm2-135m",
+        "model": model,
         "method": "fedbiot",
-        "device": "cuda",
+        "device": device,
         "num-server-rounds": rounds,
+        "num-partitions": 3,
+        "min-train-nodes": 3,
         "eval-examples": 100,
         "output-dir": str(out),
         "run-name": "gpu-check",
         "data-dir": str(REPO / "data"),
-        "cache-dir": str(out / "node-cache"),
+        **(overrides or {}),
     }
+    deploy = [sys.executable, str(REPO / "scripts" / "deploy_local.py")]
+    root = out / "deploy"
+    subprocess.run([*deploy, "start", "--dir", str(root), "--nodes", "3", "--insecure"],
+                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(root / "flwr-home"),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    run_config = " ".join(
+        f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in config.items()
+    )
     begin = time.perf_counter()
-    with local_federation(out / "flwr-home") as federation:
-        rows = federation.run_to_end(
-            config, supernodes=3, timeout=240, federation_config="client-resources-num-gpus=0.3"
-        )
-    return {"rounds": len(rows), "seconds": time.perf_counter() - begin, "last": rows[-1]}
+    try:
+        done = subprocess.run(
+            [str(BIN / "flwr"), "run", str(app_dir()), "local", "--stream",
+             "--run-config", run_config],
+            env=env, capture_output=True, text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+    finally:
+        subprocess.run([*deploy, "stop", "--dir", str(root)], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+    seconds = time.perf_counter() - begin
+    metrics = out / "gpu-check" / "metrics.jsonl"
+    rows = (
+        [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    )
+    if done.returncode != 0 or not rows or rows[-1]["round"] != rounds:
+        tail = (done.stdout + done.stderr)[-4000:]
+        raise RuntimeError(f"the {rounds}-round flwr run did not finish:\n{tail}")
+    return {"rounds": rounds, "seconds": seconds, "last": rows[-1]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,11 +168,19 @@ def main(argv: list[str] | None = None) -> int:
         description="SmolLM2-135M FedBiOT/FedIT client tokens/s and peak CUDA memory per "
         "precision, the bf16 FedBiOT step's MFU on an H200, and a 2-round FedBiOT flwr run."
     )
+    parser.add_argument("--model", default="smollm2-135m", help="embedded name or directory")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="the model's config and tokenizer with seeded random weights (for GPU nodes the "
+        "weights cannot reach; speed and memory depend on the shapes alone)",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-length", type=int, default=512)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--no-federation", action="store_true")
+    parser.add_argument("--federation-timeout", type=float, default=240)
     parser.add_argument("--json", default="", help="write the results here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -125,15 +196,22 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"device": torch.cuda.get_device_name(), "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model = argparse.Namespace(model="smollm2-135m", adapter_layers=2, drop_rate=0.2, lora_r=8)
+        model_name = args.model
+        if args.random_weights:
+            model_name = random_weights(args.model, root / "model")
+        results.update(model=args.model, random_weights=args.random_weights)
+        model = argparse.Namespace(model=model_name, adapter_layers=2, drop_rate=0.2, lora_r=8)
         prepare_packages(model, root)
-        print(f"{results['device']}, batch {args.batch_size} x seq {args.seq_length}\n")
+        weights = ", random weights" if args.random_weights else ""
+        print(f"{results['device']}, {args.model}{weights}, batch {args.batch_size} x seq "
+              f"{args.seq_length}\n")  # fmt: skip
         print("| method | precision | tokens/s | peak CUDA GiB | GFLOP/token | MFU |")
         print("| --- | --- | --- | --- | --- | --- |")
+        flops: dict[str, float] = {}
         for method, layout in METHODS.items():
             for name, dtype, ckpt, quant in PRECISIONS:
                 try:
-                    row = client_row(root, layout, dtype, ckpt, quant, args)
+                    row = client_row(root, layout, dtype, ckpt, quant, args, flops)
                 except Exception as err:  # a row that cannot run is reported, not fatal
                     row = {"error": f"{type(err).__name__}: {err}"}
                     print(f"| {method} | {name} | failed: {row['error'][:200]} | | | |")
@@ -150,16 +228,26 @@ def main(argv: list[str] | None = None) -> int:
                     f"| {row['gflop_per_token']:.3f} | {mfu} |",
                     flush=True,
                 )
+        status = 0
         if not args.no_federation:
-            fed = federation_check(root, args.rounds)
+            try:
+                fed = federation_check(
+                    root, args.rounds, model_name, "cuda", args.federation_timeout
+                )
+            except Exception as err:  # the table above stays; the failure is the exit status
+                fed = {"error": f"{type(err).__name__}: {err}"}
+                print(f"\nflwr run, FedBiOT, device=cuda: failed: {fed['error']}")
+                status = 1
+            else:
+                timing = {k: v for k, v in fed["last"].items() if "seconds" in k or "loss" in k}
+                print(
+                    f"\nflwr run, FedBiOT, device=cuda, 3 SuperNodes: {fed['rounds']} rounds in "
+                    f"{fed['seconds']:.0f} s; last round: {timing}"
+                )
             results["federation"] = fed
-            print(
-                f"\nflwr run, FedBiOT, device=cuda: {fed['rounds']} rounds in "
-                f"{fed['seconds']:.0f} s; last round: {fed['last']}"
-            )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -33,11 +33,14 @@ def app_dir() -> Path:
     them into the FAB; in a checkout that includes every file of .venv and the caches, seconds
     of CPU per run. This copy, made once per process, holds git's tracked and unignored files
     only, so the FAB (and its hash) is the same and the walk is short.
-    Outside a git checkout it is the repository itself."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO, capture_output=True, check=False,
-    )  # fmt: skip
+    Outside a git checkout, or without git, it is the repository itself."""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO, capture_output=True, check=False,
+        )  # fmt: skip
+    except OSError:  # no git (a GPU node's copy of the tree)
+        return REPO
     if listed.returncode != 0:
         return REPO
     staged = Path(tempfile.mkdtemp(prefix="fedbiot-app-"))

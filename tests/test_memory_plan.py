@@ -1,12 +1,8 @@
-"""The memory plan against what a real client step allocates, and the GPU check's guard."""
+"""The memory plan against what a real client step allocates."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
-import torch
 
 from bench.memory_plan import Setup, load_config, main, measure_client, plan
 from models.blocks import extract_blocks, get_blocks
@@ -35,21 +31,3 @@ def test_frozen_weights_are_the_loaded_models_parameter_bytes(dtype: str) -> Non
 def test_an_unknown_method_is_named() -> None:
     with pytest.raises(ValueError, match="method='fedx'"):
         main(["--model", "tiny-llama", "--method", "fedx"])
-
-
-def _gpu_check(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "bench.gpu_check", *args], capture_output=True, text=True
-    )
-
-
-def test_gpu_check_has_help() -> None:
-    done = _gpu_check("--help")
-    assert done.returncode == 0 and "tokens/s" in done.stdout
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the guard is for machines without CUDA")
-def test_gpu_check_refuses_to_run_without_cuda() -> None:
-    done = _gpu_check()
-    assert done.returncode == 2
-    assert "needs a CUDA device" in done.stderr
