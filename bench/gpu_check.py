@@ -180,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--no-federation", action="store_true")
-    parser.add_argument("--federation-timeout", type=float, default=240)
+    parser.add_argument(
+        "--federation-timeout",
+        type=float,
+        default=600,
+        help="seconds for the flwr run (250 s did not reach the end of round 1 on an H200)",
+    )
     parser.add_argument("--json", default="", help="write the results here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
