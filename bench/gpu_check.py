@@ -10,7 +10,8 @@ one warm-up step, then ``--steps`` timed ones. Peak memory is
 ``torch.cuda.max_memory_allocated`` over the timed steps (weights included). MFU is the
 step's FLOPs (``models/flops.py``, counted by PyTorch) x tokens/s / 989 TFLOP/s, the H100 /
 H200 SXM's dense bfloat16 peak from NVIDIA's H100 and H200 data sheets (1979 TFLOP/s is
-with 2:4 sparsity).
+with 2:4 sparsity). A failed row or flwr run makes the exit status 1; a failed run's
+SuperLink/SuperNode logs go to ``<json stem>-logs/``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -163,6 +165,15 @@ def federation_check(
     return {"rounds": rounds, "seconds": seconds, "last": rows[-1]}
 
 
+def keep_logs(root: Path, stem: Path) -> None:
+    """Copy a failed check's SuperLink/SuperNode logs and metrics to ``<stem>-logs/``."""
+    out = stem.parent / f"{stem.name}-logs"
+    out.mkdir(parents=True, exist_ok=True)
+    for log in [*(root / "deploy" / "logs").glob("*.log"), root / "gpu-check" / "metrics.jsonl"]:
+        if log.is_file():
+            shutil.copy2(log, out / log.name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="SmolLM2-135M FedBiOT/FedIT client tokens/s and peak CUDA memory per "
@@ -213,11 +224,13 @@ def main(argv: list[str] | None = None) -> int:
         print("| method | precision | tokens/s | peak CUDA GiB | GFLOP/token | MFU |")
         print("| --- | --- | --- | --- | --- | --- |")
         flops: dict[str, float] = {}
+        failed_rows = 0
         for method, layout in METHODS.items():
             for name, dtype, ckpt, quant in PRECISIONS:
                 try:
                     row = client_row(root, layout, dtype, ckpt, quant, args, flops)
-                except Exception as err:  # a row that cannot run is reported, not fatal
+                except Exception as err:  # reported; the other rows still run
+                    failed_rows += 1
                     row = {"error": f"{type(err).__name__}: {err}"}
                     print(f"| {method} | {name} | failed: {row['error'][:200]} | | | |")
                     results["rows"].append({"method": method, "precision": name, **row})
@@ -233,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"| {row['gflop_per_token']:.3f} | {mfu} |",
                     flush=True,
                 )
-        status = 0
+        status = 1 if failed_rows else 0
         if not args.no_federation:
             try:
                 fed = federation_check(
@@ -243,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                 fed = {"error": f"{type(err).__name__}: {err}"}
                 print(f"\nflwr run, FedBiOT, device=cuda: failed: {fed['error']}")
                 status = 1
+                if args.json:  # the deployment's logs outlive the temporary folder
+                    keep_logs(root, Path(args.json).with_suffix(""))
             else:
                 timing = {k: v for k, v in fed["last"].items() if "seconds" in k or "loss" in k}
                 print(

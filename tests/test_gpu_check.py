@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.gpu_check import federation_check, random_weights
+from bench.gpu_check import federation_check, keep_logs, random_weights
 from models.loading import load_model
 from tests.flower_runtime import tiny_run_config
 
@@ -64,3 +64,15 @@ def test_federation_check_runs_fedbiot_on_three_supernode_processes(tmp_path: Pa
     assert result["last"]["clients_sampled"] == 3 and result["last"]["clients_failed"] == 0
     assert (tmp_path / "gpu-check" / "adapfu" / "config.json").is_file()
     assert not (tmp_path / "deploy" / "pids").exists(), "the deployment is stopped"
+
+
+@pytest.mark.xdist_group("deployment")
+def test_a_federation_check_past_its_limit_raises_and_stops_the_deployment(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(subprocess.TimeoutExpired):
+        federation_check(tmp_path, 1, "tiny-llama", "cpu", 1)
+    assert not (tmp_path / "deploy" / "pids").exists()
+    keep_logs(tmp_path, tmp_path / "out" / "gpu_check")
+    kept = {p.name for p in (tmp_path / "out" / "gpu_check-logs").iterdir()}
+    assert {"superlink.log", "supernode0.log", "supernode2.log"} <= kept
