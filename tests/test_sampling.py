@@ -24,10 +24,10 @@ def test_fraction_train_samples_half_of_the_nodes_each_round(
     # FedAvgM's end-to-end run (its server momentum is checked in test_algorithms.py): the
     # sampling must not depend on the aggregation.
     config = tiny_run_config(tmp_path, "half", num_partitions=4, fraction_train=0.5,
-                             min_train_nodes=2, num_server_rounds=3, eval_tasks="",
+                             min_train_nodes=2, num_server_rounds=6, eval_tasks="",
                              algorithm="fedavgm")  # fmt: skip
     rows = federation.run_to_end(config, supernodes=4)
-    assert [r["clients_sampled"] for r in rows[1:]] == [2, 2, 2]
+    assert [r["clients_sampled"] for r in rows[1:]] == [2] * 6
     assert all(math.isfinite(r["train_loss"]) and r["clients_failed"] == 0 for r in rows[1:])
     run_config = json.loads((tmp_path / "half" / "config.json").read_text())["run_config"]
     assert run_config["algorithm"] == "fedavgm"
@@ -36,10 +36,12 @@ def test_fraction_train_samples_half_of_the_nodes_each_round(
     # Every node is sent the model and evaluates; the trained ones send LoRA back.
     trained = [
         {n["node"] for n in per_node if int(n["round"]) == r and int(n["bytes_up"]) > 0}
-        for r in (1, 2, 3)
+        for r in range(1, 7)
     ]
-    assert [len(nodes) for nodes in trained] == [2, 2, 2]
-    assert len(set().union(*trained)) > 2, trained  # not the same two nodes every round
+    assert [len(nodes) for nodes in trained] == [2] * 6
+    # Not the same two nodes every round: node ids are new each run, so the draw is random;
+    # six rounds make a false alarm (the same pair 6 times) a 1-in-7,776 event, not 1 in 36.
+    assert len(set().union(*trained)) > 2, trained
 
 
 def test_a_round_timeout_ends_a_round_nobody_answered_in_time(
