@@ -116,7 +116,7 @@ def federation_check(
     SuperNode processes on loopback (``scripts/deploy_local.py``), each training on
     ``device``; ``overrides`` replace run-config defaults. The deployment runtime needs no
     Ray, whose wheel cannot travel to the GPU node with the rest."""
-    from tests.flower_runtime import BIN, REPO, app_dir
+    from tests.flower_runtime import BIN, REPO, _toml, app_dir
 
     config = {
         "model": model,
@@ -141,9 +141,7 @@ def federation_check(
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    run_config = " ".join(
-        f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in config.items()
-    )
+    run_config = " ".join(f"{k}={_toml(v)}" for k, v in config.items())
     begin = time.perf_counter()
     try:
         done = subprocess.run(
