@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,11 +73,30 @@ def score(model_dir: str, config: RunConfig, args: argparse.Namespace, what: str
                          description=what)  # fmt: skip
 
 
+def _single_thread() -> None:
+    """A worker process of ``--workers``: one thread each, so N workers use N cores."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _score_all(jobs: list[tuple[str, RunConfig, str]], args: argparse.Namespace
+               ) -> list[HeldoutResult]:  # fmt: skip
+    """Every (model, config, what) scored, in ``--workers`` spawned processes when more than
+    one: the 77-way ranking costs about a second per text, so the whole test split is an hour
+    per model, and models are independent."""
+    if args.workers == 1 or len(jobs) == 1:
+        return [score(model_dir, config, args, what) for model_dir, config, what in jobs]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.workers, mp_context=context,
+                             initializer=_single_thread) as pool:  # fmt: skip
+        futures = [pool.submit(score, model_dir, config, args, what)
+                   for model_dir, config, what in jobs]  # fmt: skip
+        return [future.result() for future in futures]
+
+
 def scored_runs(args: argparse.Namespace) -> list[Path]:
     """Score every run not yet scored in ``--out``; returns the runs' score folders."""
-    base: HeldoutResult | None = None
-    folders = []
-    # The base is scored once: every run must score the same texts with the same model.
     settings = {run_dir: run_settings(run_dir, args) for run_dir in args.runs}
     shared = {(c.model, c.task, c.seq_length): d for d, c in settings.items()}
     if len(shared) > 1:
@@ -83,26 +104,31 @@ def scored_runs(args: argparse.Namespace) -> list[Path]:
             "runs differ in model, task or seq-length: "
             + ", ".join(str(d) for d in shared.values())
         )
-    for run_dir in args.runs:
-        folder = args.out / run_dir.name
-        folders.append(folder)
-        if (folder / "heldout.jsonl").is_file():
-            continue
+    pending = [d for d in args.runs if not (args.out / d.name / "heldout.jsonl").is_file()]
+    jobs = []
+    for run_dir in pending:
         config = settings[run_dir]
         if config.task != "banking77":
             raise SystemExit(f"{run_dir}: task={config.task!r}; only banking77 runs are ranked")
-        if base is None:
-            base = score(config.model, config, args, "base")
-        scores = {"base": base}
         for variant in args.variants:
             if not (run_dir / variant / "config.json").is_file():
                 raise SystemExit(f"{run_dir}: no exported {variant}/ model")
-            scores[variant] = score(str(run_dir / variant), config, args, variant)
+            jobs.append((str(run_dir / variant), config, variant))
+    if pending:
+        # The base is scored once, first (its ranking is the slowest: no trained label
+        # prior prunes its trie): every run must score the same texts with the same model.
+        config = settings[pending[0]]
+        jobs.insert(0, (config.model, config, "base"))
+    results = iter(_score_all(jobs, args))
+    base = next(results, None)
+    for run_dir in pending:
+        scores = {"base": base, **{variant: next(results) for variant in args.variants}}
+        folder = args.out / run_dir.name
         folder.mkdir(parents=True, exist_ok=True)
         rows = [{"round": 0, "variant": v, "task": "banking77", **r.to_json()}
                 for v, r in scores.items()]  # fmt: skip
         (folder / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folders
+    return [args.out / d.name for d in args.runs]
 
 
 def read_scores(path: Path) -> dict[str, HeldoutResult]:
@@ -170,12 +196,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", nargs="+", type=Path, required=True, help="run folders")
     parser.add_argument("--split", choices=("test", "validation"), default="test")
-    parser.add_argument("--examples", type=int, default=1000, help="texts for the loss")
+    parser.add_argument("--examples", type=int, default=1000,
+                        help="texts for the loss (all when the split has fewer)")  # fmt: skip
     parser.add_argument("--ranked", type=int, default=300, help="texts ranked over the labels")
     parser.add_argument("--variants", nargs="+", default=["adapfu"], choices=("adapfu", "adapemu"))
     parser.add_argument("--data-dir", type=Path, default=REPO / "data")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="models scored at once, one process and one thread each")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.workers < 1 or args.examples < 1 or args.ranked < 0:
+        parser.error("--workers and --examples must be at least 1, --ranked at least 0")
     folders = scored_runs(args)
     summary = summarise(folders, args.variants)
     document = {

@@ -85,13 +85,15 @@ def test_seed_group_pools_per_text_scores_over_seeds(tmp_path: Path) -> None:
 
 def _rescored_like_the_server(run: Path, out: Path) -> None:
     """bench.heldout_eval scores a run's exported models again: on the run's own held-out
-    texts it reproduces the server's in-run scores text by text, and two runs pool per text."""
+    texts it reproduces the server's in-run scores text by text, also with its models scored
+    in two worker processes, and two runs pool per text."""
     twin = run.with_name(run.name + "-twin")
     shutil.copytree(run, twin)
     document = heldout_eval(["--runs", str(run), str(twin), "--split", "validation",
                              "--examples", str(QUICK["eval-examples"]),
                              "--ranked", str(QUICK["eval-generation-examples"]),
-                             "--variants", "adapfu", "adapemu", "--out", str(out)])  # fmt: skip
+                             "--variants", "adapfu", "adapemu", "--workers", "2",
+                             "--out", str(out)])  # fmt: skip
     in_run = {r["variant"]: r for r in map(json.loads, (run / "heldout.jsonl").open())}
     again = {r["variant"]: r for r in map(json.loads, (out / run.name / "heldout.jsonl").open())}
     for variant in ("base", "adapemu", "adapfu"):
@@ -142,3 +144,16 @@ def test_heldout_eval_refuses_bad_run_files_naming_them(tmp_path: Path) -> None:
     scores.write_text(json.dumps(good) + "\n")
     with pytest.raises(SystemExit, match=rf"{scores}: no scores of \['adapfu'\]"):
         heldout_eval(args)
+
+
+@pytest.mark.parametrize("option", [["--examples", "0"], ["--workers", "0"], ["--ranked", "-1"]])
+def test_heldout_eval_refuses_counts_that_score_nothing(
+    tmp_path: Path, option: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--examples 0`` once wrote a table of NaNs for a run that scored no text: a count
+    that scores nothing is a usage error (exit 2) naming the option, before any run is read."""
+    with pytest.raises(SystemExit) as stopped:
+        heldout_eval(["--runs", str(tmp_path / "missing"), "--out", str(tmp_path), *option])
+    assert stopped.value.code == 2
+    assert option[0] in capsys.readouterr().err
+    assert not (tmp_path / "heldout_eval.json").exists()
