@@ -119,6 +119,25 @@ POINTS: dict[str, dict[str, object]] = {
         }
         for seed in (1, 2)
     },
+    # Item 9's setting with one distillation knob changed (seed 0): dN distillation steps per
+    # round, dlrN the distillation learning rate, lamN the KL weight λ, l2raw the paper's raw
+    # hidden-state term instead of the relative one.
+    **{
+        f"b0.2-p100-a8-lr3e-3-s40-{suffix}": {
+            "drop-rate": 0.2,
+            "prealign-steps": 100,
+            "adapter-layers": 8,
+            "learning-rate": 3e-3,
+            "local-steps": 40,
+            **change,
+        }
+        for suffix, change in {
+            "d20": {"distill-steps": 20},
+            "dlr3e-3": {"distill-lr": 3e-3},
+            "lam0": {"kd-lambda": 0.0},
+            "l2raw": {"distill-hidden-norm": "raw"},
+        }.items()
+    },
 }
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from federation.run_choices import (
     ALGORITHMS,
+    DISTILL_HIDDEN_NORMS,
     DPO_REFERENCES,
     EVAL_SPLITS,
     LR_SCHEDULERS,
@@ -52,6 +53,11 @@ def value_checks(config: RunConfig) -> Checks:
         (
             config.lr_scheduler in LR_SCHEDULERS,
             f"lr-scheduler={config.lr_scheduler!r} must be one of {LR_SCHEDULERS}",
+        ),
+        (
+            config.distill_hidden_norm in DISTILL_HIDDEN_NORMS,
+            f"distill-hidden-norm={config.distill_hidden_norm!r} must be one of "
+            f"{DISTILL_HIDDEN_NORMS}",
         ),
         (
             0 < config.learning_rate_min <= config.learning_rate,

@@ -32,6 +32,9 @@ ALGORITHMS = (
 )
 PARTITIONERS = ("iid", "dirichlet", "natural")
 LR_SCHEDULERS = ("constant", "cosine")
+# The distillation's hidden-state term: relative to the teacher's norm, or the raw squared
+# error per token (the paper's Eq. 3; models/distillation.py says why relative is default).
+DISTILL_HIDDEN_NORMS = ("relative", "raw")
 STAGES = ("auto", "sft", "dpo", "sft+dpo")
 DPO_REFERENCES = ("round", "fixed")
 # Where the server also logs each metrics.jsonl row (server_app/tracking.py).

@@ -61,6 +61,7 @@ class RunConfig:
     distill_steps: int = 5
     distill_lr: float = 1e-3
     kd_lambda: float = 1.0
+    distill_hidden_norm: str = "relative"
     prox_epsilon: float = 0.01
     proximal_mu: float = 0.01
     server_learning_rate: float = 1.0

@@ -11,7 +11,9 @@ teacher's squared norm on the same batch, which makes it a relative error: LLM h
 carry a few huge activations (SmolLM2's mean squared value is in the thousands), and the raw
 L2 term would otherwise drown the KL term whatever lambda is. That norm changes from batch to
 batch, so the division also reweights batches against each other: it is not a constant, and
-the minimiser over many batches is not the raw L2 term's.
+the minimiser over many batches is not the raw L2 term's. ``hidden_norm="raw"`` takes the
+paper's raw term instead (squared error summed over the hidden size, averaged over tokens),
+so that a sweep can measure what the normalisation is worth.
 The KL term is taken on the response tokens only, as the paper defines it (the reference
 code takes it over every token), and averaged over those tokens.
 """
@@ -67,10 +69,14 @@ class EmulatorDistiller:
         batches: Iterator[dict[str, torch.Tensor]],
         learning_rate: float,
         kd_lambda: float,
+        hidden_norm: str = "relative",
     ) -> None:
+        if hidden_norm not in ("relative", "raw"):
+            raise ValueError(f"hidden_norm={hidden_norm!r}: 'relative' or 'raw'")
         self.models = models
         self.batches = batches
         self.kd_lambda = kd_lambda
+        self.hidden_norm = hidden_norm
         emulator = models.layout.emulator_blocks
         self.params = list(models.compressed.params(emulator).values())
         self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=0.0)
@@ -101,7 +107,10 @@ class EmulatorDistiller:
         student, teacher = student_cap.value.float(), teacher_cap.value.float()
         mask = batch["attention_mask"].unsqueeze(-1).float()
         sq = ((student - teacher) ** 2 * mask).sum()
-        scale = (teacher**2 * mask).sum().clamp(min=1e-12)
+        if self.hidden_norm == "relative":
+            scale = (teacher**2 * mask).sum().clamp(min=1e-12)
+        else:
+            scale = mask.sum().clamp(min=1.0)
         hidden = sq / scale
         kl = kl_per_token(teacher_logits, student_logits)
         return DistillLosses(total=hidden + self.kd_lambda * kl, hidden=hidden, kl=kl)

@@ -218,8 +218,9 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     start = time.perf_counter()
     if plan.emulated:
         distiller = EmulatorDistiller(
-            models, public_batches(config, tokenizer), config.distill_lr, config.kd_lambda
-        )
+            models, public_batches(config, tokenizer), config.distill_lr, config.kd_lambda,
+            hidden_norm=config.distill_hidden_norm,
+        )  # fmt: skip
         if not checkpoint:
             prealign = distiller.run(config.prealign_steps)
             log(INFO, "Pre-alignment (%d steps): %s", config.prealign_steps, prealign)

@@ -10,6 +10,7 @@ import pytest
 
 from bench.fedbiot_sweep import (
     COMMON,
+    POINTS,
     QUICK,
     SEED_GROUPS,
     keep_scores,
@@ -18,6 +19,7 @@ from bench.fedbiot_sweep import (
     pooled_table,
 )
 from bench.heldout_eval import main as heldout_eval
+from federation.run_config import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,3 +159,11 @@ def test_heldout_eval_refuses_counts_that_score_nothing(
     assert stopped.value.code == 2
     assert option[0] in capsys.readouterr().err
     assert not (tmp_path / "heldout_eval.json").exists()
+
+
+@pytest.mark.parametrize("name", sorted(POINTS))
+def test_every_point_is_a_valid_run_config(name: str) -> None:
+    """A point is a 20-60 minute run: a misspelt key or a bad value must fail here, not when
+    its flwr run starts. Each point's own keys reach the config unchanged."""
+    config = RunConfig.from_flower({**COMMON, **POINTS[name]}).to_dict()
+    assert {key: config[key] for key in POINTS[name]} == POINTS[name]

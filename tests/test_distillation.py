@@ -13,14 +13,19 @@ from models.lora import LoraSpec
 from models.response_logits import response_lm_loss, response_logits, response_positions
 from tests.tiny import TINY, chat_batch, tiny
 
+NORMS = [(name, "relative") for name in TINY] + [(TINY[0], "raw")]
 
-@pytest.mark.parametrize("name", TINY)
-def test_distillation_lowers_its_loss_and_changes_only_emulator_lora(name: str) -> None:
+
+@pytest.mark.parametrize(("name", "hidden_norm"), NORMS)
+def test_distillation_lowers_its_loss_and_changes_only_emulator_lora(
+    name: str, hidden_norm: str
+) -> None:
     model, tokenizer = tiny(name)
     layout = fedbiot_layout(len(get_blocks(model)), 2, 0.5)
     pair = FedBiOTModels(model, tokenizer, layout, LoraSpec(r=4, alpha=8, dropout=0.0))
     batch = chat_batch(tokenizer, n=4, length=32)
-    distiller = EmulatorDistiller(pair, itertools.repeat(batch), learning_rate=5e-3, kd_lambda=1.0)
+    distiller = EmulatorDistiller(pair, itertools.repeat(batch), learning_rate=5e-3,
+                                  kd_lambda=1.0, hidden_norm=hidden_norm)  # fmt: skip
     with torch.no_grad():
         before_loss = distiller.losses(batch).total.item()
     assert before_loss > 0  # the emulator skips blocks, so it starts off the teacher
@@ -42,6 +47,38 @@ def test_distillation_lowers_its_loss_and_changes_only_emulator_lora(name: str) 
     assert len(changed) == len(emulator)
     assert all(torch.equal(v, full_before[k]) for k, v in pair.full.peft.state_dict().items())
     assert pair.adapter_state().keys() == pair.compressed.state(layout.adapter_blocks).keys()
+
+
+def test_hidden_term_is_the_squared_error_per_token_or_relative_to_the_teacher() -> None:
+    """Both hidden-state terms against their definitions, from the full model's own hidden
+    states at the first adapter block's input: ``raw`` is the squared error summed over the
+    hidden size and averaged over non-padding tokens, ``relative`` the same squared error
+    over the teacher's squared norm; padding counts in neither."""
+    model, tokenizer = tiny(TINY[0])
+    layout = fedbiot_layout(len(get_blocks(model)), 2, 0.5)
+    pair = FedBiOTModels(model, tokenizer, layout, LoraSpec(r=4, alpha=8, dropout=0.0))
+    batch = chat_batch(tokenizer, n=3, length=16)
+    batch["attention_mask"][0, -5:] = 0
+    terms = {}
+    for norm in ("relative", "raw"):
+        distiller = EmulatorDistiller(pair, iter([]), 1e-3, 1.0, hidden_norm=norm)
+        with torch.no_grad():
+            terms[norm] = distiller.losses(batch).hidden.item()
+    with torch.no_grad():
+        out = pair.full.peft(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=True,
+        )
+    teacher = out.hidden_states[layout.distill_tap]
+    mask = batch["attention_mask"].bool()
+    teacher_sq = (teacher[mask] ** 2).sum().item()
+    tokens = int(mask.sum())
+    # The same squared error under both scalings, so raw * tokens == relative * teacher_sq.
+    assert terms["raw"] * tokens == pytest.approx(terms["relative"] * teacher_sq, rel=1e-4)
+    assert terms["raw"] != pytest.approx(terms["relative"], rel=1e-2)
+    with pytest.raises(ValueError, match="hidden_norm='l1'"):
+        EmulatorDistiller(pair, iter([]), 1e-3, 1.0, hidden_norm="l1")
 
 
 def test_kl_matches_its_definition() -> None:

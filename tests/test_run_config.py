@@ -58,6 +58,7 @@ def test_integers_are_accepted_for_float_keys() -> None:
         ({"local-steps": 0}, "local-steps must be >= 1"),
         ({"method": "fedsgd"}, "method='fedsgd'"),
         ({"partitioner": "random"}, "partitioner='random'"),
+        ({"distill-hidden-norm": "l1"}, "distill-hidden-norm='l1' must be one of"),
         ({"fraction-train": 0.0}, "fraction-train"),
         ({"seq-length": 8}, "seq-length"),
         ({"lora-r": True}, "lora-r=True must be of type int"),
