@@ -23,11 +23,14 @@ A run already scored in ``<out>`` is not scored again.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import multiprocessing
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,23 +83,43 @@ def _single_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _score_all(jobs: list[tuple[str, RunConfig, str]], args: argparse.Namespace
-               ) -> list[HeldoutResult]:  # fmt: skip
-    """Every (model, config, what) scored, in ``--workers`` spawned processes when more than
-    one: the 77-way ranking costs about a second per text, so the whole test split is an hour
-    per model, and models are independent."""
-    if args.workers == 1 or len(jobs) == 1:
-        return [score(model_dir, config, args, what) for model_dir, config, what in jobs]
+class _Deferred:
+    """A model scored when its result is first asked for: with one worker, runs are then
+    scored and written one after the other, as the pool's futures are."""
+
+    def __init__(self, *job: object) -> None:
+        self._job: tuple | None = job
+        self._value: HeldoutResult | None = None
+
+    def result(self) -> HeldoutResult:
+        if self._job is not None:
+            self._value, self._job = score(*self._job), None
+        assert self._value is not None
+        return self._value
+
+
+@contextlib.contextmanager
+def _scorer(workers: int) -> Iterator[Callable[..., Future | _Deferred]]:
+    """``submit(model_dir, config, args, what)``: in ``workers`` spawned single-thread
+    processes when more than one (the 77-way ranking costs about a second per text, so the
+    whole test split is an hour per model, and models are independent), else deferred in this
+    process. A failure cancels the models not yet started."""
+    if workers == 1:
+        yield _Deferred
+        return
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(args.workers, mp_context=context,
-                             initializer=_single_thread) as pool:  # fmt: skip
-        futures = [pool.submit(score, model_dir, config, args, what)
-                   for model_dir, config, what in jobs]  # fmt: skip
-        return [future.result() for future in futures]
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_single_thread)
+    try:
+        yield functools.partial(pool.submit, score)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def scored_runs(args: argparse.Namespace) -> list[Path]:
-    """Score every run not yet scored in ``--out``; returns the runs' score folders."""
+    """Score every run not yet scored in ``--out``, writing each run's scores as soon as its
+    models are scored; returns the runs' score folders."""
     settings = {run_dir: run_settings(run_dir, args) for run_dir in args.runs}
     shared = {(c.model, c.task, c.seq_length): d for d, c in settings.items()}
     if len(shared) > 1:
@@ -105,29 +128,32 @@ def scored_runs(args: argparse.Namespace) -> list[Path]:
             + ", ".join(str(d) for d in shared.values())
         )
     pending = [d for d in args.runs if not (args.out / d.name / "heldout.jsonl").is_file()]
-    jobs = []
     for run_dir in pending:
-        config = settings[run_dir]
-        if config.task != "banking77":
-            raise SystemExit(f"{run_dir}: task={config.task!r}; only banking77 runs are ranked")
+        if settings[run_dir].task != "banking77":
+            raise SystemExit(
+                f"{run_dir}: task={settings[run_dir].task!r}; only banking77 runs are ranked"
+            )
         for variant in args.variants:
             if not (run_dir / variant / "config.json").is_file():
                 raise SystemExit(f"{run_dir}: no exported {variant}/ model")
-            jobs.append((str(run_dir / variant), config, variant))
-    if pending:
+    if not pending:
+        return [args.out / d.name for d in args.runs]
+    with _scorer(args.workers) as submit:
         # The base is scored once, first (its ranking is the slowest: no trained label
         # prior prunes its trie): every run must score the same texts with the same model.
-        config = settings[pending[0]]
-        jobs.insert(0, (config.model, config, "base"))
-    results = iter(_score_all(jobs, args))
-    base = next(results, None)
-    for run_dir in pending:
-        scores = {"base": base, **{variant: next(results) for variant in args.variants}}
-        folder = args.out / run_dir.name
-        folder.mkdir(parents=True, exist_ok=True)
-        rows = [{"round": 0, "variant": v, "task": "banking77", **r.to_json()}
-                for v, r in scores.items()]  # fmt: skip
-        (folder / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        base = submit(settings[pending[0]].model, settings[pending[0]], args, "base")
+        futures = {}
+        for run_dir in pending:
+            futures[run_dir] = {
+                v: submit(str(run_dir / v), settings[run_dir], args, v) for v in args.variants
+            }
+        for run_dir, variants in futures.items():
+            scores = {"base": base.result(), **{v: f.result() for v, f in variants.items()}}
+            folder = args.out / run_dir.name
+            folder.mkdir(parents=True, exist_ok=True)
+            rows = [{"round": 0, "variant": v, "task": "banking77", **r.to_json()}
+                    for v, r in scores.items()]  # fmt: skip
+            (folder / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return [args.out / d.name for d in args.runs]
 
 
@@ -205,8 +231,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=1,
                         help="models scored at once, one process and one thread each")  # fmt: skip
     args = parser.parse_args(argv)
-    if args.workers < 1 or args.examples < 1 or args.ranked < 0:
-        parser.error("--workers and --examples must be at least 1, --ranked at least 0")
+    for option, value, least in (("--workers", args.workers, 1), ("--examples", args.examples, 1),
+                                 ("--ranked", args.ranked, 0)):  # fmt: skip
+        if value < least:
+            parser.error(f"{option}={value}: must be at least {least}")
     folders = scored_runs(args)
     summary = summarise(folders, args.variants)
     document = {

@@ -2,6 +2,7 @@
 held-out metrics with intervals in sweep.json, and the committed sweep's points kept when the
 sweep is extended."""
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ from bench.fedbiot_sweep import (
     SEED_GROUPS,
     keep_scores,
     main,
+    point_config,
     pooled_groups,
     pooled_table,
 )
@@ -91,11 +93,10 @@ def _rescored_like_the_server(run: Path, out: Path) -> None:
     in two worker processes, and two runs pool per text."""
     twin = run.with_name(run.name + "-twin")
     shutil.copytree(run, twin)
-    document = heldout_eval(["--runs", str(run), str(twin), "--split", "validation",
-                             "--examples", str(QUICK["eval-examples"]),
-                             "--ranked", str(QUICK["eval-generation-examples"]),
-                             "--variants", "adapfu", "adapemu", "--workers", "2",
-                             "--out", str(out)])  # fmt: skip
+    options = ["--split", "validation", "--examples", str(QUICK["eval-examples"]),
+               "--ranked", str(QUICK["eval-generation-examples"]),
+               "--variants", "adapfu", "adapemu", "--workers", "2", "--out", str(out)]  # fmt: skip
+    document = heldout_eval(["--runs", str(run), str(twin), *options])
     in_run = {r["variant"]: r for r in map(json.loads, (run / "heldout.jsonl").open())}
     again = {r["variant"]: r for r in map(json.loads, (out / run.name / "heldout.jsonl").open())}
     for variant in ("base", "adapemu", "adapfu"):
@@ -118,6 +119,24 @@ def _rescored_like_the_server(run: Path, out: Path) -> None:
         f"| pooled over 2 runs | adapfu | {texts[0]}/{texts[1]} | "
         in (out / "heldout_eval.md").read_text()
     )
+    # A third run whose two models trade places, scored in this process (one worker) with the
+    # first two already in --out: those are read back, not scored again, and each of its
+    # scores lands under its own name.
+    swapped = run.with_name(run.name + "-swapped")
+    shutil.copytree(run, swapped)
+    (swapped / "adapfu").rename(swapped / "tmp")
+    (swapped / "adapemu").rename(swapped / "adapfu")
+    (swapped / "tmp").rename(swapped / "adapemu")
+    written = (out / run.name / "heldout.jsonl").stat().st_mtime_ns
+    heldout_eval(["--runs", str(run), str(twin), str(swapped), *options, "--workers", "1"])
+    assert (out / run.name / "heldout.jsonl").stat().st_mtime_ns == written
+    traded = {
+        r["variant"]: r for r in map(json.loads, (out / swapped.name / "heldout.jsonl").open())
+    }
+    assert in_run["adapfu"]["nll"] != pytest.approx(in_run["adapemu"]["nll"], rel=1e-4)
+    assert traded["adapfu"]["nll"] == pytest.approx(in_run["adapemu"]["nll"], rel=1e-4)
+    assert traded["adapemu"]["nll"] == pytest.approx(in_run["adapfu"]["nll"], rel=1e-4)
+    assert traded["base"]["nll"] == pytest.approx(in_run["base"]["nll"], rel=1e-4)
 
 
 def test_heldout_eval_refuses_bad_run_files_naming_them(tmp_path: Path) -> None:
@@ -157,13 +176,14 @@ def test_heldout_eval_refuses_counts_that_score_nothing(
     with pytest.raises(SystemExit) as stopped:
         heldout_eval(["--runs", str(tmp_path / "missing"), "--out", str(tmp_path), *option])
     assert stopped.value.code == 2
-    assert option[0] in capsys.readouterr().err
+    assert f"{option[0]}={option[1]}: must be at least" in capsys.readouterr().err
     assert not (tmp_path / "heldout_eval.json").exists()
 
 
 @pytest.mark.parametrize("name", sorted(POINTS))
-def test_every_point_is_a_valid_run_config(name: str) -> None:
+def test_every_point_is_a_valid_run_config(name: str, tmp_path: Path) -> None:
     """A point is a 20-60 minute run: a misspelt key or a bad value must fail here, not when
-    its flwr run starts. Each point's own keys reach the config unchanged."""
-    config = RunConfig.from_flower({**COMMON, **POINTS[name]}).to_dict()
+    its flwr run starts. The config the sweep launches parses, with the point's keys in it."""
+    args = argparse.Namespace(model="smollm2-135m", quick=False)
+    config = RunConfig.from_flower(point_config(name, args, tmp_path, 1)).to_dict()
     assert {key: config[key] for key in POINTS[name]} == POINTS[name]
