@@ -33,6 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.claims_report import pooled_against_base  # noqa: E402
 from bench.federation_runs import run_federations  # noqa: E402
+from bench.sweep_pairs import paired_points, paired_table  # noqa: E402
 from server_app.evaluation.confidence import interval_cell, wilson  # noqa: E402
 
 CLIENTS = 2
@@ -346,11 +347,13 @@ def main(argv: list[str] | None = None) -> Path:
     points = {name: merged[name] for name in POINTS if name in merged}
     keep_scores(runs, args.out / "heldout", list(points))
     groups = pooled_groups(args.out / "heldout")
+    paired = paired_points(args.out / "heldout")
     document = {"model": args.model, "common": config, "clients": CLIENTS,
-                "wall_seconds": wall, "points": points, "pooled": groups}  # fmt: skip
+                "wall_seconds": wall, "points": points, "pooled": groups,
+                "paired": paired}  # fmt: skip
     (args.out / "sweep.json").write_text(json.dumps(document, indent=2, sort_keys=True))
     report = args.out / "sweep.md"
-    report.write_text(table(points) + pooled_table(groups))
+    report.write_text(table(points) + pooled_table(groups) + paired_table(paired))
     print(report.read_text())
     missing = [n for n in args.points if n not in points]
     if missing:

@@ -1,0 +1,50 @@
+"""bench.sweep_pairs: a knob's effect as the paired difference between two sweep points."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.sweep_pairs import paired_points, paired_table
+
+GOLD = ["a", "b", "c", "d"]
+
+
+def _scores(folder: Path, models: dict[str, tuple[list[float], list[str]]]) -> None:
+    folder.mkdir(parents=True)
+    rows = [{"variant": "base", "nll": [9.0] * 4, "tokens": [1] * 4, "predicted": ["x"] * 4,
+             "gold": GOLD}]  # fmt: skip
+    rows += [{"variant": model, "nll": nll, "tokens": [1, 1, 2, 2], "predicted": predicted,
+              "gold": GOLD} for model, (nll, predicted) in models.items()]  # fmt: skip
+    (folder / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_point_against_its_reference_is_paired_per_text(tmp_path: Path) -> None:
+    """Reference: AdapFu right on 2 of 4 texts at 2 nats per token; the point: right on all 4
+    at 1 nat per token, AdapEmu unchanged. Differences: −1.0 nats, +50 points with both
+    discordant texts in one direction (McNemar's exact p = 0.5); AdapEmu 0 with p = 1."""
+    same = ([1.0, 1.0, 2.0, 2.0], ["a", "x", "c", "x"])
+    _scores(tmp_path / "ref", {"adapfu": ([2.0, 2.0, 4.0, 4.0], ["a", "b", "x", "x"]),
+                               "adapemu": same})  # fmt: skip
+    _scores(tmp_path / "knob", {"adapfu": ([1.0, 1.0, 2.0, 2.0], GOLD), "adapemu": same})
+    entries = paired_points(tmp_path, {"knob": "ref", "orphan": "ref", "lost": "gone"})
+    assert list(entries) == ["knob"]  # points without scores, or whose reference has none
+    knob = entries["knob"]
+    assert knob["reference"] == "ref"
+    assert knob["adapfu_loss_vs_reference"] == pytest.approx(-1.0)
+    assert knob["adapfu_accuracy_vs_reference"] == pytest.approx(0.5)
+    assert knob["adapfu_accuracy_vs_reference_p"] == pytest.approx(0.5)
+    assert knob["adapemu_loss_vs_reference"] == pytest.approx(0.0)
+    assert knob["adapemu_accuracy_vs_reference"] == 0.0
+    assert knob["adapemu_accuracy_vs_reference_p"] == 1.0
+    assert "| knob | ref | adapfu | -1.000 [" in paired_table(entries)
+    assert paired_table({}) == ""
+
+
+def test_a_point_missing_a_model_is_named(tmp_path: Path) -> None:
+    _scores(tmp_path / "ref", {"adapfu": ([1.0] * 4, GOLD), "adapemu": ([1.0] * 4, GOLD)})
+    _scores(tmp_path / "knob", {"adapfu": ([1.0] * 4, GOLD)})
+    with pytest.raises(
+        SystemExit, match=r"knob/heldout.jsonl or .*ref/heldout.jsonl: no scores of adapemu"
+    ):
+        paired_points(tmp_path, {"knob": "ref"})
