@@ -68,6 +68,24 @@ QUICK = {
 # blocks, dN: distillation steps per round, sN: local steps per round (s40: four times the
 # common client budget, for FedIT and FedBiOT alike), lrN: client learning rate, seedN: the
 # run's seed (COMMON's is 0).
+# Item 9 of docs/fedbiot-recipe.md: the smallest setting whose AdapFu beats the base.
+ITEM9 = "b0.2-p100-a8-lr3e-3-s40"
+ITEM9_SETTING = {
+    "drop-rate": 0.2,
+    "prealign-steps": 100,
+    "adapter-layers": 8,
+    "learning-rate": 3e-3,
+    "local-steps": 40,
+}
+# Distillation knobs changed one at a time from item 9: dN distillation steps per round,
+# dlrN the distillation learning rate, lamN the KL weight λ, l2raw the paper's raw
+# hidden-state term instead of the relative one.
+KNOBS: dict[str, dict[str, object]] = {
+    "d20": {"distill-steps": 20},
+    "dlr3e-3": {"distill-lr": 3e-3},
+    "lam0": {"kd-lambda": 0.0},
+    "l2raw": {"distill-hidden-norm": "raw"},
+}
 POINTS: dict[str, dict[str, object]] = {
     "fedit": {"method": "fedit"},
     "b0.0": {"drop-rate": 0.0, "prealign-steps": 0},
@@ -100,56 +118,22 @@ POINTS: dict[str, dict[str, object]] = {
         "adapter-layers": 8,
         "learning-rate": 3e-3,
     },
-    "b0.2-p100-a8-lr3e-3-s40": {
-        "drop-rate": 0.2,
-        "prealign-steps": 100,
-        "adapter-layers": 8,
-        "learning-rate": 3e-3,
-        "local-steps": 40,
-    },
+    ITEM9: ITEM9_SETTING,
     # Item 9's setting again with other seeds (LoRA init, partition, batch order); the
     # validation texts do not depend on the seed, so every seed is paired on the same texts.
-    **{
-        f"b0.2-p100-a8-lr3e-3-s40-seed{seed}": {
-            "drop-rate": 0.2,
-            "prealign-steps": 100,
-            "adapter-layers": 8,
-            "learning-rate": 3e-3,
-            "local-steps": 40,
-            "seed": seed,
-        }
-        for seed in (1, 2)
-    },
-    # Item 9's setting with one distillation knob changed (seed 0): dN distillation steps per
-    # round, dlrN the distillation learning rate, lamN the KL weight λ, l2raw the paper's raw
-    # hidden-state term instead of the relative one.
-    **{
-        f"b0.2-p100-a8-lr3e-3-s40-{suffix}": {
-            "drop-rate": 0.2,
-            "prealign-steps": 100,
-            "adapter-layers": 8,
-            "learning-rate": 3e-3,
-            "local-steps": 40,
-            **change,
-        }
-        for suffix, change in {
-            "d20": {"distill-steps": 20},
-            "dlr3e-3": {"distill-lr": 3e-3},
-            "lam0": {"kd-lambda": 0.0},
-            "l2raw": {"distill-hidden-norm": "raw"},
-        }.items()
-    },
+    **{f"{ITEM9}-seed{seed}": {**ITEM9_SETTING, "seed": seed} for seed in (1, 2)},
+    # Item 9's setting with one distillation knob changed (seed 0).
+    **{f"{ITEM9}-{knob}": {**ITEM9_SETTING, **change} for knob, change in KNOBS.items()},
 }
 
 
 # Settings run with more than one seed: their per-text scores are pooled over the seeds.
 SEED_GROUPS: dict[str, tuple[str, ...]] = {
-    "b0.2-p100-a8-lr3e-3-s40": (
-        "b0.2-p100-a8-lr3e-3-s40",
-        "b0.2-p100-a8-lr3e-3-s40-seed1",
-        "b0.2-p100-a8-lr3e-3-s40-seed2",
-    ),
+    ITEM9: (ITEM9, f"{ITEM9}-seed1", f"{ITEM9}-seed2"),
 }
+# Point -> the point it changes one knob of: their difference is reported paired per text
+# (bench/sweep_pairs.py).
+AGAINST = {f"{ITEM9}-{knob}": ITEM9 for knob in KNOBS}
 
 
 def point_config(name: str, args: argparse.Namespace, runs: Path, threads: int) -> dict:
@@ -347,7 +331,7 @@ def main(argv: list[str] | None = None) -> Path:
     points = {name: merged[name] for name in POINTS if name in merged}
     keep_scores(runs, args.out / "heldout", list(points))
     groups = pooled_groups(args.out / "heldout")
-    paired = paired_points(args.out / "heldout")
+    paired = paired_points(args.out / "heldout", AGAINST)
     document = {"model": args.model, "common": config, "clients": CLIENTS,
                 "wall_seconds": wall, "points": points, "pooled": groups,
                 "paired": paired}  # fmt: skip

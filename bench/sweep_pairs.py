@@ -13,17 +13,15 @@ from pathlib import Path
 from bench.heldout_eval import read_scores
 from server_app.evaluation.confidence import interval_cell
 
-ITEM9 = "b0.2-p100-a8-lr3e-3-s40"
-# Point -> the point it changes one knob of (the distillation knobs of item 9's setting).
-AGAINST = {f"{ITEM9}-{knob}": ITEM9 for knob in ("d20", "dlr3e-3", "lam0", "l2raw")}
 MODELS = ("adapemu", "adapfu")
 
 
-def paired_points(heldout: Path, against: dict[str, str] = AGAINST) -> dict[str, dict]:
-    """Point -> its reference and, per model, the paired loss and accuracy differences
-    (``<model>_loss_vs_reference`` with ``_ci_low``/``_ci_high``, ``..._accuracy_vs_reference``
-    and its McNemar ``_p``); points whose scores or whose reference's are missing are left
-    out."""
+def paired_points(heldout: Path, against: dict[str, str]) -> dict[str, dict]:
+    """For each point of ``against`` (point -> the point it changes one knob of, as
+    ``bench.fedbiot_sweep.AGAINST``): its reference and, per model, the paired loss and
+    accuracy differences (``<model>_loss_vs_reference`` with ``_ci_low``/``_ci_high``,
+    ``..._accuracy_vs_reference`` and its McNemar ``_p``); points whose scores or whose
+    reference's are missing are left out."""
     out = {}
     for name, reference in against.items():
         mine, theirs = heldout / name / "heldout.jsonl", heldout / reference / "heldout.jsonl"
@@ -32,8 +30,9 @@ def paired_points(heldout: Path, against: dict[str, str] = AGAINST) -> dict[str,
         scores, reference_scores = read_scores(mine), read_scores(theirs)
         entry: dict[str, object] = {"reference": reference}
         for model in MODELS:
-            if model not in scores or model not in reference_scores:
-                raise SystemExit(f"{mine} or {theirs}: no scores of {model}")
+            for path, held in ((mine, scores), (theirs, reference_scores)):
+                if model not in held:
+                    raise SystemExit(f"{path}: no scores of {model}")
             summary = scores[model].summary(reference_scores[model])
             entry.update({f"{model}_{key.replace('vs_base', 'vs_reference')}": value
                           for key, value in summary.items() if "vs_base" in key})  # fmt: skip

@@ -45,6 +45,11 @@ def test_a_point_missing_a_model_is_named(tmp_path: Path) -> None:
     _scores(tmp_path / "ref", {"adapfu": ([1.0] * 4, GOLD), "adapemu": ([1.0] * 4, GOLD)})
     _scores(tmp_path / "knob", {"adapfu": ([1.0] * 4, GOLD)})
     with pytest.raises(
-        SystemExit, match=r"knob/heldout.jsonl or .*ref/heldout.jsonl: no scores of adapemu"
+        SystemExit, match=rf"{tmp_path / 'knob'}/heldout.jsonl: no scores of adapemu"
     ):
         paired_points(tmp_path, {"knob": "ref"})
+    # The reference's file is named when the reference is the one missing the model.
+    with pytest.raises(
+        SystemExit, match=rf"{tmp_path / 'knob'}/heldout.jsonl: no scores of adapemu"
+    ):
+        paired_points(tmp_path, {"ref": "knob"})
