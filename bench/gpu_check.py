@@ -116,7 +116,8 @@ def federation_check(
     SuperNode processes on loopback (``scripts/deploy_local.py``), each training on
     ``device``; ``overrides`` replace run-config defaults. The deployment runtime needs no
     Ray, whose wheel cannot travel to the GPU node with the rest."""
-    from tests.flower_runtime import BIN, REPO, _toml, app_dir
+    from federation.run_config import run_config_arg
+    from tests.flower_runtime import BIN, REPO, app_dir
 
     config = {
         "model": model,
@@ -141,7 +142,7 @@ def federation_check(
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    run_config = " ".join(f"{k}={_toml(v)}" for k, v in config.items())
+    run_config = run_config_arg(config)
     begin = time.perf_counter()
     try:
         done = subprocess.run(

@@ -229,3 +229,34 @@ class RunConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def run_config_arg(values: dict[str, Any]) -> str:
+    """``values`` as one ``flwr run --run-config`` string, parsed back to the same values.
+
+    Flower splits that string with a regular expression in which a quoted value ends at the
+    first matching quote and a double-quoted one is a TOML string with escapes
+    (``flwr.common.config.parse_config_args``): a string holding both quote kinds, a backslash
+    next to a single quote, or a line break cannot travel this way, and is refused naming its
+    key instead of turning into another value or a parse error far from here."""
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            text = str(value).lower()
+        elif isinstance(value, int | float):
+            text = repr(value)
+        elif not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r}: only strings, numbers and booleans")
+        elif "\n" in value or "\r" in value:
+            raise ConfigError(f"{key}={value!r}: a line break cannot be passed in --run-config")
+        elif "'" not in value:
+            text = f"'{value}'"
+        elif '"' not in value and "\\" not in value:
+            text = f'"{value}"'
+        else:
+            raise ConfigError(
+                f"{key}={value!r}: a string with both quote kinds (or a quote and a backslash) "
+                "cannot be passed in --run-config; put it in a TOML file"
+            )
+        parts.append(f"{key}={text}")
+    return " ".join(parts)

@@ -23,7 +23,7 @@ from flwr.common.config import flatten_dict
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from federation.run_config import ConfigError, RunConfig  # noqa: E402 - after the path
+from federation.run_config import ConfigError, RunConfig, run_config_arg  # noqa: E402 - after the path
 
 TRAINER = "train.training-arguments."
 # FlowerTune key -> this app's key, where the value carries over unchanged.
@@ -99,12 +99,6 @@ def translate(flowertune: dict[str, Any], method: str = "fedit") -> tuple[dict[s
     return values, dropped
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    return f"'{value}'" if isinstance(value, str) else repr(value)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pyproject", type=Path, help="a FlowerTune app's pyproject.toml")
@@ -120,12 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         with open(ROOT / "pyproject.toml", "rb") as f:
             defaults = flatten_dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
         RunConfig.from_flower({**defaults, **values})
+        line = run_config_arg(values)
     except (OSError, tomllib.TOMLDecodeError, ConfigError) as error:
         print(f"from_flowertune: {args.pyproject}: {error}", file=sys.stderr)
         return 2
     for key, why in dropped:
         print(f"from_flowertune: dropped {key} ({why})", file=sys.stderr)
-    print(" ".join(f"{key}={_toml(value)}" for key, value in values.items()))
+    print(line)
     return 0
 
 

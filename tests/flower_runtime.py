@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from federation.run_config import run_config_arg
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -105,14 +107,6 @@ def tiny_run_config(out: Path, run_name: str, **overrides: object) -> dict[str, 
     return config
 
 
-def _toml(value: object) -> str:
-    """A run-config value as ``--run-config`` parses it (TOML: quoted strings, lowercase
-    booleans)."""
-    if isinstance(value, str):
-        return f"'{value}'"
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
 class LocalFederation:
     """Handle on a running SuperLink: ``run()`` submits this repo's app with ``flwr run``."""
 
@@ -127,7 +121,7 @@ class LocalFederation:
     def _command(
         self, run_config: dict[str, object], supernodes: int, federation_config: str = ""
     ) -> list[str]:
-        overrides = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
+        overrides = run_config_arg(run_config)
         return [
             str(BIN / "flwr"),
             "run",

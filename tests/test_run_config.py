@@ -3,8 +3,9 @@
 import tomllib
 
 import pytest
+from flwr.common.config import parse_config_args
 
-from federation.run_config import ConfigError, RunConfig
+from federation.run_config import ConfigError, RunConfig, run_config_arg
 from tests.flower_runtime import REPO
 
 REQUIRED_KEYS = (
@@ -92,3 +93,19 @@ def test_stage_schedule_puts_dpo_rounds_last() -> None:
     assert [config.stage_of(r) for r in range(1, 5)] == ["sft", "sft", "dpo", "dpo"]
     assert RunConfig.from_flower({"stage": "dpo"}).stage_of(1) == "dpo"
     assert RunConfig().stage_of(3) == "sft"
+
+
+def test_run_config_arg_is_parsed_back_by_flower_to_the_same_values() -> None:
+    """What tests, the GPU check and from_flowertune hand to ``flwr run --run-config``:
+    Flower's own parser reads back every value, quotes, spaces and types included."""
+    values = {"run-name": "it's a run", "data-dir": "/tmp/my data", "learning-rate": 1e-05,
+              "local-steps": 10, "stream": True, "eval-tasks": "", "note": 'say "hi"'}  # fmt: skip
+    assert parse_config_args([run_config_arg(values)]) == values
+
+
+@pytest.mark.parametrize(
+    "value", ["both ' and \"", "a quote ' and a back\\slash", "two\nlines", [1, 2]]
+)
+def test_run_config_arg_refuses_what_flower_would_misread_naming_the_key(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"^run-name="):
+        run_config_arg({"seed": 1, "run-name": value})
