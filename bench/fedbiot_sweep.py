@@ -10,6 +10,7 @@ blocks alone can learn.
 
     python -m bench.fedbiot_sweep                       # every point, two runs at a time
     python -m bench.fedbiot_sweep --points fedit b0.2-p100
+    python -m bench.fedbiot_sweep --task gsm8k          # the generation task: GSM8K_POINTS
     python -m bench.fedbiot_sweep --model tiny-llama --quick --out /tmp/sweep   # smoke test
 
 Finished points are kept (``<out>/runs/<point>/``), so an interrupted sweep resumes.
@@ -17,6 +18,7 @@ Finished points are kept (``<out>/runs/<point>/``), so an interrupted sweep resu
 intervals and paired differences against the base, and, for a setting run with several
 seeds (``SEED_GROUPS``), the same pooled per text over the seeds; ``<out>/sweep.md`` is the
 table. Every finished point's per-text scores are kept in ``<out>/heldout/<point>/``.
+``--task gsm8k`` sweeps the generation task the same way, on held-out response loss only.
 """
 
 from __future__ import annotations
@@ -56,6 +58,16 @@ COMMON = {
     "checkpoint-every": 0,
     "seed": 0,
 }
+# The generation task: GSM8K's chain-of-thought answers, scored by held-out response loss on
+# the same 500 validation texts for every point (SmolLM2-135M solves almost none, so accuracy
+# would not tell points apart); 256 tokens hold most question-answer pairs whole.
+GSM8K_COMMON = {
+    **{key: value for key, value in COMMON.items() if key != "banking77-eval"},
+    "task": "gsm8k",
+    "seq-length": 256,
+    "eval-generation-examples": 0,
+}
+TASKS = {"banking77": COMMON, "gsm8k": GSM8K_COMMON}
 QUICK = {
     "eval-examples": 8,
     "eval-generation-examples": 4,
@@ -127,6 +139,9 @@ POINTS: dict[str, dict[str, object]] = {
 }
 
 
+# The GSM8K sweep's points: the references, β and pre-alignment, and the adapter size.
+GSM8K_POINTS = ("fedit", "b0.5-p20", "b0.2-p100", "b0.2-p100-a8")
+
 # Settings run with more than one seed: their per-text scores are pooled over the seeds.
 SEED_GROUPS: dict[str, tuple[str, ...]] = {
     ITEM9: (ITEM9, f"{ITEM9}-seed1", f"{ITEM9}-seed2"),
@@ -134,6 +149,15 @@ SEED_GROUPS: dict[str, tuple[str, ...]] = {
 # Point -> the point it changes one knob of: their difference is reported paired per text
 # (bench/sweep_pairs.py).
 AGAINST = {f"{ITEM9}-{knob}": ITEM9 for knob in KNOBS}
+
+
+def common(task: str, quick: bool) -> dict:
+    """The settings every point of ``task`` shares (smoke-test sizes with ``quick``; the GSM8K
+    sweep never generates, not even in a smoke test)."""
+    config = {**TASKS[task], **(QUICK if quick else {})}
+    if task == "gsm8k":
+        config["eval-generation-examples"] = 0
+    return config
 
 
 def point_config(name: str, args: argparse.Namespace, runs: Path, threads: int) -> dict:
@@ -144,8 +168,7 @@ def point_config(name: str, args: argparse.Namespace, runs: Path, threads: int) 
         point.pop("local-steps", None)
     return {
         "model": args.model,
-        **COMMON,
-        **(QUICK if args.quick else {}),
+        **common(args.task, args.quick),
         **point,
         "output-dir": str(runs),
         "run-name": name,
@@ -258,41 +281,42 @@ def pooled_table(groups: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def base_metrics(points: dict) -> dict[str, float]:
-    """The untrained model's loss and accuracy on the validation texts: a run's own base keys
-    where it wrote them, else recovered exactly from AdapFu's value and its paired difference
-    (every point scores the same texts); Wilson's interval for the accuracy."""
+def base_metrics(points: dict, task: str) -> dict[str, float]:
+    """The untrained model's loss (and accuracy where ranked) on the validation texts: a run's
+    own base keys where it wrote them, else recovered exactly from AdapFu's value and its
+    paired difference (every point scores the same texts); Wilson's interval for the
+    accuracy."""
+    prefix = f"eval_base_{task}_"
     for point in points.values():
-        metrics, key = point["metrics"], "eval_{}_banking77_{}"
-        if key.format("base", "loss") in metrics:
-            return {k.replace("eval_base_banking77_", ""): v for k, v in metrics.items()
-                    if k.startswith("eval_base_banking77_")}  # fmt: skip
+        metrics, key = point["metrics"], f"eval_{{}}_{task}_{{}}"
+        if f"{prefix}loss" in metrics:
+            return {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
         if key.format("adapfu", "loss_vs_base") in metrics:
-            loss = (
-                metrics[key.format("adapfu", "loss")]
-                - metrics[key.format("adapfu", "loss_vs_base")]
-            )
-            accuracy = (metrics[key.format("adapfu", "accuracy")]
-                        - metrics[key.format("adapfu", "accuracy_vs_base")])  # fmt: skip
-            n = int(metrics[key.format("adapfu", "accuracy_examples")])
-            return {"loss": loss, **wilson(round(accuracy * n), n).keys("accuracy")}
+            base = {"loss": metrics[key.format("adapfu", "loss")]
+                    - metrics[key.format("adapfu", "loss_vs_base")]}  # fmt: skip
+            if key.format("adapfu", "accuracy_vs_base") in metrics:
+                accuracy = (metrics[key.format("adapfu", "accuracy")]
+                            - metrics[key.format("adapfu", "accuracy_vs_base")])  # fmt: skip
+                n = int(metrics[key.format("adapfu", "accuracy_examples")])
+                base.update(wilson(round(accuracy * n), n).keys("accuracy"))
+            return base
     return {}
 
 
-def table(points: dict) -> str:
+def table(points: dict, task: str = "banking77") -> str:
     lines = [
         "| point | model | loss (nats/token) | loss − base | accuracy % | accuracy − base (pp) "
         "| McNemar p | macro-F1 |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    base = base_metrics(points)
+    base = base_metrics(points, task)
     if base:
         lines.append(f"| – | base | {interval_cell(base, 'loss', 1, 3)} | – "
                      f"| {interval_cell(base, 'accuracy', 100, 1)} | – | – | – |")  # fmt: skip
     for name, point in points.items():
         metrics = point["metrics"]
         for variant in ("adapemu", "adapfu"):
-            key = f"eval_{variant}_banking77"
+            key = f"eval_{variant}_{task}"
             if f"{key}_loss" not in metrics:
                 continue
             p = metrics.get(f"{key}_accuracy_vs_base_p")
@@ -311,15 +335,24 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--quick", action="store_true", help="smoke-test sizes (tiny models)")
-    parser.add_argument("--points", nargs="+", choices=list(POINTS), default=list(POINTS))
+    parser.add_argument("--task", choices=list(TASKS), default="banking77")
+    parser.add_argument("--points", nargs="+", choices=list(POINTS), default=None,
+                        help="default: every point (Banking77) or GSM8K_POINTS")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=5400, help="seconds per run")
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "fedbiot-sweep")
+    parser.add_argument(
+        "--out", type=Path, help="default: results/fedbiot-sweep (-gsm8k for that task)"
+    )
     args = parser.parse_args(argv)
+    gsm8k = args.task == "gsm8k"
+    if args.points is None:
+        args.points = list(GSM8K_POINTS if gsm8k else POINTS)
+    if args.out is None:
+        args.out = REPO / "results" / ("fedbiot-sweep-gsm8k" if gsm8k else "fedbiot-sweep")
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     runs = args.out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    config = {**COMMON, **(QUICK if args.quick else {})}
+    config = common(args.task, args.quick)
     previous = previous_sweep(args.out / "sweep.json", args.model, config)
     configs = [point_config(name, args, runs, threads) for name in args.points]
     run_federations(configs, args.out, CLIENTS, args.jobs, args.timeout)
@@ -337,7 +370,7 @@ def main(argv: list[str] | None = None) -> Path:
                 "paired": paired}  # fmt: skip
     (args.out / "sweep.json").write_text(json.dumps(document, indent=2, sort_keys=True))
     report = args.out / "sweep.md"
-    report.write_text(table(points) + pooled_table(groups) + paired_table(paired))
+    report.write_text(table(points, args.task) + pooled_table(groups) + paired_table(paired))
     print(report.read_text())
     missing = [n for n in args.points if n not in points]
     if missing:

@@ -11,9 +11,11 @@ import pytest
 
 from bench.fedbiot_sweep import (
     COMMON,
+    GSM8K_POINTS,
     POINTS,
     QUICK,
     SEED_GROUPS,
+    base_metrics,
     keep_scores,
     main,
     point_config,
@@ -180,10 +182,45 @@ def test_heldout_eval_refuses_counts_that_score_nothing(
     assert not (tmp_path / "heldout_eval.json").exists()
 
 
-@pytest.mark.parametrize("name", sorted(POINTS))
-def test_every_point_is_a_valid_run_config(name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("task", "name"),
+    [("banking77", name) for name in sorted(POINTS)] + [("gsm8k", name) for name in GSM8K_POINTS],
+)
+def test_every_point_is_a_valid_run_config(task: str, name: str, tmp_path: Path) -> None:
     """A point is a 20-60 minute run: a misspelt key or a bad value must fail here, not when
     its flwr run starts. The config the sweep launches parses, with the point's keys in it."""
-    args = argparse.Namespace(model="smollm2-135m", quick=False)
+    args = argparse.Namespace(model="smollm2-135m", quick=False, task=task)
     config = RunConfig.from_flower(point_config(name, args, tmp_path, 1)).to_dict()
     assert {key: config[key] for key in POINTS[name]} == POINTS[name]
+    assert config["task"] == task
+
+
+def test_gsm8k_sweep_scores_held_out_response_loss(tmp_path: Path) -> None:
+    """The generation task's sweep: a real run per point on GSM8K's validation texts, each
+    model's loss the per-token ratio of its per-text scores, the base recovered in the table
+    from AdapFu's paired difference, no accuracy where nothing is ranked; a Banking77 sweep
+    into the same folder is refused (its points would not compare)."""
+    report = main(["--task", "gsm8k", "--model", "tiny-llama", "--quick", "--points", "b0.5-p20",
+                   "--jobs", "1", "--out", str(tmp_path)])  # fmt: skip
+    document = json.loads((tmp_path / "sweep.json").read_text())
+    assert (document["common"]["task"], document["common"]["seq-length"]) == ("gsm8k", 256)
+    metrics = document["points"]["b0.5-p20"]["metrics"]
+    kept = tmp_path / "heldout" / "b0.5-p20" / "heldout.jsonl"
+    rows = {row["variant"]: row for row in map(json.loads, kept.open())}
+    assert {row["task"] for row in rows.values()} == {"gsm8k"}
+    assert len(rows["base"]["nll"]) == QUICK["eval-examples"] and rows["base"]["predicted"] == []
+    for variant in ("adapemu", "adapfu"):
+        row = rows[variant]
+        loss = sum(row["nll"]) / sum(row["tokens"])
+        assert metrics[f"eval_{variant}_gsm8k_loss"] == pytest.approx(loss)
+        assert not [key for key in metrics if "accuracy" in key]
+    base = sum(rows["base"]["nll"]) / sum(rows["base"]["tokens"])
+    assert f"| – | base | {base:.3f} [" in report.read_text()
+    # A run whose last row lacks the base's keys: the base is recovered from AdapFu's paired
+    # difference, and has no accuracy.
+    without = {k: v for k, v in metrics.items() if not k.startswith("eval_base_")}
+    recovered = base_metrics({"b0.5-p20": {"metrics": without}}, "gsm8k")
+    assert recovered == {"loss": pytest.approx(base)}
+    assert "| b0.5-p20 | adapfu | " in report.read_text()
+    with pytest.raises(SystemExit, match=r"other settings \(.*task"):
+        main(["--model", "tiny-llama", "--quick", "--points", "b0.5-p20", "--out", str(tmp_path)])
