@@ -35,8 +35,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.claims_report import pooled_against_base  # noqa: E402
 from bench.federation_runs import run_federations  # noqa: E402
-from bench.sweep_pairs import paired_points, paired_table  # noqa: E402
-from server_app.evaluation.confidence import interval_cell, wilson  # noqa: E402
+from bench.sweep_pairs import paired_groups, paired_points, paired_table  # noqa: E402
+from bench.sweep_tables import pooled_table, table  # noqa: E402
 
 CLIENTS = 2
 # One client budget for every point: 4 rounds x 10 steps x batch 4 per client.
@@ -136,6 +136,13 @@ POINTS: dict[str, dict[str, object]] = {
     **{f"{ITEM9}-seed{seed}": {**ITEM9_SETTING, "seed": seed} for seed in (1, 2)},
     # Item 9's setting with one distillation knob changed (seed 0).
     **{f"{ITEM9}-{knob}": {**ITEM9_SETTING, **change} for knob, change in KNOBS.items()},
+    # The distillation-steps knob with item 9's other seeds.
+    **{
+        f"{ITEM9}-d20-seed{seed}": {**ITEM9_SETTING, **KNOBS["d20"], "seed": seed}
+        for seed in (1, 2)
+    },
+    # Item 9 with non-IID clients: Dirichlet (α = 0.5) over the 77 labels.
+    f"{ITEM9}-dirichlet": {**ITEM9_SETTING, "partitioner": "dirichlet"},
 }
 
 
@@ -145,10 +152,16 @@ GSM8K_POINTS = ("fedit", "b0.5-p20", "b0.2-p100", "b0.2-p100-a8")
 # Settings run with more than one seed: their per-text scores are pooled over the seeds.
 SEED_GROUPS: dict[str, tuple[str, ...]] = {
     ITEM9: (ITEM9, f"{ITEM9}-seed1", f"{ITEM9}-seed2"),
+    f"{ITEM9}-d20": (f"{ITEM9}-d20", f"{ITEM9}-d20-seed1", f"{ITEM9}-d20-seed2"),
 }
 # Point -> the point it changes one knob of: their difference is reported paired per text
 # (bench/sweep_pairs.py).
-AGAINST = {f"{ITEM9}-{knob}": ITEM9 for knob in KNOBS}
+AGAINST = {
+    **{f"{ITEM9}-{knob}": ITEM9 for knob in KNOBS},
+    f"{ITEM9}-dirichlet": ITEM9,
+}
+# Seed group -> the seed group it changes one knob of, paired per text over the seeds.
+GROUPS_AGAINST = {f"{ITEM9}-d20": ITEM9}
 
 
 def common(task: str, quick: bool) -> dict:
@@ -254,83 +267,6 @@ def pooled_groups(heldout: Path) -> dict[str, dict]:
     return out
 
 
-def pooled_table(groups: dict[str, dict]) -> str:
-    """The seed groups as Markdown (empty when none is complete)."""
-    if not groups:
-        return ""
-    lines = [
-        "",
-        "Pooled over seeds (per-text scores summed over the seeds; intervals resample texts):",
-        "",
-        "| setting | seeds | model | loss | loss − base | accuracy % | accuracy − base (pp) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for group, entry in groups.items():
-        seeds = len(entry["points"])
-        lines.append(f"| {group} | {seeds} | base | {interval_cell(entry, 'base_loss', 1, 3)} "
-                     f"| – | {interval_cell(entry, 'base_accuracy', 100, 1)} | – |")  # fmt: skip
-        for variant in ("adapemu", "adapfu"):
-            if f"{variant}_loss" in entry:
-                lines.append(
-                    f"| {group} | {seeds} | {variant} "
-                    f"| {interval_cell(entry, f'{variant}_loss', 1, 3)} "
-                    f"| {interval_cell(entry, f'{variant}_loss_vs_base', 1, 3)} "
-                    f"| {interval_cell(entry, f'{variant}_accuracy', 100, 1)} "
-                    f"| {interval_cell(entry, f'{variant}_accuracy_vs_base', 100, 1)} |"
-                )
-    return "\n".join(lines) + "\n"
-
-
-def base_metrics(points: dict, task: str) -> dict[str, float]:
-    """The untrained model's loss (and accuracy where ranked) on the validation texts: a run's
-    own base keys where it wrote them, else recovered exactly from AdapFu's value and its
-    paired difference (every point scores the same texts); Wilson's interval for the
-    accuracy."""
-    prefix = f"eval_base_{task}_"
-    for point in points.values():
-        metrics, key = point["metrics"], f"eval_{{}}_{task}_{{}}"
-        if f"{prefix}loss" in metrics:
-            return {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
-        if key.format("adapfu", "loss_vs_base") in metrics:
-            base = {"loss": metrics[key.format("adapfu", "loss")]
-                    - metrics[key.format("adapfu", "loss_vs_base")]}  # fmt: skip
-            if key.format("adapfu", "accuracy_vs_base") in metrics:
-                accuracy = (metrics[key.format("adapfu", "accuracy")]
-                            - metrics[key.format("adapfu", "accuracy_vs_base")])  # fmt: skip
-                n = int(metrics[key.format("adapfu", "accuracy_examples")])
-                base.update(wilson(round(accuracy * n), n).keys("accuracy"))
-            return base
-    return {}
-
-
-def table(points: dict, task: str = "banking77") -> str:
-    lines = [
-        "| point | model | loss (nats/token) | loss − base | accuracy % | accuracy − base (pp) "
-        "| McNemar p | macro-F1 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    base = base_metrics(points, task)
-    if base:
-        lines.append(f"| – | base | {interval_cell(base, 'loss', 1, 3)} | – "
-                     f"| {interval_cell(base, 'accuracy', 100, 1)} | – | – | – |")  # fmt: skip
-    for name, point in points.items():
-        metrics = point["metrics"]
-        for variant in ("adapemu", "adapfu"):
-            key = f"eval_{variant}_{task}"
-            if f"{key}_loss" not in metrics:
-                continue
-            p = metrics.get(f"{key}_accuracy_vs_base_p")
-            lines.append(
-                f"| {name} | {variant} | {interval_cell(metrics, f'{key}_loss', 1, 3)} "
-                f"| {interval_cell(metrics, f'{key}_loss_vs_base', 1, 3)} "
-                f"| {interval_cell(metrics, f'{key}_accuracy', 100, 1)} "
-                f"| {interval_cell(metrics, f'{key}_accuracy_vs_base', 100, 1)} "
-                f"| {'–' if p is None else f'{p:.2g}'} "
-                f"| {interval_cell(metrics, f'{key}_macro_f1', 1, 3)} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -365,12 +301,14 @@ def main(argv: list[str] | None = None) -> Path:
     keep_scores(runs, args.out / "heldout", list(points))
     groups = pooled_groups(args.out / "heldout")
     paired = paired_points(args.out / "heldout", AGAINST)
+    paired_pooled = paired_groups(args.out / "heldout", GROUPS_AGAINST, SEED_GROUPS)
     document = {"model": args.model, "common": config, "clients": CLIENTS,
                 "wall_seconds": wall, "points": points, "pooled": groups,
-                "paired": paired}  # fmt: skip
+                "paired": paired, "paired_pooled": paired_pooled}  # fmt: skip
     (args.out / "sweep.json").write_text(json.dumps(document, indent=2, sort_keys=True))
     report = args.out / "sweep.md"
-    report.write_text(table(points, args.task) + pooled_table(groups) + paired_table(paired))
+    report.write_text(table(points, args.task) + pooled_table(groups) + paired_table(paired)
+                      + paired_table(paired_pooled, pooled_over_seeds=True))  # fmt: skip
     print(report.read_text())
     missing = [n for n in args.points if n not in points]
     if missing:

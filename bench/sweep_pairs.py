@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.claims_report import pooled
 from bench.heldout_eval import read_scores
-from server_app.evaluation.confidence import interval_cell
+from server_app.evaluation.confidence import interval_cell, paired_ratio_difference
 
 MODELS = ("adapemu", "adapfu")
 
@@ -40,13 +41,43 @@ def paired_points(heldout: Path, against: dict[str, str]) -> dict[str, dict]:
     return out
 
 
-def paired_table(entries: dict[str, dict]) -> str:
+def paired_groups(
+    heldout: Path, against: dict[str, str], groups: dict[str, tuple[str, ...]]
+) -> dict[str, dict]:
+    """For each seed group of ``against`` (group -> the group it changes one knob of, both
+    keys of ``groups``, seed k of one run beside seed k of the other): the same keys as
+    :func:`paired_points` (without McNemar's p, which needs one outcome per text) from each
+    text's scores summed over the seeds, plus ``seeds``; groups with a seed's scores missing
+    on either side are left out."""
+    out = {}
+    for group, reference in against.items():
+        mine = [heldout / name for name in groups[group]]
+        theirs = [heldout / name for name in groups[reference]]
+        entry: dict[str, object] = {"reference": reference, "seeds": len(mine)}
+        for model in MODELS:
+            a, b = pooled(mine, model), pooled(theirs, model)
+            if a is None or b is None:
+                break
+            loss = paired_ratio_difference((a.nll, a.tokens), (b.nll, b.tokens))
+            accuracy = paired_ratio_difference((a.correct, a.ranked), (b.correct, b.ranked))
+            entry.update(loss.keys(f"{model}_loss_vs_reference"))
+            entry.update(accuracy.keys(f"{model}_accuracy_vs_reference"))
+        else:
+            out[group] = entry
+    return out
+
+
+def paired_table(entries: dict[str, dict], pooled_over_seeds: bool = False) -> str:
     """The paired differences as Markdown (empty when there are none)."""
     if not entries:
         return ""
+    what = ("Seed groups against the group each changes one knob of (per-text scores summed "
+            "over the seeds, paired per text):" if pooled_over_seeds else
+            "Against the point each changes one knob of (paired per text, same validation "
+            "texts):")  # fmt: skip
     lines = [
         "",
-        "Against the point each changes one knob of (paired per text, same validation texts):",
+        what,
         "",
         "| point | against | model | loss − reference | accuracy − reference (pp) | McNemar p |",
         "| --- | --- | --- | --- | --- | --- |",

@@ -15,14 +15,13 @@ from bench.fedbiot_sweep import (
     POINTS,
     QUICK,
     SEED_GROUPS,
-    base_metrics,
     keep_scores,
     main,
     point_config,
     pooled_groups,
-    pooled_table,
 )
 from bench.heldout_eval import main as heldout_eval
+from bench.sweep_tables import base_metrics, pooled_table
 from federation.run_config import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.sweep_pairs import paired_points, paired_table
+from bench.sweep_pairs import paired_groups, paired_points, paired_table
 
 GOLD = ["a", "b", "c", "d"]
 
@@ -13,9 +13,9 @@ GOLD = ["a", "b", "c", "d"]
 def _scores(folder: Path, models: dict[str, tuple[list[float], list[str]]]) -> None:
     folder.mkdir(parents=True)
     rows = [{"variant": "base", "nll": [9.0] * 4, "tokens": [1] * 4, "predicted": ["x"] * 4,
-             "gold": GOLD}]  # fmt: skip
+             "gold": GOLD, "round": 4}]  # fmt: skip
     rows += [{"variant": model, "nll": nll, "tokens": [1, 1, 2, 2], "predicted": predicted,
-              "gold": GOLD} for model, (nll, predicted) in models.items()]  # fmt: skip
+              "gold": GOLD, "round": 4} for model, (nll, predicted) in models.items()]  # fmt: skip
     (folder / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -53,3 +53,29 @@ def test_a_point_missing_a_model_is_named(tmp_path: Path) -> None:
         SystemExit, match=rf"{tmp_path / 'knob'}/heldout.jsonl: no scores of adapemu"
     ):
         paired_points(tmp_path, {"ref": "knob"})
+
+
+def test_seed_groups_are_paired_per_text_over_their_seeds(tmp_path: Path) -> None:
+    """Two seeds each. Reference: AdapFu 2 nats per token, right on texts a and b in both
+    seeds (4 of 8); the knob: 1 nat per token, right on all 4 texts in seed 0 and on a and c
+    in seed 1 (6 of 8). Summed per text over the seeds: −1.0 nats, +25 points; AdapEmu the
+    same on both sides, 0. A group with a seed's scores missing is left out."""
+    same = ([1.0, 1.0, 2.0, 2.0], ["a", "x", "c", "x"])
+    for seed in ("0", "1"):
+        _scores(tmp_path / f"ref{seed}", {"adapfu": ([2.0, 2.0, 4.0, 4.0], ["a", "b", "x", "x"]),
+                                          "adapemu": same})  # fmt: skip
+    _scores(tmp_path / "knob0", {"adapfu": ([1.0, 1.0, 2.0, 2.0], GOLD), "adapemu": same})
+    _scores(tmp_path / "knob1", {"adapfu": same, "adapemu": same})
+    groups = {"ref": ("ref0", "ref1"), "knob": ("knob0", "knob1"), "lost": ("knob0", "gone")}
+    entries = paired_groups(tmp_path, {"knob": "ref", "lost": "ref"}, groups)
+    assert list(entries) == ["knob"]
+    knob = entries["knob"]
+    assert (knob["reference"], knob["seeds"]) == ("ref", 2)
+    assert knob["adapfu_loss_vs_reference"] == pytest.approx(-1.0)
+    assert knob["adapfu_accuracy_vs_reference"] == pytest.approx(0.25)
+    assert knob["adapemu_loss_vs_reference"] == pytest.approx(0.0)
+    assert knob["adapemu_accuracy_vs_reference"] == pytest.approx(0.0)
+    assert "adapfu_accuracy_vs_reference_p" not in knob
+    table = paired_table(entries, pooled_over_seeds=True)
+    assert "summed over the seeds" in table
+    assert "| knob | ref | adapfu | -1.000 [" in table and table.rstrip().endswith("| – |")
