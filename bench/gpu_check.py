@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -117,7 +116,7 @@ def federation_check(
     ``device``; ``overrides`` replace run-config defaults. The deployment runtime needs no
     Ray, whose wheel cannot travel to the GPU node with the rest."""
     from federation.run_config import run_config_arg
-    from tests.flower_runtime import BIN, REPO, app_dir
+    from tests.flower_runtime import BIN, REPO, app_dir, flower_env
 
     config = {
         "model": model,
@@ -136,12 +135,7 @@ def federation_check(
     root = out / "deploy"
     subprocess.run([*deploy, "start", "--dir", str(root), "--nodes", "3", "--insecure"],
                    check=True, stdout=subprocess.DEVNULL)  # fmt: skip
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(root / "flwr-home"),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    env = flower_env(root / "flwr-home")
     run_config = run_config_arg(config)
     begin = time.perf_counter()
     try:

@@ -42,6 +42,8 @@ def free_port() -> int:
 
 
 def _env(home: Path) -> dict[str, str]:
+    """tests.flower_runtime.flower_env's settings: this script runs as a file on a node with
+    nothing of ours importable, so it keeps its own four lines."""
     return {
         **os.environ,
         "FLWR_HOME": str(home),

@@ -184,6 +184,20 @@ class LocalFederation:
         return rows
 
 
+def flower_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a Flower CLI process of ours: its own ``FLWR_HOME`` (config, apps,
+    SuperLink address), no dependency installs or update checks (nothing can be fetched
+    here), and this venv's executables first; ``extra`` on top."""
+    return {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        **(extra or {}),
+    }
+
+
 @contextmanager
 def local_federation(
     home: Path, extra_env: dict[str, str] | None = None
@@ -200,14 +214,7 @@ def local_federation(
         f'address = "127.0.0.1:{port}"\n'
         "insecure = true\n"
     )
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        **(extra_env or {}),
-    }
+    env = flower_env(home, extra_env)
     log_file = open(home / "superlink.log", "w")  # noqa: SIM115 - closed in finally
     process = subprocess.Popen(
         [

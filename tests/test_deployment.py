@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.flower_runtime import BIN, REPO, app_dir, tiny_run_config
+from tests.flower_runtime import BIN, REPO, app_dir, flower_env, tiny_run_config
 
 pytestmark = pytest.mark.xdist_group("deployment")
 SCRIPT = REPO / "scripts" / "deploy_local.py"
@@ -59,12 +59,7 @@ def test_tls_authenticated_deployment_survives_a_killed_client(tmp_path: Path) -
     pids = [int(p) for p in (root / "pids").read_text().split()]
     run_dir = tmp_path / "deployed"
     try:
-        env = {
-            **os.environ,
-            "FLWR_HOME": str(root / "flwr-home"),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        }
+        env = flower_env(root / "flwr-home")
         config = tiny_run_config(
             tmp_path,
             "deployed",
