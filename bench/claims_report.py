@@ -34,12 +34,56 @@ class Pooled:
     ranked: np.ndarray
 
 
+SCORE_KEYS = ("round", "variant", "nll", "tokens", "predicted", "gold")
+
+
+def _row_problem(row: object) -> str | None:
+    """What makes ``row`` not one model's per-text scores, or None."""
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    missing = [key for key in SCORE_KEYS if key not in row]
+    if missing:
+        return f"no {missing}"
+    if not isinstance(row["round"], int) or not isinstance(row["variant"], str):
+        return "round must be an integer and variant a string"
+    if not all(isinstance(row[key], list) for key in SCORE_KEYS[2:]):
+        return "nll, tokens, predicted and gold must be lists"
+    numbers = row["nll"] + row["tokens"]
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in numbers):
+        return "nll and tokens must hold numbers"
+    if len(row["nll"]) != len(row["tokens"]) or len(row["predicted"]) != len(row["gold"]):
+        return "nll and tokens, and predicted and gold, must have one entry per text"
+    if len(row["gold"]) > len(row["nll"]):
+        return "more ranked texts than scored ones"
+    return None
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Every row of a ``heldout.jsonl`` (the server's in-run scores or bench.heldout_eval's);
+    a bad line is refused naming the file and the line, since these files are read back
+    from run folders that anything may have written."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"{path}, line {number}: not JSON ({error})") from None
+        problem = _row_problem(row)
+        if problem:
+            raise SystemExit(f"{path}, line {number}: not a scored model ({problem})")
+        rows.append(row)
+    return rows
+
+
 def last_scores(run_dir: Path) -> dict[str, dict]:
-    """Variant -> per-text scores of the run's last evaluated round."""
+    """Variant -> per-text scores of the run's last evaluated round (none without a
+    ``heldout.jsonl``)."""
     path = run_dir / "heldout.jsonl"
     if not path.is_file():
         return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_rows(path)
     last = max((r["round"] for r in rows), default=None)
     return {r["variant"]: r for r in rows if r["round"] == last}
 

@@ -65,9 +65,14 @@ GSM8K_COMMON = {
     **{key: value for key, value in COMMON.items() if key != "banking77-eval"},
     "task": "gsm8k",
     "seq-length": 256,
-    "eval-generation-examples": 0,
 }
 TASKS = {"banking77": COMMON, "gsm8k": GSM8K_COMMON}
+# What a task fixes whatever the sizes, applied after QUICK: the GSM8K sweep never generates,
+# not even in a smoke test.
+FIXED: dict[str, dict[str, object]] = {
+    "banking77": {},
+    "gsm8k": {"eval-generation-examples": 0},
+}
 QUICK = {
     "eval-examples": 8,
     "eval-generation-examples": 4,
@@ -152,28 +157,31 @@ POINTS: dict[str, dict[str, object]] = {
 # times Banking77's per step, so the longer points come last).
 GSM8K_POINTS = ("fedit", "b0.2-p20", "b0.5-p20", "b0.2-p100", "b0.2-p100-a8")
 
-# Settings run with more than one seed: their per-text scores are pooled over the seeds.
+# Settings run with more than one seed: their per-text scores are pooled over the seeds. A
+# group's name says its seeds, so that it never reads as its seed-0 point's.
+ITEM9_SEEDS = f"{ITEM9}-seeds0-2"
+D20_SEEDS = f"{ITEM9}-d20-seeds0-2"
 SEED_GROUPS: dict[str, tuple[str, ...]] = {
-    ITEM9: (ITEM9, f"{ITEM9}-seed1", f"{ITEM9}-seed2"),
-    f"{ITEM9}-d20": (f"{ITEM9}-d20", f"{ITEM9}-d20-seed1", f"{ITEM9}-d20-seed2"),
+    ITEM9_SEEDS: (ITEM9, f"{ITEM9}-seed1", f"{ITEM9}-seed2"),
+    D20_SEEDS: (f"{ITEM9}-d20", f"{ITEM9}-d20-seed1", f"{ITEM9}-d20-seed2"),
 }
-# Point -> the point it changes one knob of: their difference is reported paired per text
-# (bench/sweep_pairs.py).
-AGAINST = {
-    **{f"{ITEM9}-{knob}": ITEM9 for knob in KNOBS},
-    f"{ITEM9}-dirichlet": ITEM9,
+# Per task, point -> the point it changes one knob of: their difference is reported paired
+# per text (bench/sweep_pairs.py).
+AGAINST: dict[str, dict[str, str]] = {
+    "banking77": {
+        **{f"{ITEM9}-{knob}": ITEM9 for knob in KNOBS},
+        f"{ITEM9}-dirichlet": ITEM9,
+        "b0.2-p100-d20": "b0.2-p100",
+    },
+    "gsm8k": {"b0.5-p20": "b0.2-p20", "b0.2-p100": "b0.2-p20", "b0.2-p100-a8": "b0.2-p100"},
 }
 # Seed group -> the seed group it changes one knob of, paired per text over the seeds.
-GROUPS_AGAINST = {f"{ITEM9}-d20": ITEM9}
+GROUPS_AGAINST = {D20_SEEDS: ITEM9_SEEDS}
 
 
 def common(task: str, quick: bool) -> dict:
-    """The settings every point of ``task`` shares (smoke-test sizes with ``quick``; the GSM8K
-    sweep never generates, not even in a smoke test)."""
-    config = {**TASKS[task], **(QUICK if quick else {})}
-    if task == "gsm8k":
-        config["eval-generation-examples"] = 0
-    return config
+    """The settings every point of ``task`` shares (smoke-test sizes with ``quick``)."""
+    return {**TASKS[task], **(QUICK if quick else {}), **FIXED[task]}
 
 
 def point_config(name: str, args: argparse.Namespace, runs: Path, threads: int) -> dict:
@@ -303,7 +311,7 @@ def main(argv: list[str] | None = None) -> Path:
     points = {name: merged[name] for name in POINTS if name in merged}
     keep_scores(runs, args.out / "heldout", list(points))
     groups = pooled_groups(args.out / "heldout")
-    paired = paired_points(args.out / "heldout", AGAINST)
+    paired = paired_points(args.out / "heldout", AGAINST[args.task])
     paired_pooled = paired_groups(args.out / "heldout", GROUPS_AGAINST, SEED_GROUPS)
     document = {"model": args.model, "common": config, "clients": CLIENTS,
                 "wall_seconds": wall, "points": points, "pooled": groups,

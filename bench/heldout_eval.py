@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FEDBIOT_CACHE", str(REPO / ".cache" / "fedbiot"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.claims_report import pooled_against_base  # noqa: E402
+from bench.claims_report import pooled_against_base, read_rows  # noqa: E402
 from federation.run_config import ConfigError, RunConfig  # noqa: E402
 from models.loading import load_model  # noqa: E402
 from server_app.evaluation.confidence import interval_cell  # noqa: E402
@@ -158,17 +158,15 @@ def scored_runs(args: argparse.Namespace) -> list[Path]:
 
 
 def read_scores(path: Path) -> dict[str, HeldoutResult]:
-    """Every model's per-text scores in a ``heldout.jsonl`` written by this script; a bad
-    line is refused naming the file and the line."""
-    results = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        try:
-            row = json.loads(line)
-            results[row["variant"]] = HeldoutResult(
-                row["nll"], row["tokens"], row["predicted"], row["gold"]
-            )
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise SystemExit(f"{path}, line {number}: not a scored model ({error!r})") from None
+    """Every model's per-text scores of the last round in a ``heldout.jsonl``; a bad line is
+    refused naming the file and the line (``bench.claims_report.read_rows``)."""
+    rows = read_rows(path)
+    last = max((row["round"] for row in rows), default=None)
+    results = {
+        row["variant"]: HeldoutResult(row["nll"], row["tokens"], row["predicted"], row["gold"])
+        for row in rows
+        if row["round"] == last
+    }
     if "base" not in results:
         raise SystemExit(f"{path}: no base model's scores")
     return results

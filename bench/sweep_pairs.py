@@ -10,11 +10,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.claims_report import pooled
+from bench.claims_report import last_scores, pooled
 from bench.heldout_eval import read_scores
 from server_app.evaluation.confidence import interval_cell, paired_ratio_difference
 
 MODELS = ("adapemu", "adapfu")
+
+
+def _same_texts(folders: list[Path], model: str) -> None:
+    """Refuse, naming both files, two runs whose ``model`` was scored on different texts
+    (per-text token counts or gold labels differ): pairing them would compare unrelated
+    texts, or fail deep in the interval code without saying which runs."""
+    first: tuple[Path, tuple] | None = None
+    for folder in folders:
+        row = last_scores(folder).get(model)
+        if row is None:
+            continue
+        texts = (row["tokens"], row["gold"])
+        if first is None:
+            first = (folder, texts)
+        elif texts != first[1]:
+            raise SystemExit(
+                f"{first[0] / 'heldout.jsonl'} and {folder / 'heldout.jsonl'}: {model} was "
+                "scored on different texts; score both runs on the same ones"
+            )
 
 
 def paired_points(heldout: Path, against: dict[str, str]) -> dict[str, dict]:
@@ -29,6 +48,8 @@ def paired_points(heldout: Path, against: dict[str, str]) -> dict[str, dict]:
         if not (mine.is_file() and theirs.is_file()):
             continue
         scores, reference_scores = read_scores(mine), read_scores(theirs)
+        for model in ("base", *MODELS):
+            _same_texts([mine.parent, theirs.parent], model)
         entry: dict[str, object] = {"reference": reference}
         for model in MODELS:
             for path, held in ((mine, scores), (theirs, reference_scores)):
@@ -54,6 +75,8 @@ def paired_groups(
         mine = [heldout / name for name in groups[group]]
         theirs = [heldout / name for name in groups[reference]]
         entry: dict[str, object] = {"reference": reference, "seeds": len(mine)}
+        for model in ("base", *MODELS):
+            _same_texts(mine + theirs, model)
         for model in MODELS:
             a, b = pooled(mine, model), pooled(theirs, model)
             if a is None or b is None:

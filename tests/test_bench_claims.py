@@ -120,3 +120,44 @@ def test_fedbiot_rows_pair_adapfu_with_adapemu_and_the_base_of_the_same_runs(
     assert table[("fedbiot-b0.2", "adapemu")]["loss"] == 2.0
     assert table[("fedbiot-b0.2", "adapfu")]["accuracy"] == pytest.approx(4 / 6)
     assert table[("fedbiot-b0.2", "adapfu")]["seeds"] == 2
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('{"round": 1, "variant": "adapfu", "nll": [1.0]', "not JSON"),
+        ('["adapfu"]', "not a scored model \\(not a JSON object\\)"),
+        ('{"round": 1, "variant": "adapfu", "nll": [1.0]}', "no \\['tokens', 'predicted'"),
+        (
+            '{"round": "1", "variant": "adapfu", "nll": [], "tokens": [], "predicted": [],'
+            ' "gold": []}',
+            "round must be an integer",
+        ),
+        (
+            '{"round": 1, "variant": "adapfu", "nll": [true], "tokens": [1], "predicted": [],'
+            ' "gold": []}',
+            "must hold numbers",
+        ),
+        (
+            '{"round": 1, "variant": "adapfu", "nll": [1.0, 2.0], "tokens": [1], "predicted": [],'
+            ' "gold": []}',
+            "one entry per text",
+        ),
+        (
+            '{"round": 1, "variant": "adapfu", "nll": [1.0], "tokens": [1],'
+            ' "predicted": ["a", "b"], "gold": ["a", "b"]}',
+            "more ranked texts",
+        ),
+    ],
+)
+def test_a_bad_scores_line_is_refused_naming_file_and_line(
+    tmp_path: Path, line: str, problem: str
+) -> None:
+    """A run folder's heldout.jsonl is read back by every report: a bad row stops it with the
+    file and line named instead of a bare JSON or key error (or a silently wrong sum)."""
+    good = {"round": 1, "variant": "base", "nll": [1.0], "tokens": [1], "predicted": ["a"],
+            "gold": ["a"]}  # fmt: skip
+    path = tmp_path / "heldout.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + line + "\n")
+    with pytest.raises(SystemExit, match=rf"{path}, line 3: .*{problem}"):
+        pooled([tmp_path], "base")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.fedbiot_sweep import (
+    AGAINST,
     COMMON,
     GSM8K_POINTS,
     POINTS,
@@ -159,7 +160,8 @@ def test_heldout_eval_refuses_bad_run_files_naming_them(tmp_path: Path) -> None:
     (run / "config.json").write_text(json.dumps({"run_config": {"task": "banking77"}}))
     scores = out / "b0.2" / "heldout.jsonl"
     scores.parent.mkdir(parents=True)
-    good = {"variant": "base", "nll": [1.0], "tokens": [2], "predicted": [3], "gold": [3]}
+    good = {"round": 0, "variant": "base", "nll": [1.0], "tokens": [2], "predicted": [3],
+            "gold": [3]}  # fmt: skip
     scores.write_text(json.dumps(good) + "\n" + '{"variant": "adapfu", "nll": [1.0]}\n')
     with pytest.raises(SystemExit, match=rf"{scores}, line 2: not a scored model"):
         heldout_eval(args)
@@ -192,6 +194,14 @@ def test_every_point_is_a_valid_run_config(task: str, name: str, tmp_path: Path)
     config = RunConfig.from_flower(point_config(name, args, tmp_path, 1)).to_dict()
     assert {key: config[key] for key in POINTS[name]} == POINTS[name]
     assert config["task"] == task
+
+
+@pytest.mark.parametrize("task", sorted(AGAINST))
+def test_every_pair_is_between_points_the_task_sweeps(task: str) -> None:
+    """A pair is reported only when both of its points ran for the task: one naming a point
+    the task's sweep never runs would silently never appear."""
+    swept = set(GSM8K_POINTS) if task == "gsm8k" else set(POINTS)
+    assert set(AGAINST[task]) | set(AGAINST[task].values()) <= swept
 
 
 def test_gsm8k_sweep_scores_held_out_response_loss(tmp_path: Path) -> None:

@@ -79,3 +79,45 @@ def test_seed_groups_are_paired_per_text_over_their_seeds(tmp_path: Path) -> Non
     table = paired_table(entries, pooled_over_seeds=True)
     assert "summed over the seeds" in table
     assert "| knob | ref | adapfu | -1.000 [" in table and table.rstrip().endswith("| – |")
+
+
+def test_runs_scored_on_different_texts_are_refused_naming_both(tmp_path: Path) -> None:
+    """Pairing is per text: two runs whose texts differ (same count, other gold labels; or
+    fewer texts) are refused with both files named, for points and for seed groups."""
+    models = {"adapfu": ([1.0] * 4, GOLD), "adapemu": ([1.0] * 4, GOLD)}
+    _scores(tmp_path / "ref", models)
+    rows = [json.loads(line) for line in (tmp_path / "ref" / "heldout.jsonl").open()]
+    other = tmp_path / "other"
+    other.mkdir()
+    other_rows = [{**row, "gold": row["gold"][::-1]} for row in rows]
+    (other / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in other_rows))
+    short = tmp_path / "short"
+    short.mkdir()
+    short_rows = [{**row, **{k: row[k][:3] for k in ("nll", "tokens", "predicted", "gold")}}
+                  for row in rows]  # fmt: skip
+    (short / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short_rows))
+    for name in ("other", "short"):
+        both = rf"{tmp_path / name}/heldout.jsonl and {tmp_path / 'ref'}/heldout.jsonl: base"
+        with pytest.raises(SystemExit, match=both):
+            paired_points(tmp_path, {name: "ref"})
+    _scores(tmp_path / "ref1", models)
+    groups = {"ref": ("ref", "ref1"), "mixed": ("ref1", "short")}
+    named = rf"{tmp_path / 'ref1'}/heldout.jsonl and {tmp_path / 'short'}/heldout.jsonl: base"
+    with pytest.raises(SystemExit, match=named):
+        paired_groups(tmp_path, {"mixed": "ref"}, groups)
+
+
+def test_points_without_ranked_texts_pair_their_loss_only(tmp_path: Path) -> None:
+    """The generation sweep ranks nothing: its pairs carry the loss difference and no
+    accuracy, and the table shows a dash there instead of failing."""
+    for name, nll in (("ref", [2.0, 4.0]), ("knob", [1.0, 3.0])):
+        rows = [{"round": 4, "variant": v, "nll": [9.0, 9.0] if v == "base" else nll,
+                 "tokens": [1, 1], "predicted": [], "gold": []}
+                for v in ("base", "adapemu", "adapfu")]  # fmt: skip
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    knob = paired_points(tmp_path, {"knob": "ref"})["knob"]
+    assert knob["adapfu_loss_vs_reference"] == pytest.approx(-1.0)
+    assert not [key for key in knob if "accuracy" in key]
+    row = "| knob | ref | adapfu | -1.000 [-1.000, -1.000] | – | – |"
+    assert row in paired_table({"knob": knob})
