@@ -4,10 +4,19 @@ A knob's effect is the difference between two points, not each point's differenc
 base: every point scores the same validation texts, so the difference is paired per text
 (bootstrap interval over texts for the loss; a paired interval and McNemar's exact p for the
 accuracy), from the per-text scores the sweep keeps in ``heldout/<point>/heldout.jsonl``.
+
+Run as a script, it pairs any scored runs with reference runs, seed k beside seed k: e.g. a
+setting's test-split scores (``bench.heldout_eval``) against another setting's,
+
+    python -m bench.sweep_pairs --runs <out>/<run> ... --against <other-out>/<run> ... \
+        --out <file>.json      # the table beside it, <file>.md
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from pathlib import Path
 
 from bench.claims_report import last_scores, pooled
@@ -62,31 +71,41 @@ def paired_points(heldout: Path, against: dict[str, str]) -> dict[str, dict]:
     return out
 
 
+def paired_runs(
+    mine: list[Path], theirs: list[Path], models: tuple[str, ...] = MODELS
+) -> dict[str, object] | None:
+    """Run k of ``mine`` beside run k of ``theirs`` (seeds): per model, the paired loss and
+    accuracy differences from each text's scores summed over the runs (the keys of
+    :func:`paired_points` without McNemar's p, which needs one outcome per text), plus
+    ``seeds``; None when a run lacks a model's scores."""
+    for model in ("base", *models):
+        _same_texts(mine + theirs, model)
+    entry: dict[str, object] = {"seeds": len(mine)}
+    for model in models:
+        a, b = pooled(mine, model), pooled(theirs, model)
+        if a is None or b is None:
+            return None
+        loss = paired_ratio_difference((a.nll, a.tokens), (b.nll, b.tokens))
+        entry.update(loss.keys(f"{model}_loss_vs_reference"))
+        if len(a.correct) and len(b.correct):
+            accuracy = paired_ratio_difference((a.correct, a.ranked), (b.correct, b.ranked))
+            entry.update(accuracy.keys(f"{model}_accuracy_vs_reference"))
+    return entry
+
+
 def paired_groups(
     heldout: Path, against: dict[str, str], groups: dict[str, tuple[str, ...]]
 ) -> dict[str, dict]:
     """For each seed group of ``against`` (group -> the group it changes one knob of, both
-    keys of ``groups``, seed k of one run beside seed k of the other): the same keys as
-    :func:`paired_points` (without McNemar's p, which needs one outcome per text) from each
-    text's scores summed over the seeds, plus ``seeds``; groups with a seed's scores missing
-    on either side are left out."""
+    keys of ``groups``): its reference and :func:`paired_runs`; groups with a seed's scores
+    missing on either side are left out."""
     out = {}
     for group, reference in against.items():
         mine = [heldout / name for name in groups[group]]
         theirs = [heldout / name for name in groups[reference]]
-        entry: dict[str, object] = {"reference": reference, "seeds": len(mine)}
-        for model in ("base", *MODELS):
-            _same_texts(mine + theirs, model)
-        for model in MODELS:
-            a, b = pooled(mine, model), pooled(theirs, model)
-            if a is None or b is None:
-                break
-            loss = paired_ratio_difference((a.nll, a.tokens), (b.nll, b.tokens))
-            accuracy = paired_ratio_difference((a.correct, a.ranked), (b.correct, b.ranked))
-            entry.update(loss.keys(f"{model}_loss_vs_reference"))
-            entry.update(accuracy.keys(f"{model}_accuracy_vs_reference"))
-        else:
-            out[group] = entry
+        entry = paired_runs(mine, theirs)
+        if entry is not None:
+            out[group] = {"reference": reference, **entry}
     return out
 
 
@@ -106,7 +125,7 @@ def paired_table(entries: dict[str, dict], pooled_over_seeds: bool = False) -> s
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, entry in entries.items():
-        for model in MODELS:
+        for model in [m for m in MODELS if f"{m}_loss_vs_reference" in entry]:
             p = entry.get(f"{model}_accuracy_vs_reference_p")
             lines.append(
                 f"| {name} | {entry['reference']} | {model} "
@@ -115,3 +134,45 @@ def paired_table(entries: dict[str, dict], pooled_over_seeds: bool = False) -> s
                 f"| {'–' if p is None else f'{p:.2g}'} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="Scored runs against reference runs, paired "
+                                     "per text, run k beside run k.")  # fmt: skip
+    parser.add_argument("--runs", nargs="+", type=Path, required=True,
+                        help="folders holding a heldout.jsonl, one per seed")  # fmt: skip
+    parser.add_argument("--against", nargs="+", type=Path, required=True,
+                        help="the reference's folders, in the same seed order")  # fmt: skip
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--out", type=Path, required=True, help="the JSON; the table beside it")
+    given = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(given)
+    if len(args.runs) != len(args.against):
+        parser.error(f"{len(args.runs)} --runs against {len(args.against)} --against: "
+                     "give one reference run per run")  # fmt: skip
+    for folder in (*args.runs, *args.against):
+        scores = last_scores(folder)
+        if not scores:
+            parser.error(f"{folder}: no heldout.jsonl")
+        missing = [model for model in ("base", *args.models) if model not in scores]
+        if missing:
+            raise SystemExit(f"{folder / 'heldout.jsonl'}: no scores of {missing}")
+    entry = paired_runs(args.runs, args.against, tuple(args.models))
+    assert entry is not None  # every folder was checked for every model above
+    name, reference = args.runs[0].name, args.against[0].name
+    document = {
+        "command": " ".join(["python -m bench.sweep_pairs", *given]),
+        "runs": [str(folder) for folder in args.runs],
+        "against": [str(folder) for folder in args.against],
+        "paired": {name: {"reference": reference, **entry}},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(document, indent=2, sort_keys=True))
+    report = paired_table(document["paired"], pooled_over_seeds=len(args.runs) > 1)
+    args.out.with_suffix(".md").write_text(report)
+    print(report)
+    return document
+
+
+if __name__ == "__main__":
+    main()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.sweep_pairs import paired_groups, paired_points, paired_table
+from bench.sweep_pairs import main, paired_groups, paired_points, paired_table
 
 GOLD = ["a", "b", "c", "d"]
 
@@ -121,3 +121,39 @@ def test_points_without_ranked_texts_pair_their_loss_only(tmp_path: Path) -> Non
     assert not [key for key in knob if "accuracy" in key]
     row = "| knob | ref | adapfu | -1.000 [-1.000, -1.000] | – | – |"
     assert row in paired_table({"knob": knob})
+
+
+def test_the_script_pairs_scored_runs_seed_by_seed_and_refuses_bad_folders(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m bench.sweep_pairs``: two scored runs against two reference runs, each text's
+    scores summed over the seeds (the same numbers as the seed-group test above), written
+    to JSON with its command and to a table; unequal run counts, a folder without scores
+    and a model nobody scored are refused naming what is wrong."""
+    same = ([1.0, 1.0, 2.0, 2.0], ["a", "x", "c", "x"])
+    for seed in ("0", "1"):
+        _scores(tmp_path / f"ref{seed}", {"adapfu": ([2.0, 2.0, 4.0, 4.0], ["a", "b", "x", "x"]),
+                                          "adapemu": same})  # fmt: skip
+    _scores(tmp_path / "knob0", {"adapfu": ([1.0, 1.0, 2.0, 2.0], GOLD), "adapemu": same})
+    _scores(tmp_path / "knob1", {"adapfu": same})
+    runs = [str(tmp_path / "knob0"), str(tmp_path / "knob1")]
+    against = [str(tmp_path / "ref0"), str(tmp_path / "ref1")]
+    out = tmp_path / "out" / "pairs.json"
+    argv = ["--runs", *runs, "--against", *against, "--models", "adapfu", "--out", str(out)]
+    main(argv)
+    document = json.loads(out.read_text())
+    assert document["command"] == "python -m bench.sweep_pairs " + " ".join(argv)
+    knob = document["paired"]["knob0"]
+    assert (knob["reference"], knob["seeds"]) == ("ref0", 2)
+    assert knob["adapfu_loss_vs_reference"] == pytest.approx(-1.0)
+    assert knob["adapfu_accuracy_vs_reference"] == pytest.approx(0.25)
+    table = out.with_suffix(".md").read_text()
+    assert "| knob0 | ref0 | adapfu | -1.000 [" in table and "adapemu" not in table
+    with pytest.raises(SystemExit, match=rf"{tmp_path / 'knob1'}/heldout.jsonl: no scores of"):
+        main(["--runs", *runs, "--against", *against, "--out", str(out)])  # AdapEmu: knob1 lacks
+    with pytest.raises(SystemExit):
+        main(["--runs", runs[0], "--against", *against, "--out", str(out)])
+    assert "1 --runs against 2 --against" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--runs", str(tmp_path / "gone"), "--against", against[0], "--out", str(out)])
+    assert f"{tmp_path / 'gone'}: no heldout.jsonl" in capsys.readouterr().err
