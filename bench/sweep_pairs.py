@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     for folder in (*args.runs, *args.against):
         scores = last_scores(folder)
         if not scores:
-            parser.error(f"{folder}: no heldout.jsonl")
+            parser.error(f"{folder}: no heldout.jsonl with scores")
         missing = [model for model in ("base", *args.models) if model not in scores]
         if missing:
             raise SystemExit(f"{folder / 'heldout.jsonl'}: no scores of {missing}")
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2, sort_keys=True))
-    report = paired_table(document["paired"], pooled_over_seeds=len(args.runs) > 1)
+    report = paired_table(document["paired"], pooled_over_seeds=True)
     args.out.with_suffix(".md").write_text(report)
     print(report)
     return document
