@@ -5,6 +5,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 os.environ.setdefault(
@@ -14,6 +15,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from models.loading import tokenizer_dir
 from tests.flower_runtime import LocalFederation, local_federation
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each xdist worker's in-process torch gets its share of the cores: torch's default, a
+    thread per core in every worker, runs twice as many threads as cores on the 2-core CI
+    machine, and the workers' threads then wait on each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(scope="session")
