@@ -77,15 +77,18 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
+def last_round(path: Path) -> dict[str, dict]:
+    """Variant -> per-text scores of the last round in the ``heldout.jsonl`` at ``path``."""
+    rows = read_rows(path)
+    last = max((r["round"] for r in rows), default=None)
+    return {r["variant"]: r for r in rows if r["round"] == last}
+
+
 def last_scores(run_dir: Path) -> dict[str, dict]:
     """Variant -> per-text scores of the run's last evaluated round (none without a
     ``heldout.jsonl``)."""
     path = run_dir / "heldout.jsonl"
-    if not path.is_file():
-        return {}
-    rows = read_rows(path)
-    last = max((r["round"] for r in rows), default=None)
-    return {r["variant"]: r for r in rows if r["round"] == last}
+    return last_round(path) if path.is_file() else {}
 
 
 def _variant(scores: dict[str, dict], model: str) -> dict | None:

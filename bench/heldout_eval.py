@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FEDBIOT_CACHE", str(REPO / ".cache" / "fedbiot"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.claims_report import pooled_against_base, read_rows  # noqa: E402
+from bench.claims_report import last_round, pooled_against_base  # noqa: E402
 from federation.run_config import ConfigError, RunConfig  # noqa: E402
 from models.loading import load_model  # noqa: E402
 from server_app.evaluation.confidence import interval_cell  # noqa: E402
@@ -159,13 +159,10 @@ def scored_runs(args: argparse.Namespace) -> list[Path]:
 
 def read_scores(path: Path) -> dict[str, HeldoutResult]:
     """Every model's per-text scores of the last round in a ``heldout.jsonl``; a bad line is
-    refused naming the file and the line (``bench.claims_report.read_rows``)."""
-    rows = read_rows(path)
-    last = max((row["round"] for row in rows), default=None)
+    refused naming the file and the line (``bench.claims_report.last_round``)."""
     results = {
-        row["variant"]: HeldoutResult(row["nll"], row["tokens"], row["predicted"], row["gold"])
-        for row in rows
-        if row["round"] == last
+        variant: HeldoutResult(row["nll"], row["tokens"], row["predicted"], row["gold"])
+        for variant, row in last_round(path).items()
     }
     if "base" not in results:
         raise SystemExit(f"{path}: no base model's scores")

@@ -26,23 +26,25 @@ from server_app.evaluation.confidence import interval_cell, paired_ratio_differe
 MODELS = ("adapemu", "adapfu")
 
 
-def _same_texts(folders: list[Path], model: str) -> None:
-    """Refuse, naming both files, two runs whose ``model`` was scored on different texts
+def _same_texts(folders: list[Path], models: tuple[str, ...]) -> None:
+    """Refuse, naming both files, two runs whose model was scored on different texts
     (per-text token counts or gold labels differ): pairing them would compare unrelated
-    texts, or fail deep in the interval code without saying which runs."""
-    first: tuple[Path, tuple] | None = None
+    texts, or fail deep in the interval code without saying which runs. Each file is read
+    once for every model."""
+    first: dict[str, tuple[Path, tuple]] = {}
     for folder in folders:
-        row = last_scores(folder).get(model)
-        if row is None:
-            continue
-        texts = (row["tokens"], row["gold"])
-        if first is None:
-            first = (folder, texts)
-        elif texts != first[1]:
-            raise SystemExit(
-                f"{first[0] / 'heldout.jsonl'} and {folder / 'heldout.jsonl'}: {model} was "
-                "scored on different texts; score both runs on the same ones"
-            )
+        scores = last_scores(folder)
+        for model in models:
+            row = scores.get(model)
+            if row is None:
+                continue
+            texts = (row["tokens"], row["gold"])
+            seen = first.setdefault(model, (folder, texts))
+            if texts != seen[1]:
+                raise SystemExit(
+                    f"{seen[0] / 'heldout.jsonl'} and {folder / 'heldout.jsonl'}: {model} was "
+                    "scored on different texts; score both runs on the same ones"
+                )
 
 
 def paired_points(heldout: Path, against: dict[str, str]) -> dict[str, dict]:
@@ -57,8 +59,7 @@ def paired_points(heldout: Path, against: dict[str, str]) -> dict[str, dict]:
         if not (mine.is_file() and theirs.is_file()):
             continue
         scores, reference_scores = read_scores(mine), read_scores(theirs)
-        for model in ("base", *MODELS):
-            _same_texts([mine.parent, theirs.parent], model)
+        _same_texts([mine.parent, theirs.parent], ("base", *MODELS))
         entry: dict[str, object] = {"reference": reference}
         for model in MODELS:
             for path, held in ((mine, scores), (theirs, reference_scores)):
@@ -78,8 +79,7 @@ def paired_runs(
     accuracy differences from each text's scores summed over the runs (the keys of
     :func:`paired_points` without McNemar's p, which needs one outcome per text), plus
     ``seeds``; None when a run lacks a model's scores."""
-    for model in ("base", *models):
-        _same_texts(mine + theirs, model)
+    _same_texts(mine + theirs, ("base", *models))
     entry: dict[str, object] = {"seeds": len(mine)}
     for model in models:
         a, b = pooled(mine, model), pooled(theirs, model)
