@@ -147,8 +147,13 @@ POINTS: dict[str, dict[str, object]] = {
         f"{ITEM9}-d20-seed{seed}": {**ITEM9_SETTING, **KNOBS["d20"], "seed": seed}
         for seed in (1, 2)
     },
-    # Item 9 with non-IID clients: Dirichlet (α = 0.5) over the 77 labels.
+    # Item 9 with non-IID clients: Dirichlet (α = 0.5) over the 77 labels, three seeds (the
+    # seed also draws the partition).
     f"{ITEM9}-dirichlet": {**ITEM9_SETTING, "partitioner": "dirichlet"},
+    **{
+        f"{ITEM9}-dirichlet-seed{seed}": {**ITEM9_SETTING, "partitioner": "dirichlet", "seed": seed}
+        for seed in (1, 2)
+    },
 }
 
 
@@ -161,9 +166,15 @@ GSM8K_POINTS = ("fedit", "b0.2-p20", "b0.5-p20", "b0.2-p100", "b0.2-p100-a8")
 # group's name says its seeds, so that it never reads as its seed-0 point's.
 ITEM9_SEEDS = f"{ITEM9}-seeds0-2"
 D20_SEEDS = f"{ITEM9}-d20-seeds0-2"
+DIRICHLET_SEEDS = f"{ITEM9}-dirichlet-seeds0-2"
 SEED_GROUPS: dict[str, tuple[str, ...]] = {
     ITEM9_SEEDS: (ITEM9, f"{ITEM9}-seed1", f"{ITEM9}-seed2"),
     D20_SEEDS: (f"{ITEM9}-d20", f"{ITEM9}-d20-seed1", f"{ITEM9}-d20-seed2"),
+    DIRICHLET_SEEDS: (
+        f"{ITEM9}-dirichlet",
+        f"{ITEM9}-dirichlet-seed1",
+        f"{ITEM9}-dirichlet-seed2",
+    ),
 }
 # Per task, point -> the point it changes one knob of: their difference is reported paired
 # per text (bench/sweep_pairs.py).
@@ -176,7 +187,7 @@ AGAINST: dict[str, dict[str, str]] = {
     "gsm8k": {"b0.5-p20": "b0.2-p20", "b0.2-p100": "b0.2-p20", "b0.2-p100-a8": "b0.2-p100"},
 }
 # Seed group -> the seed group it changes one knob of, paired per text over the seeds.
-GROUPS_AGAINST = {D20_SEEDS: ITEM9_SEEDS}
+GROUPS_AGAINST = {D20_SEEDS: ITEM9_SEEDS, DIRICHLET_SEEDS: ITEM9_SEEDS}
 
 
 def common(task: str, quick: bool) -> dict:
