@@ -1,6 +1,6 @@
 """Summarise alignment runs: held-out reward accuracy before and after DPO, task loss, ε.
 
-    python bench/alignment_table.py results/align-nodp results/align-dp-s0.1 results/align-dp-s1.0
+    python -m bench.alignment_table results/align-nodp results/align-dp-s0.1 results/align-dp-s1.0
 
 "Before" is the last SFT round (the SFT-only model), "after" the last round. Prints a
 Markdown table and writes the same numbers as JSON (``--json``).
@@ -13,18 +13,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-
-def _rows(run: Path) -> list[dict[str, Any]]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        raise SystemExit(f"{path}: no such file (is {run} a run folder?)")
-    return [json.loads(line) for line in path.read_text().splitlines()]
+from bench.run_files import metrics_rows, run_config
 
 
 def summarise(run: Path) -> dict[str, Any]:
     """The numbers of one run folder."""
-    config = json.loads((run / "config.json").read_text())["run_config"]
-    rows = _rows(run)
+    config = run_config(run)
+    rows = metrics_rows(run)
     last = rows[-1]
     dpo_rounds = config["dpo-rounds"] if config["stage"] in ("auto", "sft+dpo") else 0
     before = next(r for r in rows if r["round"] == config["num-server-rounds"] - dpo_rounds)

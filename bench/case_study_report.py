@@ -27,6 +27,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from bench.run_files import metrics_rows, run_config
 from server_app.report import pyplot
 
 MEASURES = {
@@ -50,8 +51,8 @@ _SERVER_KEYS = ("time_server_s", "time_aggregate_s", "time_distill_s", "time_pre
 
 def run_summary(run_dir: Path) -> dict[str, float]:
     """The measures of one finished run."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    config = json.loads((run_dir / "config.json").read_text())["run_config"]
+    rows = metrics_rows(run_dir)
+    config = run_config(run_dir)
     per_round = config["local-steps"] * config["batch-size"]
     with open(run_dir / "communication.csv") as f:
         nodes: dict[str, dict[str, float]] = {}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.run_files import metrics_rows, run_config
 from server_app.evaluation.confidence import (
     Interval,
     interval_cell,
@@ -172,8 +173,8 @@ def _costs(run_dirs: list[Path], wall: dict[str, float], clients: int) -> dict[s
     wall seconds."""
     per_example, per_client, server = [], [], []
     for run_dir in run_dirs:
-        config = json.loads((run_dir / "config.json").read_text())["run_config"]
-        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        config = run_config(run_dir)
+        rows = metrics_rows(run_dir)
         trained = [r for r in rows if r["round"] > 0]
         examples = int(config["local-steps"]) * int(config["batch-size"])
         # Split learning's clients report their share of each step as client_seconds.

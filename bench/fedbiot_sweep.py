@@ -35,7 +35,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.claims_report import pooled_against_base  # noqa: E402
 from bench.federation_runs import run_federations  # noqa: E402
-from bench.sweep_pairs import paired_groups, paired_points, paired_table  # noqa: E402
+from bench.run_files import metrics_rows  # noqa: E402
+from bench.sweep_pairs import (  # noqa: E402
+    GROUPS_HEADING,
+    paired_groups,
+    paired_points,
+    paired_table,
+)
 from bench.sweep_tables import pooled_table, table  # noqa: E402
 
 CLIENTS = 2
@@ -214,10 +220,7 @@ def point_config(name: str, args: argparse.Namespace, runs: Path, threads: int) 
 
 
 def last_row(run_dir: Path) -> dict | None:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = metrics_rows(run_dir, missing_ok=True)
     return rows[-1] if rows else None
 
 
@@ -242,7 +245,12 @@ def previous_sweep(path: Path, model: str, common: dict) -> dict:
     another model or other common settings would not compare, so such a file is refused."""
     if not path.is_file():
         return {}
-    document = json.loads(path.read_text())
+    try:
+        document = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"{path}: not JSON ({error})") from None
+    if not isinstance(document, dict) or not isinstance(document.get("points", {}), dict):
+        raise SystemExit(f"{path}: not a sweep.json (no 'points' object)")
     differ = [key for key in sorted(set(common) | set(document.get("common", {})))
               if common.get(key) != document.get("common", {}).get(key)]  # fmt: skip
     if document.get("model") != model:
@@ -330,7 +338,7 @@ def main(argv: list[str] | None = None) -> Path:
     (args.out / "sweep.json").write_text(json.dumps(document, indent=2, sort_keys=True))
     report = args.out / "sweep.md"
     report.write_text(table(points, args.task) + pooled_table(groups) + paired_table(paired)
-                      + paired_table(paired_pooled, pooled_over_seeds=True))  # fmt: skip
+                      + paired_table(paired_pooled, GROUPS_HEADING))  # fmt: skip
     print(report.read_text())
     missing = [n for n in args.points if n not in points]
     if missing:

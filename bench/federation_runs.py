@@ -20,15 +20,13 @@ from contextlib import ExitStack
 from pathlib import Path
 from queue import Queue
 
+from bench.run_files import metrics_rows
 from tests.flower_runtime import local_federation
 
 
 def finished(run_dir: Path, rounds: int) -> bool:
     """A run whose last round's row is written."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return False
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = metrics_rows(run_dir, missing_ok=True)
     return bool(rows) and rows[-1]["round"] == rounds
 
 

@@ -32,6 +32,7 @@ os.environ.setdefault("FEDBIOT_CACHE", str(REPO / ".cache" / "fedbiot"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.federation_runs import finished, run_dir  # noqa: E402
+from bench.run_files import metrics_rows  # noqa: E402
 from tests.flower_runtime import local_federation, tiny_run_config  # noqa: E402
 
 SUPERNODES = 3  # make run's federation
@@ -208,8 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     shutil.rmtree(str(config["cache-dir"]), ignore_errors=True)
     defaults = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     rounds = int(config.get("num-server-rounds", defaults["config"]["num-server-rounds"]))
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
-            if line.strip()] if (folder / "metrics.jsonl").is_file() else []  # fmt: skip
+    rows = metrics_rows(folder, missing_ok=True)
     if result.returncode or not finished(folder, rounds):
         sys.stderr.write(result.stdout[-4000:] + result.stderr[-4000:])
         raise SystemExit(f"the run in {folder} did not finish")

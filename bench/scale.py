@@ -32,6 +32,7 @@ os.environ.setdefault("FEDBIOT_CACHE", str(REPO / ".cache" / "fedbiot"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.federation_runs import finished  # noqa: E402
+from bench.run_files import metrics_rows  # noqa: E402
 from tests.flower_runtime import local_federation, tiny_run_config  # noqa: E402
 
 # Every N trains the same rounds and steps; only the population from which clients are
@@ -124,7 +125,7 @@ def measure(nodes: int, args: argparse.Namespace) -> dict:
     if result.returncode or not finished(run, rounds):
         sys.stderr.write(result.stdout[-4000:] + result.stderr[-4000:])
         raise SystemExit(f"N={nodes}: the run did not finish (see {run})")
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run)
     summary = summarise(rows, disk_bytes(cache), wall, nodes)
     shutil.rmtree(cache, ignore_errors=True)  # N=1000 leaves its nodes' folders otherwise
     return summary

@@ -109,17 +109,22 @@ def paired_groups(
     return out
 
 
-def paired_table(entries: dict[str, dict], pooled_over_seeds: bool = False) -> str:
-    """The paired differences as Markdown (empty when there are none)."""
+# The headings of paired_table: what its rows are paired against.
+POINTS_HEADING = ("Against the point each changes one knob of (paired per text, same "
+                  "validation texts):")  # fmt: skip
+GROUPS_HEADING = ("Seed groups against the group each changes one knob of (per-text scores "
+                  "summed over the seeds, paired per text):")  # fmt: skip
+RUNS_HEADING = ("The runs against their reference runs, run k beside run k (per-text scores "
+                "summed over the runs, paired per text):")  # fmt: skip
+
+
+def paired_table(entries: dict[str, dict], heading: str = POINTS_HEADING) -> str:
+    """The paired differences as Markdown under ``heading`` (empty when there are none)."""
     if not entries:
         return ""
-    what = ("Seed groups against the group each changes one knob of (per-text scores summed "
-            "over the seeds, paired per text):" if pooled_over_seeds else
-            "Against the point each changes one knob of (paired per text, same validation "
-            "texts):")  # fmt: skip
     lines = [
         "",
-        what,
+        heading,
         "",
         "| point | against | model | loss − reference | accuracy − reference (pp) | McNemar p |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -168,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2, sort_keys=True))
-    report = paired_table(document["paired"], pooled_over_seeds=True)
+    report = paired_table(document["paired"], RUNS_HEADING)
     args.out.with_suffix(".md").write_text(report)
     print(report)
     return document

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.sweep_pairs import main, paired_groups, paired_points, paired_table
+from bench.sweep_pairs import GROUPS_HEADING, main, paired_groups, paired_points, paired_table
 
 GOLD = ["a", "b", "c", "d"]
 
@@ -76,7 +76,7 @@ def test_seed_groups_are_paired_per_text_over_their_seeds(tmp_path: Path) -> Non
     assert knob["adapemu_loss_vs_reference"] == pytest.approx(0.0)
     assert knob["adapemu_accuracy_vs_reference"] == pytest.approx(0.0)
     assert "adapfu_accuracy_vs_reference_p" not in knob
-    table = paired_table(entries, pooled_over_seeds=True)
+    table = paired_table(entries, GROUPS_HEADING)
     assert "summed over the seeds" in table
     assert "| knob | ref | adapfu | -1.000 [" in table and table.rstrip().endswith("| – |")
 
@@ -149,6 +149,7 @@ def test_the_script_pairs_scored_runs_seed_by_seed_and_refuses_bad_folders(
     assert knob["adapfu_accuracy_vs_reference"] == pytest.approx(0.25)
     table = out.with_suffix(".md").read_text()
     assert "| knob0 | ref0 | adapfu | -1.000 [" in table and "adapemu" not in table
+    assert "run k beside run k" in table and "knob" not in table.split("|")[0]
     with pytest.raises(SystemExit, match=rf"{tmp_path / 'knob1'}/heldout.jsonl: no scores of"):
         main(["--runs", *runs, "--against", *against, "--out", str(out)])  # AdapEmu: knob1 lacks
     with pytest.raises(SystemExit):
