@@ -41,7 +41,7 @@ os.environ.setdefault("FEDBIOT_CACHE", str(REPO / ".cache" / "fedbiot"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.case_study_report import write_report  # noqa: E402
-from bench.federation_runs import finished, run_federations  # noqa: E402
+from bench.federation_runs import finished, run_federations, threads_per_run  # noqa: E402
 from models.loading import load_model, resolve_model_dir  # noqa: E402
 from server_app.evaluation.tasks import banking77  # noqa: E402
 
@@ -140,12 +140,12 @@ def main(argv: list[str] | None = None) -> Path:
         "--jobs", type=int, default=2, help="runs at once, each on its own local SuperLink"
     )
     parser.add_argument(
-        "--threads", type=int, default=0, help="torch threads per run (0: the cores / jobs)"
+        "--threads", type=int, default=0, help="torch threads per run (0: torch's threads / jobs)"
     )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "case-study")
     args = parser.parse_args(argv)
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = args.threads or threads_per_run(args.jobs)
 
     runs = args.out / "runs"
     runs.mkdir(parents=True, exist_ok=True)

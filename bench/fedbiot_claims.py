@@ -37,7 +37,7 @@ os.environ.setdefault("FEDBIOT_CACHE", str(REPO / ".cache" / "fedbiot"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.claims_report import claims, model_table, write_report  # noqa: E402
-from bench.federation_runs import finished, run_federations  # noqa: E402
+from bench.federation_runs import finished, run_federations, threads_per_run  # noqa: E402
 
 CLIENTS = 3
 SEEDS = (0, 1, 2)
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per run")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "fedbiot-claims")
     args = parser.parse_args(argv)
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = threads_per_run(args.jobs)
     runs = args.out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     configs: dict[str, dict[str, object]] = {}

@@ -34,7 +34,7 @@ os.environ.setdefault("FEDBIOT_CACHE", str(REPO / ".cache" / "fedbiot"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.claims_report import pooled_against_base  # noqa: E402
-from bench.federation_runs import run_federations  # noqa: E402
+from bench.federation_runs import run_federations, threads_per_run  # noqa: E402
 from bench.run_files import metrics_rows  # noqa: E402
 from bench.sweep_pairs import (  # noqa: E402
     GROUPS_HEADING,
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> Path:
         args.points = list(GSM8K_POINTS if gsm8k else POINTS)
     if args.out is None:
         args.out = REPO / "results" / ("fedbiot-sweep-gsm8k" if gsm8k else "fedbiot-sweep")
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = threads_per_run(args.jobs)
     runs = args.out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     config = common(args.task, args.quick)

@@ -30,6 +30,16 @@ def finished(run_dir: Path, rounds: int) -> bool:
     return bool(rows) and rows[-1]["round"] == rounds
 
 
+def threads_per_run(jobs: int) -> int:
+    """The torch threads each of ``jobs`` concurrent runs gets: this process's own thread
+    count split between them, not the machine's cores, so that a bench called where the
+    cores are already shared (pytest-xdist workers: tests/conftest.py sets each worker's
+    count) does not put two threads per process on one core and spin in OpenMP."""
+    import torch  # only the benches that run federations pay for the import
+
+    return max(1, torch.get_num_threads() // jobs)
+
+
 def run_dir(config: dict[str, object]) -> Path:
     return Path(str(config["output-dir"])) / str(config["run-name"])
 
