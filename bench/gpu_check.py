@@ -115,6 +115,7 @@ def federation_check(
     SuperNode processes on loopback (``scripts/deploy_local.py``), each training on
     ``device``; ``overrides`` replace run-config defaults. The deployment runtime needs no
     Ray, whose wheel cannot travel to the GPU node with the rest."""
+    from bench.run_files import metrics_rows
     from federation.run_config import run_config_arg
     from tests.flower_runtime import BIN, REPO, app_dir, flower_env
 
@@ -148,10 +149,7 @@ def federation_check(
         subprocess.run([*deploy, "stop", "--dir", str(root)], check=True,
                        stdout=subprocess.DEVNULL)  # fmt: skip
     seconds = time.perf_counter() - begin
-    metrics = out / "gpu-check" / "metrics.jsonl"
-    rows = (
-        [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    )
+    rows = metrics_rows(out / "gpu-check", missing_ok=True)
     if done.returncode != 0 or not rows or rows[-1]["round"] != rounds:
         tail = (done.stdout + done.stderr)[-4000:]
         raise RuntimeError(f"the {rounds}-round flwr run did not finish:\n{tail}")

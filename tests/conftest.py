@@ -43,8 +43,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
 # xdist hands tests out in collection order; alphabetically some of these came last, and
 # one worker then ran them alone while the other idled. Run first, they overlap.
 SLOW_FILES = (
-    "test_resume.py",
     "test_deployment.py",
+    "test_gpu_check.py",
+    "test_resume.py",
     "test_superlink_gone.py",
     "test_bench_claims.py",
     "test_bench_sweep.py",
