@@ -9,13 +9,12 @@ are compared text by text (paired) on the same seeds.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from bench.run_files import metrics_rows, run_config
+from bench.run_files import jsonl_rows, metrics_rows, run_config
 from server_app.evaluation.confidence import (
     Interval,
     interval_cell,
@@ -63,19 +62,7 @@ def read_rows(path: Path) -> list[dict]:
     """Every row of a ``heldout.jsonl`` (the server's in-run scores or bench.heldout_eval's);
     a bad line is refused naming the file and the line, since these files are read back
     from run folders that anything may have written."""
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise SystemExit(f"{path}, line {number}: not JSON ({error})") from None
-        problem = _row_problem(row)
-        if problem:
-            raise SystemExit(f"{path}, line {number}: not a scored model ({problem})")
-        rows.append(row)
-    return rows
+    return jsonl_rows(path, _row_problem, "a scored model")
 
 
 def last_round(path: Path) -> dict[str, dict]:

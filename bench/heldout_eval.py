@@ -160,9 +160,15 @@ def scored_runs(args: argparse.Namespace) -> list[Path]:
 def read_scores(path: Path) -> dict[str, HeldoutResult]:
     """Every model's per-text scores of the last round in a ``heldout.jsonl``; a bad line is
     refused naming the file and the line (``bench.claims_report.last_round``)."""
+    return results_of(last_round(path), path)
+
+
+def results_of(rows: dict[str, dict], path: Path) -> dict[str, HeldoutResult]:
+    """Variant -> scores, from the last round's rows read from ``path`` (named when it has
+    no base model's)."""
     results = {
         variant: HeldoutResult(row["nll"], row["tokens"], row["predicted"], row["gold"])
-        for variant, row in last_round(path).items()
+        for variant, row in rows.items()
     }
     if "base" not in results:
         raise SystemExit(f"{path}: no base model's scores")

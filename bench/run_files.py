@@ -7,8 +7,33 @@ run folders come back as files."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+
+def jsonl_rows(path: Path, problem_of: Callable[[Any], str | None], what: str) -> list[Any]:
+    """The rows of the JSON-lines file ``path`` (blank lines skipped); a line that is not
+    JSON, or whose row ``problem_of`` finds a problem with, stops the bench naming the file,
+    the line and ``what`` the row should have been."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"{path}, line {number}: not JSON ({error})") from None
+        problem = problem_of(row)
+        if problem:
+            raise SystemExit(f"{path}, line {number}: not {what} ({problem})")
+        rows.append(row)
+    return rows
+
+
+def _round_problem(row: Any) -> str | None:
+    ok = isinstance(row, dict) and type(row.get("round")) is int
+    return None if ok else "no integer 'round'"
 
 
 def metrics_rows(run_dir: Path, *, missing_ok: bool = False) -> list[dict[str, Any]]:
@@ -19,18 +44,7 @@ def metrics_rows(run_dir: Path, *, missing_ok: bool = False) -> list[dict[str, A
         if missing_ok:
             return []
         raise SystemExit(f"{path}: no such file (is {run_dir} a finished run folder?)")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise SystemExit(f"{path}, line {number}: not JSON ({error})") from None
-        if not isinstance(row, dict) or type(row.get("round")) is not int:
-            raise SystemExit(f"{path}, line {number}: not a round's row (no integer 'round')")
-        rows.append(row)
-    return rows
+    return jsonl_rows(path, _round_problem, "a round's row")
 
 
 def run_config(run_dir: Path) -> dict[str, Any]:

@@ -19,21 +19,20 @@ import json
 import sys
 from pathlib import Path
 
-from bench.claims_report import last_scores, pooled
-from bench.heldout_eval import read_scores
+from bench.claims_report import last_round, last_scores, pooled
+from bench.heldout_eval import results_of
 from server_app.evaluation.confidence import interval_cell, paired_ratio_difference
 
 MODELS = ("adapemu", "adapfu")
 
 
-def _same_texts(folders: list[Path], models: tuple[str, ...]) -> None:
-    """Refuse, naming both files, two runs whose model was scored on different texts
-    (per-text token counts or gold labels differ): pairing them would compare unrelated
-    texts, or fail deep in the interval code without saying which runs. Each file is read
-    once for every model."""
+def _same_texts(scored: dict[Path, dict[str, dict]], models: tuple[str, ...]) -> None:
+    """Refuse, naming both files, two runs (folder -> its last round's scores) whose model was
+    scored on different texts (per-text token counts or gold labels differ): pairing them
+    would compare unrelated texts, or fail deep in the interval code without saying which
+    runs."""
     first: dict[str, tuple[Path, tuple]] = {}
-    for folder in folders:
-        scores = last_scores(folder)
+    for folder, scores in scored.items():
         for model in models:
             row = scores.get(model)
             if row is None:
@@ -58,8 +57,12 @@ def paired_points(heldout: Path, against: dict[str, str]) -> dict[str, dict]:
         mine, theirs = heldout / name / "heldout.jsonl", heldout / reference / "heldout.jsonl"
         if not (mine.is_file() and theirs.is_file()):
             continue
-        scores, reference_scores = read_scores(mine), read_scores(theirs)
-        _same_texts([mine.parent, theirs.parent], ("base", *MODELS))
+        rows = {mine.parent: last_round(mine), theirs.parent: last_round(theirs)}
+        _same_texts(rows, ("base", *MODELS))
+        scores, reference_scores = (
+            results_of(rows[mine.parent], mine),
+            results_of(rows[theirs.parent], theirs),
+        )
         entry: dict[str, object] = {"reference": reference}
         for model in MODELS:
             for path, held in ((mine, scores), (theirs, reference_scores)):
@@ -79,7 +82,7 @@ def paired_runs(
     accuracy differences from each text's scores summed over the runs (the keys of
     :func:`paired_points` without McNemar's p, which needs one outcome per text), plus
     ``seeds``; None when a run lacks a model's scores."""
-    _same_texts(mine + theirs, ("base", *models))
+    _same_texts({folder: last_scores(folder) for folder in mine + theirs}, ("base", *models))
     entry: dict[str, object] = {"seeds": len(mine)}
     for model in models:
         a, b = pooled(mine, model), pooled(theirs, model)
