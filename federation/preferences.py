@@ -29,12 +29,14 @@ def split_shared(config: RunConfig) -> tuple[list[PreferencePair], list[Preferen
 
 @dataclass
 class PreferenceMetrics:
-    """DPO loss, reward accuracy and mean reward margin over ``pairs`` pairs."""
+    """DPO loss, reward accuracy and mean reward margin over ``pairs`` pairs; ``margins`` per
+    pair, in the held-out order, so two models (before and after DPO) compare pairwise."""
 
     loss: float
     accuracy: float
     margin: float
     pairs: int
+    margins: list[float]
 
 
 def _module(model: LoraModel | nn.Module) -> tuple[nn.Module, torch.device]:
@@ -126,4 +128,5 @@ def preference_metrics(
         accuracy=reward_accuracy(margin).item(),
         margin=margin.mean().item(),
         pairs=margin.numel(),
+        margins=margin.tolist(),
     )

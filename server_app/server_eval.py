@@ -316,7 +316,9 @@ class ServerEvaluator:
             self.last_sft_round,
         )
         if self.preferences is not None and due:
-            record.update(self.preferences())
+            scores, rows = self.preferences(server_round)
+            record.update(scores)
+            self.recorder.append_jsonl("preference_heldout.jsonl", rows)
         record["time_eval_s"] = time.perf_counter() - start
         record.update(self.strategy.round_metrics.get(server_round, {}))
         record["elapsed_s"] = time.perf_counter() - self.started

@@ -94,11 +94,20 @@ def test_fedbialign_mixed_depths_dp_and_selective_dpo(
     deepest = [max(d for d, gb in table.items() if gb <= budget) for budget in budgets]
     assert sorted(deepest) == depths
     assert (run_dir / "adapfu" / "config.json").is_file()
-    # bench/alignment_table.py reads "before" from the last SFT round, "after" from the last.
+    # bench/alignment_table.py reads "before" from the last SFT round, "after" from the last,
+    # pairing the per-pair margins the server kept for both.
     summary = summarise(run_dir)
     assert (summary["dp_noise_multiplier"], summary["dp_epsilon"]) == (0.5, dpo["dp_epsilon"])
     assert summary["task_loss_adapfu"] == dpo["eval_adapfu_gsm8k_loss"]  # not the pairs' loss
+    assert (summary["before_round"], summary["after_round"]) == (1, 2)
     for variant in ("adapemu", "adapfu"):
-        key = f"eval_{variant}_pref_reward_margin"
-        assert summary[f"{variant}_margin_before"] == sft[key]
-        assert summary[f"{variant}_margin_after"] == dpo[key]
+        key = f"eval_{variant}_pref_reward"
+        numbers = summary[variant]
+        assert numbers["pairs"] == 4
+        for when, row in (("before", sft), ("after", dpo)):
+            assert numbers[f"margin_{when}"] == pytest.approx(row[f"{key}_margin"], rel=1e-6)
+            for end in ("", "_ci_low", "_ci_high"):
+                assert numbers[f"accuracy_{when}{end}"] == row[f"{key}_accuracy{end}"]
+        assert numbers["margin_gain"] == pytest.approx(
+            dpo[f"{key}_margin"] - sft[f"{key}_margin"], abs=1e-6
+        )
