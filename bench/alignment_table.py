@@ -78,7 +78,8 @@ def compare(before: list[float], after: list[float]) -> dict[str, Any]:
 
 def summarise(run: Path) -> dict[str, Any]:
     """The numbers of one run folder."""
-    config = run_config(run)
+    keys = ("stage", "dpo-rounds", "num-server-rounds", "dp-clipping-norm", "dp-noise-multiplier")
+    config = run_config(run, keys)
     rows = metrics_rows(run)
     last = rows[-1]
     dpo_rounds = config["dpo-rounds"] if config["stage"] in ("auto", "sft+dpo") else 0

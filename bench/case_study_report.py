@@ -52,7 +52,7 @@ _SERVER_KEYS = ("time_server_s", "time_aggregate_s", "time_distill_s", "time_pre
 def run_summary(run_dir: Path) -> dict[str, float]:
     """The measures of one finished run."""
     rows = metrics_rows(run_dir)
-    config = run_config(run_dir)
+    config = run_config(run_dir, ("local-steps", "batch-size"))
     per_round = config["local-steps"] * config["batch-size"]
     with open(run_dir / "communication.csv") as f:
         nodes: dict[str, dict[str, float]] = {}

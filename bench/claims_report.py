@@ -160,7 +160,7 @@ def _costs(run_dirs: list[Path], wall: dict[str, float], clients: int) -> dict[s
     wall seconds."""
     per_example, per_client, server = [], [], []
     for run_dir in run_dirs:
-        config = run_config(run_dir)
+        config = run_config(run_dir, ("local-steps", "batch-size"))
         rows = metrics_rows(run_dir)
         trained = [r for r in rows if r["round"] > 0]
         examples = int(config["local-steps"]) * int(config["batch-size"])

@@ -47,8 +47,9 @@ def metrics_rows(run_dir: Path, *, missing_ok: bool = False) -> list[dict[str, A
     return jsonl_rows(path, _round_problem, "a round's row")
 
 
-def run_config(run_dir: Path) -> dict[str, Any]:
-    """The ``run_config`` object of ``run_dir/config.json``."""
+def run_config(run_dir: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The ``run_config`` object of ``run_dir/config.json``, which must hold the keys in
+    ``required`` (those a bench reads; a file from an older version may lack them)."""
     path = run_dir / "config.json"
     if not path.is_file():
         raise SystemExit(f"{path}: no such file (is {run_dir} a run folder?)")
@@ -59,4 +60,7 @@ def run_config(run_dir: Path) -> dict[str, Any]:
     settings = config.get("run_config") if isinstance(config, dict) else None
     if not isinstance(settings, dict):
         raise SystemExit(f"{path}: no 'run_config' object, not a run's config.json")
+    missing = [key for key in required if key not in settings]
+    if missing:
+        raise SystemExit(f"{path}: run_config has no {', '.join(map(repr, missing))}")
     return settings

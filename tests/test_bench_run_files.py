@@ -38,6 +38,11 @@ def test_a_run_folder_without_a_run_config_is_named(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=rf"{run / 'config.json'}: no 'run_config' object"):
         summarise(run)
     (run / "config.json").write_text(json.dumps({"run_config": {"stage": "sft"}}))
+    with pytest.raises(SystemExit, match=rf"{run / 'config.json'}: run_config has no 'dpo-rounds'"):
+        summarise(run)
+    settings = {"stage": "sft", "dpo-rounds": 1, "num-server-rounds": 2, "dp-clipping-norm": 0.0,
+                "dp-noise-multiplier": 1.0}  # fmt: skip
+    (run / "config.json").write_text(json.dumps({"run_config": settings}))
     with pytest.raises(SystemExit, match=rf"{run / 'metrics.jsonl'}: no such file"):
         summarise(run)
 
