@@ -60,7 +60,6 @@ RUNS: dict[str, dict[str, object]] = {
     # command), the response loss is.
     "align-nodp": {"num-server-rounds": 4, "dpo-rounds": 2, "eval-generation-examples": 0},
     # DP needs the update-norm screen off (clipping bounds every update); both runs go without
-    # it, so that the only difference between them is the DP layer.
     # it, so that the only difference between them is the DP layer. Accuracy by label ranking
     # on all 300 held-out texts.
     "sft-nodp": {
@@ -125,6 +124,8 @@ def report(out: Path, docs: Path, wall: dict[str, float], command: str) -> dict[
         "pooled": {},
     }
     dp = paired_runs([out / "sft-dp"], [out / "sft-nodp"])
+    if dp is None:
+        raise SystemExit(f"{out}/sft-dp or sft-nodp: no AdapEmu or AdapFu scores to pair")
     epsilon = metrics_rows(out / "sft-dp")[-1].get("dp_epsilon")
     document = {
         "command": command,
@@ -133,7 +134,7 @@ def report(out: Path, docs: Path, wall: dict[str, float], command: str) -> dict[
         "wall_seconds": wall,
         "dpo": dpo,
         "sft_against_base": against_base,
-        "dp_against_no_dp": {"sft-dp": {"reference": "sft-nodp", **(dp or {})}},
+        "dp_against_no_dp": {"sft-dp": {"reference": "sft-nodp", **dp}},
         "dp_epsilon": epsilon,
     }
     docs.mkdir(parents=True, exist_ok=True)
