@@ -21,7 +21,7 @@ from bench.run_files import jsonl_rows, metrics_rows, run_config
 from server_app.evaluation.confidence import (
     Interval,
     interval_cell,
-    paired_accuracy_difference,
+    mcnemar,
     paired_ratio_difference,
     ratio,
 )
@@ -58,11 +58,11 @@ def compare(before: list[float], after: list[float]) -> dict[str, Any]:
         raise SystemExit(f"{len(before)} held-out pairs before DPO, {len(after)} after")
     ones = [1.0] * len(after)
     accuracy = paired_ratio_difference((pair_scores(after), ones), (pair_scores(before), ones))
-    correct_after = [m > 0 for m in after]
-    correct_before = [m > 0 for m in before]
-    mcnemar = paired_accuracy_difference(correct_after, correct_before)
+    # McNemar's exact test needs two outcomes per pair: a tie counts as not ranked right
+    # there, while the accuracies and their difference count it half.
+    _, _, p_value = mcnemar([m > 0 for m in after], [m > 0 for m in before])
     margin = paired_ratio_difference((after, ones), (before, ones))
-    out: dict[str, Any] = {"pairs": len(after), "accuracy_gain_p": mcnemar.p_value}
+    out: dict[str, Any] = {"pairs": len(after), "accuracy_gain_p": p_value}
     named: dict[str, Interval] = {
         "accuracy_before": accuracy_interval(before),
         "accuracy_after": accuracy_interval(after),

@@ -77,10 +77,15 @@ def dpo_loss(
     return -F.logsigmoid(margins), margins
 
 
+def pair_scores(margins: torch.Tensor) -> torch.Tensor:
+    """Per pair 1 (chosen ranked above rejected), 0 (below) or 0.5 (a tie), so that a policy
+    equal to its reference scores chance (0.5), not 0 as trl's strict comparison would."""
+    return (margins > 0).float() + 0.5 * (margins == 0).float()
+
+
 def reward_accuracy(margins: torch.Tensor) -> torch.Tensor:
-    """Share of pairs ranked right; a tie counts half, so a policy equal to its reference
-    scores chance (0.5), not 0 as trl's strict comparison would."""
-    return (margins > 0).float().mean() + 0.5 * (margins == 0).float().mean()
+    """Share of pairs ranked right, a tie counting half (``pair_scores``)."""
+    return pair_scores(margins).mean()
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 
+from federation.preferences import pair_scores as preference_pair_scores
 from federation.preferences import preference_metrics, reference_logps, split_shared
 from federation.run_config import RunConfig
 from models.fedbiot_models import FedBiOTModels
@@ -68,8 +69,8 @@ class PreferenceEvaluator:
 
 
 def pair_scores(margins: Sequence[float]) -> list[float]:
-    """Per pair 1 (chosen ranked above rejected), 0 (below) or 0.5 (a tie)."""
-    return [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins]
+    """``federation.preferences.pair_scores`` on a list of margins (a run's saved rows)."""
+    return preference_pair_scores(torch.tensor(margins, dtype=torch.float64)).tolist()
 
 
 def accuracy_interval(margins: Sequence[float]) -> Interval:

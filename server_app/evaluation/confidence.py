@@ -129,6 +129,16 @@ class AccuracyDifference:
     p_value: float
 
 
+def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> tuple[int, int, float]:
+    """McNemar's exact test on two models' per-text correctness: the texts only ``a`` gets
+    right, those only ``b`` gets right, and the two-sided binomial p-value of that split."""
+    x, y = np.asarray(a, bool), np.asarray(b, bool)
+    a_only, b_only = int((x & ~y).sum()), int((~x & y).sum())
+    discordant = a_only + b_only
+    p_value = stats.binomtest(a_only, discordant, 0.5).pvalue if discordant else 1.0
+    return a_only, b_only, float(p_value)
+
+
 def paired_accuracy_difference(
     a: Sequence[bool], b: Sequence[bool], seed: int = 0
 ) -> AccuracyDifference:
@@ -138,9 +148,7 @@ def paired_accuracy_difference(
         raise ValueError("a paired comparison needs both models scored on the same texts")
     if not len(x):
         return AccuracyDifference(NAN, 0, 0, float("nan"))
-    a_only, b_only = int(((x == 1) & (y == 0)).sum()), int(((x == 0) & (y == 1)).sum())
-    discordant = a_only + b_only
-    p_value = stats.binomtest(a_only, discordant, 0.5).pvalue if discordant else 1.0
+    a_only, b_only, p_value = mcnemar(a, b)
 
     def difference(u, v, axis=-1):
         return u.mean(axis=axis) - v.mean(axis=axis)
