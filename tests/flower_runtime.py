@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import NamedTuple
 
 from federation.run_config import run_config_arg
 
@@ -66,7 +65,7 @@ def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 180) -
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
+            raise RuntimeError(f"flower-superlink exited with {process.returncode}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -246,42 +245,3 @@ def local_federation(
             with suppress(ProcessLookupError):  # a test may have killed it already
                 os.killpg(process.pid, signal.SIGKILL)
         log_file.close()
-
-
-class RayHead(NamedTuple):
-    address: str  # what simulations join through RAY_ADDRESS
-    temp_dir: Path  # the head's session files and logs
-    process: subprocess.Popen
-
-
-@contextmanager
-def ray_head(log: Path, num_cpus: int = 2) -> Iterator[RayHead]:
-    """A Ray head of its own (``scripts/ray_cluster.sh head``, its output in ``log``) for
-    simulations to join; stopped, and its files removed, at the end.
-
-    Ray's socket paths must stay short: its files go to a short folder of their own, which
-    also keeps simulations elsewhere on the machine from joining this cluster (``ray.init()``
-    without an address joins the latest cluster under /tmp/ray)."""
-    ray_dir = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))
-    port = free_port()
-    env = {**os.environ, "RAY_TEMP_DIR": str(ray_dir)}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("RAY_ADDRESS", None)  # a head, not a worker joining someone's cluster
-    log_file = open(log, "w")  # noqa: SIM115 - closed in finally
-    head = subprocess.Popen(
-        ["bash", str(REPO / "scripts" / "ray_cluster.sh"), "head", str(port),
-         "--num-cpus", str(num_cpus), "--block"],
-        env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    try:
-        _wait_for_port(port, head)
-        yield RayHead(f"127.0.0.1:{port}", ray_dir, head)
-    finally:
-        try:
-            os.killpg(head.pid, signal.SIGTERM)
-            head.wait(timeout=60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            with suppress(ProcessLookupError):
-                os.killpg(head.pid, signal.SIGKILL)
-        log_file.close()
-        shutil.rmtree(ray_dir, ignore_errors=True)
