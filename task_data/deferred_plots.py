@@ -1,10 +1,9 @@
 """flwr-datasets' partitioners without its plotting helpers at import time.
 
 flwr-datasets 0.6.1's package ``__init__`` imports ``flwr_datasets.visualization``, which
-imports seaborn, matplotlib and scipy.stats: about 1.4 CPU-seconds in every process that
-imports a partitioner (measured on 2 cores: ``import client_app.app, task_data.partition``
-8.8 -> 7.7 user+sys seconds). Every federation pays it in its ServerApp and in each of its
-ClientApp processes, and nothing here plots with it. Until the package defers that import
+imports seaborn, matplotlib and scipy.stats in every process that imports a partitioner.
+Every federation would pay that start-up in its ServerApp and in each of its ClientApp
+processes, and nothing here plots with it. Until the package defers that import
 itself, ``defer_visualization`` puts a stand-in module in its place that imports the real
 one on first use, so ``flwr_datasets.visualization.plot_label_distributions`` still works.
 """

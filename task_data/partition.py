@@ -14,7 +14,7 @@ from datasets import Dataset
 
 from task_data.deferred_plots import defer_visualization
 
-defer_visualization()  # before flwr_datasets' first import: its plotting stack costs ~1.4 CPU-s
+defer_visualization()  # before flwr_datasets' first import, which would load its plotting stack
 
 from flwr_datasets.partitioner import (  # noqa: E402 - after the deferral above
     DirichletPartitioner,

@@ -20,7 +20,6 @@ def test_the_client_app_imports_no_plotting_library_and_the_plots_still_load() -
     out = _python(
         "import sys\n"
         "import client_app.app, task_data.partition\n"
-        "from task_data.partition import partition_records\n"
         "heavy = ('seaborn', 'matplotlib', 'scipy.stats')\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"
         "import flwr_datasets\n"
