@@ -117,7 +117,7 @@ def train(msg: Message, context: Context) -> Message:
         dpo = train_dpo(
             model.lora,
             adapter,
-            pair_batch_iterator(list(pairs), config.batch_size, seed, pad),
+            pair_batch_iterator(pairs, config.batch_size, seed, pad),
             steps=config.local_steps,
             learning_rate=learning_rate,
             beta=config.dpo_beta,
@@ -144,7 +144,7 @@ def train(msg: Message, context: Context) -> Message:
     result = train_lora(
         model.lora,
         adapter,
-        batch_iterator(list(data.train), config.batch_size, seed, pad),
+        batch_iterator(data.train, config.batch_size, seed, pad),
         steps=config.local_steps,
         learning_rate=learning_rate,
         prox_epsilon=config.prox_epsilon if plan.uses_prox_epsilon else 0.0,
@@ -186,7 +186,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     config, model, _, data = _prepare(msg, context)
     pad = model.tokenizer.pad_token_id
     batches = [
-        collate(list(data.test[i : i + config.batch_size]), pad)
+        collate(data.test[i : i + config.batch_size], pad)
         for i in range(0, len(data.test), config.batch_size)
     ]
     loss = response_loss(model.lora, batches)

@@ -8,6 +8,7 @@ realistic deployment) trains on that instead of a partition.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -15,16 +16,17 @@ from transformers import PreTrainedTokenizerBase
 
 from federation.methods import method_plan
 from federation.run_config import RunConfig
-from task_data import load_records, partition_records, tokenize_records, train_test_split
+from task_data import load_records, partition_records, train_test_split
+from task_data.formatting import lazy_tokenized_records
 from task_data.validation import validation_split
 
 
 @dataclass(frozen=True)
 class ClientData:
-    """Tokenized train and held-out examples of one partition."""
+    """Train and held-out examples of one partition, each tokenized when first used."""
 
-    train: tuple[dict, ...]
-    test: tuple[dict, ...]
+    train: Sequence[dict]
+    test: Sequence[dict]
 
 
 @lru_cache(maxsize=4)
@@ -48,9 +50,9 @@ def _client_data(
         )
     train, test = train_test_split(part, config.test_fraction, config.seed)
     return ClientData(
-        train=tuple(tokenize_records(tokenizer, train, config.seq_length)),
-        test=tuple(
-            tokenize_records(tokenizer, test[: config.client_eval_examples], config.seq_length)
+        train=lazy_tokenized_records(tokenizer, train, config.seq_length),
+        test=lazy_tokenized_records(
+            tokenizer, test[: config.client_eval_examples], config.seq_length
         ),
     )
 

@@ -10,13 +10,15 @@ by ``preference-clients``. A SuperNode may instead name its own file with node c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 
 from transformers import PreTrainedTokenizerBase
 
 from federation.preferences import split_shared
 from federation.run_config import RunConfig
-from task_data import load_preferences, partition_records, tokenize_pairs
+from task_data import load_preferences, partition_records, tokenize_pair
+from task_data.formatting import LazyTokenized
 
 
 def preference_clients(text: str) -> frozenset[int] | None:
@@ -40,14 +42,15 @@ def client_preferences(
     partition_id: int,
     tokenizer: PreTrainedTokenizerBase,
     preference_file: str = "",
-) -> tuple[dict, ...]:
-    """Tokenized pairs this client trains DPO on; empty when it has none."""
+) -> Sequence[dict]:
+    """Pairs this client trains DPO on, each tokenized when first used; empty when it has
+    none."""
     if preference_file:
         pairs = load_preferences(preference_file, key="node config preference-file")
     else:
         chosen = preference_clients(config.preference_clients)
         if chosen is not None and partition_id not in chosen:
-            return ()
+            return []
         train, _ = split_shared(config)
         pairs = partition_records(
             train,
@@ -56,4 +59,4 @@ def client_preferences(
             partitioner="iid",
             seed=config.seed,
         )
-    return tuple(tokenize_pairs(tokenizer, pairs, config.seq_length))
+    return LazyTokenized(pairs, lambda pair: tokenize_pair(tokenizer, pair, config.seq_length))

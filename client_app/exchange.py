@@ -81,9 +81,7 @@ def kdfed_train(msg: Message, context: Context) -> Message:
         lr=float(train_config["learning-rate"]),
         weight_decay=config.weight_decay,
     )
-    batches = batch_iterator(
-        list(data.train), config.batch_size, seed, model.tokenizer.pad_token_id
-    )
+    batches = batch_iterator(data.train, config.batch_size, seed, model.tokenizer.pad_token_id)
     result = kd_steps(
         model.lora,
         optimizer,
@@ -166,9 +164,7 @@ def split_step(msg: Message, context: Context) -> Message:
     seed = config.seed + 1009 * server_round + partition_id
 
     def batch(index: int) -> dict[str, torch.Tensor]:
-        stream = batch_iterator(
-            list(data.train), config.batch_size, seed, model.tokenizer.pad_token_id
-        )
+        stream = batch_iterator(data.train, config.batch_size, seed, model.tokenizer.pad_token_id)
         return next(islice(stream, index, None))
 
     model.lora.peft.train()

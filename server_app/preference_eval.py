@@ -32,7 +32,6 @@ class PreferenceEvaluator:
     def __init__(self, config: RunConfig, models: FedBiOTModels) -> None:
         self.models = models
         self.beta = config.dpo_beta
-        self.seed = config.seed
         _, held_out = split_shared(config)
         pairs = held_out[: config.preference_eval_pairs]
         examples = tokenize_pairs(models.tokenizer, pairs, config.seq_length)
@@ -62,7 +61,9 @@ class PreferenceEvaluator:
                 result = preference_metrics(model, self.batches, self._reference[name], self.beta)
             out[f"eval_{name}_pref_loss"] = result.loss
             out |= accuracy_interval(result.margins).keys(f"eval_{name}_pref_reward_accuracy")
-            margin = ratio(result.margins, [1.0] * result.pairs, seed=self.seed)
+            # The bootstrap's own seed (0), as every interval here and bench.alignment_table
+            # use: a run's seed would give the same margins a different interval.
+            margin = ratio(result.margins, [1.0] * result.pairs)
             out |= margin.keys(f"eval_{name}_pref_reward_margin")
             rows.append({"round": server_round, "variant": name, "margins": result.margins})
         return out, rows

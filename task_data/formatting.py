@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import operator
 import random
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Generic, TypeVar, overload
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -12,6 +13,9 @@ from transformers import PreTrainedTokenizerBase
 IGNORE_INDEX = -100
 MIN_RESPONSE_TOKENS = 8
 PLAIN_PROMPT = "### Instruction:\n{}\n\n### Response:\n"
+
+Raw = TypeVar("Raw")
+Tokenized = TypeVar("Tokenized")
 
 
 def user_text(record: dict[str, str]) -> str:
@@ -62,6 +66,45 @@ def tokenize_records(
     return [tokenize_record(tokenizer, r, seq_length) for r in records]
 
 
+class LazyTokenized(Sequence[Tokenized], Generic[Raw, Tokenized]):
+    """``items``, each tokenized on its first access and kept. A client trains on steps x
+    batch examples a round; tokenizing its whole partition up front (the chat template costs
+    about a millisecond a text) took seconds in every process, and a deployed SuperNode starts
+    one per message, so every round."""
+
+    def __init__(self, items: Sequence[Raw], tokenize: Callable[[Raw], Tokenized]) -> None:
+        self._items = items
+        self._tokenize = tokenize
+        self._done: dict[int, Tokenized] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> Tokenized: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Tokenized]: ...
+
+    def __getitem__(self, index: int | slice) -> Tokenized | list[Tokenized]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = operator.index(index)
+        i = i + len(self) if i < 0 else i
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {index} out of {len(self)} examples")
+        if i not in self._done:
+            self._done[i] = self._tokenize(self._items[i])
+        return self._done[i]
+
+
+def lazy_tokenized_records(
+    tokenizer: PreTrainedTokenizerBase, records: Sequence[dict[str, str]], seq_length: int
+) -> LazyTokenized[dict[str, str], dict[str, list[int]]]:
+    """``tokenize_records``, each record on first access."""
+    return LazyTokenized(records, lambda record: tokenize_record(tokenizer, record, seq_length))
+
+
 def collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example (labels with -100, attention with 0)."""
     width = max(len(e["input_ids"]) for e in examples)
@@ -77,7 +120,7 @@ def collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str
 
 
 def batch_iterator(
-    examples: list[Any],
+    examples: Sequence[Any],
     batch_size: int,
     seed: int,
     pad_token_id: int,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from logging import INFO
 from pathlib import Path
@@ -306,7 +306,7 @@ def collate_pairs(
 
 
 def pair_batch_iterator(
-    examples: list[dict[str, dict[str, list[int]]]],
+    examples: Sequence[dict[str, dict[str, list[int]]]],
     batch_size: int,
     seed: int,
     pad_token_id: int,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.alignment_table import compare, pair_margins
 from tests.flower_runtime import LocalFederation, tiny_run_config
 
 pytestmark = pytest.mark.xdist_group("dpo-e2e")
@@ -19,7 +20,7 @@ def test_sft_then_dpo_runs_and_moves_towards_the_chosen_answers(
     federation: LocalFederation, tmp_path: Path, method: str
 ) -> None:
     config = tiny_run_config(tmp_path, "sftdpo", method=method, stage="sft+dpo",
-                             num_server_rounds=2, dpo_rounds=1, preference_eval_pairs=4,
+                             num_server_rounds=2, dpo_rounds=1, preference_eval_pairs=16,
                              eval_every=1, eval_tasks="")  # fmt: skip
     rows = federation.run_to_end(config, supernodes=2)
     sft, dpo = rows[1], rows[2]
@@ -34,3 +35,10 @@ def test_sft_then_dpo_runs_and_moves_towards_the_chosen_answers(
     assert dpo[f"{key}_reward_margin"] > sft[f"{key}_reward_margin"]
     assert dpo[f"{key}_loss"] < sft[f"{key}_loss"]
     assert (tmp_path / "sftdpo" / "adapfu" / "config.json").is_file()
+    # The alignment table re-derives the logged margin interval from the saved per-pair
+    # margins to the last digit: the run's seed (42) does not enter the bootstrap (with 16
+    # pairs, unlike 4, seeds 0 and 42 give different intervals).
+    margins = pair_margins(tmp_path / "sftdpo")
+    table = compare(margins[(1, "adapfu")], margins[(2, "adapfu")])
+    for end in ("ci_low", "ci_high"):
+        assert table[f"margin_after_{end}"] == dpo[f"eval_adapfu_pref_reward_margin_{end}"]

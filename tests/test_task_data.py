@@ -5,6 +5,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from task_data import (
     IGNORE_INDEX,
@@ -16,6 +17,7 @@ from task_data import (
     tokenize_record,
     train_test_split,
 )
+from task_data.formatting import lazy_tokenized_records
 
 
 def test_shipped_sets_load_in_alpaca_form() -> None:
@@ -55,6 +57,28 @@ def test_truncation_keeps_response_tokens(smollm_tokenizer) -> None:
     long_answer = {"instruction": "Count.", "input": "", "output": "one two " * 200}
     example = tokenize_record(smollm_tokenizer, long_answer, 64)
     assert len(example["input_ids"]) == 64 and example["labels"][-1] != IGNORE_INDEX
+
+
+def test_a_clients_examples_are_tokenized_when_used_and_as_tokenize_record_does(
+    smollm_tokenizer,
+) -> None:
+    """A client's partition is tokenized one example at a time, on first use: a record that
+    cannot be tokenized (no output) fails only when it is reached."""
+    records = load_records("gsm8k", "test")[:6]
+    examples = lazy_tokenized_records(smollm_tokenizer, [*records, {"instruction": "Hi."}], 64)
+    assert len(examples) == 7
+    expected = [tokenize_record(smollm_tokenizer, r, 64) for r in records]
+    assert examples[2] == expected[2] and examples[-2] == expected[5]
+    assert examples[1:4] == expected[1:4]
+    with pytest.raises(KeyError, match="output"):
+        examples[6]
+    with pytest.raises(IndexError, match="index 7 out of 7"):
+        examples[7]
+    # The batches a client draws are those it drew from the eagerly tokenized list.
+    lazy = lazy_tokenized_records(smollm_tokenizer, records, 64)
+    drawn, again = batch_iterator(lazy, 4, 0, 2), batch_iterator(expected, 4, 0, 2)
+    for a, b in ((next(drawn), next(again)) for _ in range(3)):
+        assert all(torch.equal(a[key], b[key]) for key in ("input_ids", "labels"))
 
 
 def test_collate_pads_right_with_ignored_labels(smollm_tokenizer) -> None:
