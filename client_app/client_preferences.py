@@ -17,8 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from federation.preferences import split_shared
 from federation.run_config import RunConfig
-from task_data import load_preferences, partition_records, tokenize_pair
-from task_data.formatting import LazyTokenized
+from task_data import lazy_tokenized_pairs, load_preferences, partition_records
 
 
 def preference_clients(text: str) -> frozenset[int] | None:
@@ -59,4 +58,4 @@ def client_preferences(
             partitioner="iid",
             seed=config.seed,
         )
-    return LazyTokenized(pairs, lambda pair: tokenize_pair(tokenizer, pair, config.seq_length))
+    return lazy_tokenized_pairs(tokenizer, pairs, config.seq_length)

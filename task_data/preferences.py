@@ -25,6 +25,7 @@ from task_data.formatting import (
     IGNORE_INDEX,
     MIN_RESPONSE_TOKENS,
     PLAIN_PROMPT,
+    LazyTokenized,
     batch_iterator,
     collate,
 )
@@ -293,6 +294,13 @@ def tokenize_pairs(
     tokenizer: PreTrainedTokenizerBase, pairs: list[PreferencePair], seq_length: int
 ) -> list[dict[str, dict[str, list[int]]]]:
     return [tokenize_pair(tokenizer, p, seq_length) for p in pairs]
+
+
+def lazy_tokenized_pairs(
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PreferencePair], seq_length: int
+) -> LazyTokenized[PreferencePair, dict[str, dict[str, list[int]]]]:
+    """``tokenize_pairs``, each pair on first access (as ``lazy_tokenized_records``)."""
+    return LazyTokenized(pairs, lambda pair: tokenize_pair(tokenizer, pair, seq_length))
 
 
 def collate_pairs(

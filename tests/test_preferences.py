@@ -11,6 +11,7 @@ from task_data import (
     IGNORE_INDEX,
     DataError,
     collate_pairs,
+    lazy_tokenized_pairs,
     load_hh_rlhf,
     load_preference_file,
     load_preferences,
@@ -274,3 +275,21 @@ def test_pair_batches_stack_chosen_then_rejected(smollm_tokenizer) -> None:
         assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
     batches = pair_batch_iterator(examples, 2, seed=0, pad_token_id=0)
     assert all(next(batches)["input_ids"].shape[0] == 4 for _ in range(6))
+
+
+def test_a_clients_pairs_are_tokenized_when_used_and_as_tokenize_pair_does(
+    smollm_tokenizer,
+) -> None:
+    """A pair that cannot be tokenized (no rejected answer) fails only when reached, and the
+    batches drawn are those drawn from the eagerly tokenized list."""
+    pairs = load_preferences("hh-rlhf")[:5]
+    broken = {"prompt": pairs[0]["prompt"], "chosen": "Yes."}
+    lazy = lazy_tokenized_pairs(smollm_tokenizer, [*pairs, broken], 128)
+    expected = [tokenize_pair(smollm_tokenizer, p, 128) for p in pairs]
+    assert len(lazy) == 6 and lazy[3] == expected[3] and lazy[0:5] == expected
+    with pytest.raises(KeyError, match="rejected"):
+        lazy[5]
+    drawn = pair_batch_iterator(lazy_tokenized_pairs(smollm_tokenizer, pairs, 128), 2, 0, 0)
+    again = pair_batch_iterator(expected, 2, 0, 0)
+    for _ in range(3):
+        assert next(drawn)["input_ids"].tolist() == next(again)["input_ids"].tolist()
