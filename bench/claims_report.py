@@ -10,6 +10,7 @@ are compared text by text (paired) on the same seeds.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,17 @@ def last_scores(run_dir: Path) -> dict[str, dict]:
     """Variant -> per-text scores of the run's last evaluated round (none without a
     ``heldout.jsonl``)."""
     path = run_dir / "heldout.jsonl"
-    return last_round(path) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    stat = path.stat()
+    return _last_round(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=256)
+def _last_round(path: str, mtime_ns: int, size: int) -> dict[str, dict]:
+    """Parsed once per file version (path, mtime, size): a report reads each run's file
+    once per model and claim. Callers only read what it returns."""
+    return last_round(Path(path))
 
 
 def _variant(scores: dict[str, dict], model: str) -> dict | None:
