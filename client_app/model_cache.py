@@ -13,6 +13,10 @@ it (the weights against the digest, every other file against the entry's manifes
 bytes or a truncated folder never load: the reply fails, the server re-sends the weights, and
 the bad entry is replaced atomically. Names a message carries (the digest, tokenizer file
 names) become paths, so they are checked before any file is written.
+
+Storing and checking need torch and safetensors only; ``load_client_model`` imports
+transformers and peft where it runs, so that a SuperNode answering the model offer (one
+process per message) does not spend seconds importing them.
 """
 
 from __future__ import annotations
@@ -26,20 +30,22 @@ import tempfile
 from dataclasses import dataclass
 from logging import WARNING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common.logger import log
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from client_app.weight_store import locked
 from models.layout import Layout
-from models.loading import quiet_progress_off_terminal
-from models.lora import LoraModel, LoraSpec
-from models.quantization import load_plan
 from models.wire import from_record, state_digest
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from models.lora import LoraModel, LoraSpec
 
 
 class MissingBaseError(RuntimeError):
@@ -228,6 +234,12 @@ def load_client_model(
         adapter_blocks=tuple(raw["adapter_blocks"]),
         emulator_blocks=tuple(raw["emulator_blocks"]),
     )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from models.loading import quiet_progress_off_terminal
+    from models.lora import LoraModel
+    from models.quantization import load_plan
+
     quiet_progress_off_terminal()
     plan = load_plan(quantization, dtype)
     model = AutoModelForCausalLM.from_pretrained(directory, **plan.kwargs)

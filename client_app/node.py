@@ -5,32 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from logging import WARNING
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.common.logger import log
+from flwr.app import Context, Message
 
 from client_app.client_data import ClientData, client_data
-from client_app.model_cache import (
-    CacheError,
-    ClientModel,
-    checked_digest,
-    load_client_model,
-    store_package,
-    verify_entry,
-)
-from client_app.weight_store import (
-    StorePlace,
-    evict,
-    mark_use,
-    max_bytes,
-    release,
-    store_id,
-    store_place,
-)
-from federation.messages import OFFER_RECORD, PRESENT_KEY, STORE_KEY
+from client_app.model_cache import CacheError, ClientModel, load_client_model
+from client_app.model_offer import receive_weights
+from client_app.weight_store import store_place
 from federation.run_config import RunConfig
 from models.lora import LoraSpec
 from models.precision import resolve_dtype, set_gradient_checkpointing
@@ -85,7 +68,7 @@ def load_node(msg: Message, context: Context) -> tuple[RunConfig, ClientModel, i
     name = str(context.node_config.get("dtype", config.dtype))
     dtype = resolve_dtype(name, config.torch_device(), f"node {context.node_id}: {where}")
     try:
-        digest = _receive(msg, context, config, place)
+        digest = receive_weights(msg, context, config, place)
         model = load_client_model(place.root, digest, spec, quantization, dtype)
     except CacheError as err:  # the reply fails; the server names the node in its log too
         raise CacheError(f"node {context.node_id}: {err}") from err
@@ -95,55 +78,3 @@ def load_node(msg: Message, context: Context) -> tuple[RunConfig, ClientModel, i
     data_file = str(context.node_config.get("data-file", ""))
     data = client_data(config, partition_id, model.tokenizer, data_file)
     return config, model, partition_id, data
-
-
-def _receive(msg: Message, context: Context, config: RunConfig, place: StorePlace) -> str:
-    """The digest the server names for this node, marked in use by this run; the weights
-    stored (and the store trimmed to its limit) where the message carries them."""
-    content = msg.content
-    digest = checked_digest(content["config"].get("model-digest"), "config key 'model-digest'")
-    created = "base" in content and not (place.root / digest).is_dir()
-    mark_use(place.root, digest, context.run_id, created)  # before writing: never evicted
-    if "base" in content:
-        store_package(place.root, content["base"], content["model-package"])
-        evict(place.root, max_bytes(context.node_config, config.cache_max_gb, context.node_id))
-    return digest
-
-
-def offer_reply(msg: Message, context: Context) -> Message:
-    """Answer the server's model offer: the digest if this node's store holds a verified
-    entry of it (stored from the offer itself when it carries the weights), and the id of
-    a shared store, so that the server ships once per store."""
-    config = RunConfig.from_flower(context.run_config)
-    place = store_place(context.node_config, config.cache_dir, context.node_id)
-    try:
-        digest = _receive(msg, context, config, place)
-    except CacheError as err:
-        raise CacheError(f"node {context.node_id}: {err}") from err
-    present = ""
-    if (place.root / digest).is_dir():
-        try:
-            verify_entry(place.root / digest, digest)
-            present = digest
-        except CacheError as err:
-            log(
-                WARNING,
-                "node %d: cached model at %s is bad, not used (%s); the server sends the "
-                "weights and they replace it",
-                context.node_id,
-                place.root / digest,
-                err,
-            )
-    record = ConfigRecord(
-        {PRESENT_KEY: present, STORE_KEY: store_id(place.root) if place.shared else ""}
-    )
-    return Message(RecordDict({OFFER_RECORD: record}), reply_to=msg)
-
-
-def release_reply(msg: Message, context: Context) -> Message:
-    """The run ended: drop its marks on the node's store (and, with ``cache-ephemeral=1``,
-    what only this run used)."""
-    config = RunConfig.from_flower(context.run_config)
-    place = store_place(context.node_config, config.cache_dir, context.node_id)
-    release(place, context.run_id, bool(config.cache_ephemeral))
-    return Message(RecordDict(), reply_to=msg)

@@ -30,9 +30,11 @@ from logging import INFO
 from pathlib import Path
 from typing import Any
 
+from flwr.app import Context, Message, RecordDict
 from flwr.common.logger import log
 
-from models.loading import cache_root
+from federation.run_config import RunConfig
+from models.cache_dir import cache_root
 
 ENTRY = re.compile(r"[0-9a-f]{64}")
 META = ".meta"
@@ -186,3 +188,13 @@ def release(place: StorePlace, run_id: int, ephemeral: bool) -> None:
                 remove_entry(place.root, meta.name)
             elif not (place.root / meta.name).is_dir() and not any(meta.glob("run-*")):
                 shutil.rmtree(meta, ignore_errors=True)  # offered, never stored
+
+
+def release_reply(msg: Message, context: Context) -> Message:
+    """The run ended: drop its marks on the node's store (and, with ``cache-ephemeral=1``,
+    what only this run used). Answered without torch: a deployed SuperNode starts a process
+    for this message."""
+    config = RunConfig.from_flower(context.run_config)
+    place = store_place(context.node_config, config.cache_dir, context.node_id)
+    release(place, context.run_id, bool(config.cache_ephemeral))
+    return Message(RecordDict(), reply_to=msg)

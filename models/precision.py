@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from models.formats import DTYPES
 
 
 def check_dtype(name: str, where: str = "dtype") -> str:

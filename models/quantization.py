@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from flwr.common.logger import log
 
-QUANTIZATION_MODES = ("none", "8bit", "4bit")
+from models.formats import QUANTIZATION_MODES
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,9 @@ from flwr.common.logger import log
 
 from federation.run_choices import parse_tasks
 from federation.run_config import RunConfig
+from models.cache_dir import cache_root
 from models.fedbiot_models import FedBiOTModels
 from models.fidelity import per_text_agreement
-from models.loading import cache_root
 from models.wire import from_record
 from server_app.evaluation.confidence import agreement_intervals, interval_cell
 from server_app.evaluation.generation import generate

@@ -14,7 +14,7 @@ os.environ.setdefault(
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from models.loading import tokenizer_dir
-from tests.flower_runtime import LocalFederation, local_federation
+from tests.flower_runtime import LocalFederation, local_federation, ray_head
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -33,9 +33,34 @@ def smollm_tokenizer() -> PreTrainedTokenizerBase:
 
 
 @pytest.fixture(scope="session")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
-    """One real SuperLink (simulation runtime) for every end-to-end test of the session."""
-    with local_federation(tmp_path_factory.mktemp("flwr-home")) as fed:
+def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One Ray head per test process, joined by the simulations of its tests one run at a
+    time. A simulation without ``RAY_ADDRESS`` starts and stops a Ray instance of its own
+    (GCS, raylet, dashboard and runtime-env agents, monitors, prestarted workers): about
+    211 of the 2,014 CPU-seconds the suite's processes used, over some 35 instances
+    (docs/ci/2026-12-05-suite-cpu.md). Concurrent runs must not share it: each run's actor
+    pool takes every CPU of the cluster, and a second run's actors wait for the first to
+    end."""
+    with ray_head(tmp_path_factory.mktemp("ray-head") / "ray-head.log") as head:
+        yield head.address
+
+
+@pytest.fixture
+def shared_ray(ray_address: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """For tests whose simulations start from the environment (benches, scripts): their
+    SuperLinks inherit ``RAY_ADDRESS``."""
+    monkeypatch.setenv("RAY_ADDRESS", ray_address)
+    return ray_address
+
+
+@pytest.fixture(scope="session")
+def federation(
+    tmp_path_factory: pytest.TempPathFactory, ray_address: str
+) -> Iterator[LocalFederation]:
+    """One real SuperLink (simulation runtime) for every end-to-end test of the session, its
+    simulations on the session's Ray head."""
+    home = tmp_path_factory.mktemp("flwr-home")
+    with local_federation(home, {"RAY_ADDRESS": ray_address}) as fed:
         yield fed
 
 

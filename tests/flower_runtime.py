@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import NamedTuple
 
 from federation.run_config import run_config_arg
 
@@ -65,7 +66,7 @@ def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 180) -
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with {process.returncode}")
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -245,3 +246,67 @@ def local_federation(
             with suppress(ProcessLookupError):  # a test may have killed it already
                 os.killpg(process.pid, signal.SIGKILL)
         log_file.close()
+
+
+# `ray start` prints this once its raylet has registered with the GCS (ray/scripts/scripts.py);
+# the GCS port opens earlier, and a driver joining then finds no node to run on.
+RAY_READY = "Ray runtime started."
+
+
+def _wait_for_ready(log: Path, head: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.returncode}:\n{log.read_text()}")
+        if RAY_READY in log.read_text():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"the Ray head did not start in {timeout:.0f} s:\n{log.read_text()}")
+
+
+class RayHead(NamedTuple):
+    address: str  # what simulations join through RAY_ADDRESS
+    temp_dir: Path  # the head's session files and logs
+    process: subprocess.Popen
+
+
+@contextmanager
+def ray_head(log: Path, num_cpus: int = 2) -> Iterator[RayHead]:
+    """A Ray head of its own (``scripts/ray_cluster.sh head``, its output in ``log``) for
+    simulations to join; stopped, and its files removed, at the end.
+
+    Ray's socket paths must stay short: its files go to a short folder of their own, which
+    also keeps simulations elsewhere on the machine from joining this cluster (``ray.init()``
+    without an address joins the latest cluster under /tmp/ray)."""
+    ray_dir = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))
+    port = free_port()
+    env = {**os.environ, "RAY_TEMP_DIR": str(ray_dir)}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("RAY_ADDRESS", None)  # a head, not a worker joining someone's cluster
+    log_file = open(log, "w")  # noqa: SIM115 - closed in finally
+    # Two heads on one machine (one per xdist worker) must not share a port: `ray start`
+    # hands its workers and drivers ports from 10002 up, in order, and a driver given a port
+    # the other head's worker holds aborts (core worker "Failed to start the grpc server"),
+    # which ended a run with nothing written. Random worker ports (0, as ``ray.init()``
+    # uses) and free ports for the Ray Client server and the dashboard agent.
+    head = subprocess.Popen(
+        ["bash", str(REPO / "scripts" / "ray_cluster.sh"), "head", str(port),
+         "--num-cpus", str(num_cpus), "--min-worker-port", "0", "--max-worker-port", "0",
+         "--ray-client-server-port", str(free_port()),
+         "--dashboard-agent-listen-port", str(free_port()), "--block"],
+        env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _wait_for_ready(log, head)
+        # The address the head registered under (its node's IP), as `ray start` wrote it.
+        address = (ray_dir / "ray_current_cluster").read_text().strip()
+        yield RayHead(address, ray_dir, head)
+    finally:
+        try:
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(timeout=60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with suppress(ProcessLookupError):
+                os.killpg(head.pid, signal.SIGKILL)
+        log_file.close()
+        shutil.rmtree(ray_dir, ignore_errors=True)

@@ -9,6 +9,7 @@ import pytest
 from bench.case_study import main
 
 
+@pytest.mark.usefixtures("shared_ray")  # its federations join one Ray head
 def test_case_study_quick_mode_reports_the_runs_accuracy_and_heldout_loss(tmp_path: Path) -> None:
     report = main(["--model", "tiny-llama", "--quick", "--rows", "fedit-r8", "--seeds", "0",
                    "--jobs", "1", "--out", str(tmp_path)])  # fmt: skip

@@ -12,6 +12,7 @@ from bench.fedbiot_claims import main
 from server_app.evaluation.confidence import Interval
 
 
+@pytest.mark.usefixtures("shared_ray")  # its federations join one Ray head
 def test_claims_quick_mode_pairs_methods_on_the_same_texts(tmp_path: Path) -> None:
     first = ["--model", "tiny-llama", "--quick", "--rows", "split",
              "--partitions", "iid", "--seeds", "0", "--jobs", "1",

@@ -11,6 +11,7 @@ import pytest
 from bench.round_cost import PHASES, main
 
 
+@pytest.mark.usefixtures("shared_ray")  # its federations join one Ray head
 def test_round_cost_accounts_for_every_second_of_a_real_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -9,9 +9,12 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
+
 from bench.scale import main
 
 
+@pytest.mark.usefixtures("shared_ray")  # its federations join one Ray head
 def test_scale_quick_mode_keeps_one_copy_of_the_weights_for_all_nodes(tmp_path: Path) -> None:
     out = tmp_path / "scale.json"
     argv = ["--quick", "--model", "tiny-llama", "--nodes", "20", "--per-round", "2",

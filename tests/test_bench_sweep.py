@@ -28,6 +28,7 @@ from federation.run_config import RunConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.usefixtures("shared_ray")  # its federations join one Ray head
 def test_sweep_quick_mode_extends_the_committed_sweep(tmp_path: Path) -> None:
     document = json.loads((REPO / "docs" / "fedbiot-recipe" / "sweep.json").read_text())
     with pytest.raises(
@@ -204,6 +205,7 @@ def test_every_pair_is_between_points_the_task_sweeps(task: str) -> None:
     assert set(AGAINST[task]) | set(AGAINST[task].values()) <= swept
 
 
+@pytest.mark.usefixtures("shared_ray")  # its federations join one Ray head
 def test_gsm8k_sweep_scores_held_out_response_loss(tmp_path: Path) -> None:
     """The generation task's sweep: a real run per point on GSM8K's validation texts, each
     model's loss the per-token ratio of its per-text scores, the base recovered in the table

@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from client_app.node import offer_reply
+from client_app.model_offer import offer_reply
 from federation.messages import OFFER_QUERY, OFFER_RECORD, PRESENT_KEY, STORE_KEY
 from models.fedbiot_models import FedBiOTModels
 from models.wire import record_bytes

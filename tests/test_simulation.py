@@ -20,7 +20,8 @@ from flwr.app import Array
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.blocks import block_path, get_blocks
-from models.loading import cache_root, load_model
+from models.cache_dir import cache_root
+from models.loading import load_model
 from server_app.evaluate import main as evaluate_main
 from server_app.report import write_report
 from task_data import load_records

@@ -15,8 +15,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file, save_file
 
 from client_app.model_cache import CacheError, load_client_model, store_package, verify_entry
-from client_app.node import offer_reply, release_reply
-from client_app.weight_store import StorePlace, evict, mark_use, release, store_id
+from client_app.model_offer import offer_reply
+from client_app.weight_store import StorePlace, evict, mark_use, release, release_reply, store_id
 from federation.messages import OFFER_QUERY, OFFER_RECORD, PRESENT_KEY, RELEASE_QUERY, STORE_KEY
 from models.blocks import get_blocks
 from models.fedbiot_models import FedBiOTModels
