@@ -239,13 +239,18 @@ def local_federation(
         _wait_for_port(port, process)
         yield LocalFederation(home, env, process)
     finally:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            with suppress(ProcessLookupError):  # a test may have killed it already
-                os.killpg(process.pid, signal.SIGKILL)
+        _stop_group(process, 20)
         log_file.close()
+
+
+def _stop_group(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM to the process group ``process`` leads, SIGKILL after ``timeout`` seconds."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=timeout)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        with suppress(ProcessLookupError):  # a test may have killed it already
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 # `ray start` prints this once its raylet has registered with the GCS (ray/scripts/scripts.py);
@@ -302,11 +307,6 @@ def ray_head(log: Path, num_cpus: int = 2) -> Iterator[RayHead]:
         address = (ray_dir / "ray_current_cluster").read_text().strip()
         yield RayHead(address, ray_dir, head)
     finally:
-        try:
-            os.killpg(head.pid, signal.SIGTERM)
-            head.wait(timeout=60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            with suppress(ProcessLookupError):
-                os.killpg(head.pid, signal.SIGKILL)
+        _stop_group(head, 60)
         log_file.close()
         shutil.rmtree(ray_dir, ignore_errors=True)
