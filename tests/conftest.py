@@ -14,7 +14,7 @@ os.environ.setdefault(
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from models.loading import tokenizer_dir
-from tests.flower_runtime import LocalFederation, local_federation, ray_head
+from tests.flower_runtime import LocalFederation, RayHead, local_federation, ray_head
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -33,7 +33,7 @@ def smollm_tokenizer() -> PreTrainedTokenizerBase:
 
 
 @pytest.fixture(scope="session")
-def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def session_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     """One Ray head per test process, joined by the simulations of its tests one run at a
     time. A simulation without ``RAY_ADDRESS`` starts and stops a Ray instance of its own
     (GCS, raylet, dashboard and runtime-env agents, monitors, prestarted workers): about
@@ -42,25 +42,25 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     pool takes every CPU of the cluster, and a second run's actors wait for the first to
     end."""
     with ray_head(tmp_path_factory.mktemp("ray-head") / "ray-head.log") as head:
-        yield head.address
+        yield head
 
 
 @pytest.fixture
-def shared_ray(ray_address: str, monkeypatch: pytest.MonkeyPatch) -> str:
+def shared_ray(session_ray: RayHead, monkeypatch: pytest.MonkeyPatch) -> str:
     """For tests whose simulations start from the environment (benches, scripts): their
     SuperLinks inherit ``RAY_ADDRESS``."""
-    monkeypatch.setenv("RAY_ADDRESS", ray_address)
-    return ray_address
+    monkeypatch.setenv("RAY_ADDRESS", session_ray.address)
+    return session_ray.address
 
 
 @pytest.fixture(scope="session")
 def federation(
-    tmp_path_factory: pytest.TempPathFactory, ray_address: str
+    tmp_path_factory: pytest.TempPathFactory, session_ray: RayHead
 ) -> Iterator[LocalFederation]:
     """One real SuperLink (simulation runtime) for every end-to-end test of the session, its
     simulations on the session's Ray head."""
     home = tmp_path_factory.mktemp("flwr-home")
-    with local_federation(home, {"RAY_ADDRESS": ray_address}) as fed:
+    with local_federation(home, {"RAY_ADDRESS": session_ray.address}) as fed:
         yield fed
 
 

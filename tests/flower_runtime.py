@@ -273,6 +273,7 @@ class RayHead(NamedTuple):
     address: str  # what simulations join through RAY_ADDRESS
     temp_dir: Path  # the head's session files and logs
     process: subprocess.Popen
+    log: Path  # what `scripts/ray_cluster.sh head` printed
 
 
 @contextmanager
@@ -305,7 +306,7 @@ def ray_head(log: Path, num_cpus: int = 2) -> Iterator[RayHead]:
         _wait_for_ready(log, head)
         # The address the head registered under (its node's IP), as `ray start` wrote it.
         address = (ray_dir / "ray_current_cluster").read_text().strip()
-        yield RayHead(address, ray_dir, head)
+        yield RayHead(address, ray_dir, head, log)
     finally:
         _stop_group(head, 60)
         log_file.close()
