@@ -1,34 +1,46 @@
-"""Shared test setup: converted models and tokenizers are cached inside the repository."""
+"""Shared test setup: converted models and tokenizers are cached inside the repository.
+
+torch and transformers are imported where they are used: pytest-xdist's controller process
+loads this file too, and runs no test that needs them."""
+
+from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 os.environ.setdefault(
     "FEDBIOT_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "fedbiot")
 )
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from models.loading import tokenizer_dir
 from tests.flower_runtime import LocalFederation, RayHead, local_federation, ray_head
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """Each xdist worker's in-process torch gets its share of the cores: torch's default, a
-    thread per core in every worker, runs twice as many threads as cores on the 2-core CI
-    machine, and the workers' threads then wait on each other."""
+    thread per core in every worker, runs several times as many threads as cores on the
+    2-core CI machine, and the workers' threads then wait on each other."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers > 1:
+        import torch
+
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(scope="session")
 def smollm_tokenizer() -> PreTrainedTokenizerBase:
     """The real SmolLM2 tokenizer (with its chat template), from the embedded GGUF."""
+    from transformers import AutoTokenizer
+
+    from models.loading import tokenizer_dir
+
     return AutoTokenizer.from_pretrained(tokenizer_dir())
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from server_app.superlink_guard import SuperLinkGoneError, check_superlink, runtime_address
-from tests.flower_runtime import free_port, local_federation, tiny_run_config
+from tests.flower_runtime import RayHead, free_port, local_federation, tiny_run_config
 
 pytestmark = pytest.mark.xdist_group("superlink_gone")
 
@@ -94,15 +94,20 @@ def _checkpoints(run_dir: Path) -> list[int]:
     return sorted(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("round-*.pt"))
 
 
-def test_a_server_cut_off_or_killed_mid_run_stops_and_is_resumed(tmp_path: Path) -> None:
+def test_a_server_cut_off_or_killed_mid_run_stops_and_is_resumed(
+    tmp_path: Path, session_ray: RayHead
+) -> None:
     """The SuperLink dies: its ServerApp stops before its next write. Resumed on another
     SuperLink, the ServerApp process is killed mid-round: resumed again, the run ends with
-    every round once. Checkpoints every second round, so each resume drops logged rounds."""
+    every round once. Checkpoints every second round, so each resume drops logged rounds.
+    The runs join the session's Ray head: a killed ServerApp is a driver Ray sees go, and
+    its actors go with it."""
+    ray = {"RAY_ADDRESS": session_ray.address}
     rounds, every = 4, 2  # killed after round 2, then after round 3: 4 rounds cover both
     config = tiny_run_config(tmp_path, "cut", num_server_rounds=rounds, local_steps=20,
                              eval_tasks="", checkpoint_every=every)  # fmt: skip
     run_dir = tmp_path / "cut"
-    with local_federation(tmp_path / "home-a") as federation:
+    with local_federation(tmp_path / "home-a", ray) as federation:
         submitted = federation.start(config, supernodes=2)
         _wait_for_round(run_dir, every, tmp_path / "home-a" / "flwr-run.log")
         superlink = federation.superlink
@@ -120,7 +125,7 @@ def test_a_server_cut_off_or_killed_mid_run_stops_and_is_resumed(tmp_path: Path)
     assert first and all(r % every == 0 for r in first) and first[-1] <= written[-1]
 
     resumed = {**config, "resume-from": str(run_dir)}
-    with local_federation(tmp_path / "home-b") as federation:
+    with local_federation(tmp_path / "home-b", ray) as federation:
         submitted = federation.start(resumed, supernodes=2)
         _wait_for_round(run_dir, first[-1] + 1, tmp_path / "home-b" / "flwr-run.log")
         assert federation.superlink is not None
