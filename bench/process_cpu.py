@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("give a command after --, or --samples")
         if not CGROUP.is_dir():
             parser.error(f"no cgroup v1 cpuacct hierarchy at {CGROUP}")
+        if not os.access(CGROUP, os.W_OK):
+            parser.error(f"creating a group under {CGROUP} needs root")
         code, wall, total, samples = run(args.command, args.interval, args.drain)
         result = {
             "command": args.command,

@@ -3,6 +3,7 @@ command line names, the group total covers every process, and the exit status pa
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,6 +41,22 @@ def test_a_detached_childs_cpu_is_counted_under_its_kind(tmp_path: Path) -> None
     )
     assert result["exit_status"] == 3 and len(result["samples"]) == 2
     assert not list(CGROUP.glob("process-cpu-*"))  # its group is gone
+
+
+@pytest.mark.skipif(
+    not CGROUP.is_dir() or os.geteuid() != 0, reason="needs root (to drop it) and a cgroup v1"
+)
+def test_without_root_it_says_so_before_starting_the_command(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    tmp_path.chmod(0o777)
+    result = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         sys.executable, "-m", "bench.process_cpu", "--", "touch", str(marker)],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"creating a group under {CGROUP} needs root" in result.stderr
+    assert not marker.exists()
 
 
 def test_kinds_are_named_from_flowers_and_rays_command_lines() -> None:

@@ -148,7 +148,7 @@ def paired_accuracy_difference(
         raise ValueError("a paired comparison needs both models scored on the same texts")
     if not len(x):
         return AccuracyDifference(NAN, 0, 0, float("nan"))
-    a_only, b_only, p_value = mcnemar(a, b)
+    a_only, b_only, p_value = mcnemar(x > 0, y > 0)
 
     def difference(u, v, axis=-1):
         return u.mean(axis=axis) - v.mean(axis=axis)
