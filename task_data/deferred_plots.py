@@ -22,6 +22,11 @@ class _DeferredModule(types.ModuleType):
     module: in ``sys.modules`` and on the parent package."""
 
     def __getattr__(self, attribute: str) -> object:
+        if attribute.startswith("__") and attribute not in ("__path__", "__all__"):
+            # Not the package's API: ``inspect.getmodule`` (torch calls it while importing
+            # torch.distributed) asks every module in sys.modules for ``__file__``, and
+            # answering it would load the plotting stack in every training process.
+            raise AttributeError(attribute)
         if sys.modules.get(NAME) is self:
             del sys.modules[NAME]
         real = importlib.import_module(NAME)

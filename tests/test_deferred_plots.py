@@ -1,5 +1,6 @@
 """task_data.deferred_plots: a ClientApp process imports flwr-datasets' partitioners without
-its plotting stack, and the plotting helpers still work when asked for."""
+its plotting stack, also through the training handlers (torch's import scans every module in
+sys.modules with ``inspect.getmodule``), and the plotting helpers still work when asked for."""
 
 import subprocess
 import sys
@@ -19,7 +20,7 @@ def _python(code: str) -> str:
 def test_the_client_app_imports_no_plotting_library_and_the_plots_still_load() -> None:
     out = _python(
         "import sys\n"
-        "import client_app.app, task_data.partition\n"
+        "import client_app.app, client_app.round_handlers, task_data.partition\n"
         "heavy = ('seaborn', 'matplotlib', 'scipy.stats')\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"
         "import flwr_datasets\n"
