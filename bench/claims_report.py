@@ -292,6 +292,8 @@ def write_report(document: dict, path: Path) -> Path:
         "token (nats); accuracy: exact ranking over the 77 labels; 95 % intervals "
         "bootstrap texts, per-text scores summed over seeds.",
         "",
+        "![every model with its intervals](claims.png)",
+        "",
         "| method | partition | model | loss | accuracy % | client s/example "
         "| MB per client | server s | wall s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -19,9 +19,9 @@ loss on ``eval-examples``, exact label ranking on the first ``eval-generation-ex
 Per text, scores are summed over seeds (losses as NLL and token sums, accuracy as the number
 of seeds that rank the gold label first), so every interval resamples texts, and every
 comparison pairs two methods on the same texts and seeds. ``<out>/claims.json`` holds the
-table and the verdicts; ``<out>/claims.md`` is the report. The report covers every row and
-partition finished in ``<out>/runs`` for all the ``--seeds`` given, not only the ``--rows``
-just run, so a grid run in parts reports as a whole.
+table and the verdicts; ``<out>/claims.md`` is the report, ``claims.png`` its figure. The
+report covers every row and partition finished in ``<out>/runs`` for all the ``--seeds``
+given, not only the ``--rows`` just run, so a grid run in parts reports as a whole.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FEDBIOT_CACHE", str(REPO / ".cache" / "fedbiot"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bench.claims_plot import write_plot  # noqa: E402
 from bench.claims_report import claims, model_table, write_report  # noqa: E402
 from bench.federation_runs import finished, run_federations, threads_per_run  # noqa: E402
 
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> Path:
         ),
     }
     (args.out / "claims.json").write_text(json.dumps(document, indent=2, sort_keys=True))
+    write_plot(document, args.out / "claims.png")
     report = write_report(document, args.out / "claims.md")
     print(report.read_text())
     if failed:

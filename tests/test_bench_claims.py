@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.claims_plot import points
 from bench.claims_report import claims, model_table, pooled, verdict
 from bench.fedbiot_claims import main
 from server_app.evaluation.confidence import Interval
@@ -56,6 +57,29 @@ def test_claims_quick_mode_pairs_methods_on_the_same_texts(tmp_path: Path) -> No
     to_base = fedit.nll.sum() / fedit.tokens.sum() - base.nll.sum() / base.tokens.sum()
     assert verdicts["FedIT AdapFu > base"]["loss_difference"] == to_base
     assert "| parameter averaging (FedIT) > split learning | iid |" in report.read_text()
+    # The figure the report shows, beside it.
+    assert "![every model with its intervals](claims.png)" in report.read_text()
+    assert (tmp_path / "claims.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_figure_plots_each_models_value_and_interval_scaled() -> None:
+    table = [
+        {"method": "base", "partition": "–", "model": "base", "loss": 4.5, "loss_ci_low": 4.4,
+         "loss_ci_high": 4.6, "accuracy": 0.24, "accuracy_ci_low": 0.19,
+         "accuracy_ci_high": 0.29},
+        {"method": "kdfed", "partition": "iid", "model": "adapfu", "loss": 3.5,
+         "loss_ci_low": 3.4, "loss_ci_high": 3.6},  # scored for loss, not ranked
+        {"method": "fedit", "partition": "dirichlet", "model": "adapfu", "loss": 1.3,
+         "loss_ci_low": 1.2, "loss_ci_high": 1.4, "accuracy": float("nan"),
+         "accuracy_ci_low": float("nan"), "accuracy_ci_high": float("nan")},
+    ]  # fmt: skip
+    (ranked,) = points(table, "accuracy", 100.0)  # only the base has an accuracy
+    assert (ranked.label, ranked.partition) == ("base · base", "–")
+    assert (ranked.value, ranked.low, ranked.high) == pytest.approx((24.0, 19.0, 29.0))
+    assert [(p.label, p.partition, p.value) for p in points(table, "loss", 1.0)] == [
+        ("base · base", "–", 4.5), ("kdfed · adapfu", "iid", 3.5),
+        ("fedit · adapfu", "dirichlet", 1.3),
+    ]  # fmt: skip
 
 
 def test_verdict_reads_the_interval_on_the_better_side() -> None:
