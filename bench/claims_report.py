@@ -9,9 +9,11 @@ are compared text by text (paired) on the same seeds.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
@@ -73,7 +75,7 @@ def last_round(path: Path) -> dict[str, dict]:
     return {r["variant"]: r for r in rows if r["round"] == last}
 
 
-def last_scores(run_dir: Path) -> dict[str, dict]:
+def last_scores(run_dir: Path) -> Mapping[str, Mapping]:
     """Variant -> per-text scores of the run's last evaluated round (none without a
     ``heldout.jsonl``)."""
     path = run_dir / "heldout.jsonl"
@@ -84,13 +86,14 @@ def last_scores(run_dir: Path) -> dict[str, dict]:
 
 
 @lru_cache(maxsize=256)
-def _last_round(path: str, mtime_ns: int, size: int) -> dict[str, dict]:
+def _last_round(path: str, mtime_ns: int, size: int) -> Mapping[str, Mapping]:
     """Parsed once per file version (path, mtime, size): a report reads each run's file
-    once per model and claim. Callers only read what it returns."""
-    return last_round(Path(path))
+    once per model and claim. Read-only views, since every caller shares the cached one."""
+    rows = last_round(Path(path))
+    return MappingProxyType({variant: MappingProxyType(row) for variant, row in rows.items()})
 
 
-def _variant(scores: dict[str, dict], model: str) -> dict | None:
+def _variant(scores: Mapping[str, Mapping], model: str) -> dict | None:
     """A model's per-text NLL, tokens, correct rankings and rankings; ``local``: the client
     models' scores summed per text (a token-weighted mean loss and a mean accuracy over the
     clients' models)."""

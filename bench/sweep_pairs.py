@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from bench.claims_report import last_round, last_scores, pooled
@@ -26,7 +27,7 @@ from server_app.evaluation.confidence import interval_cell, paired_ratio_differe
 MODELS = ("adapemu", "adapfu")
 
 
-def _same_texts(scored: dict[Path, dict[str, dict]], models: tuple[str, ...]) -> None:
+def _same_texts(scored: Mapping[Path, Mapping[str, Mapping]], models: tuple[str, ...]) -> None:
     """Refuse, naming both files, two runs (folder -> its last round's scores) whose model was
     scored on different texts (per-text token counts or gold labels differ): pairing them
     would compare unrelated texts, or fail deep in the interval code without saying which

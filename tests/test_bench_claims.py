@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bench.claims_plot import points
-from bench.claims_report import claims, model_table, pooled, verdict
+from bench.claims_report import claims, last_scores, model_table, pooled, verdict
 from bench.fedbiot_claims import main
 from server_app.evaluation.confidence import Interval
 
@@ -106,6 +106,25 @@ def test_local_only_pools_its_client_models_per_text(tmp_path: Path) -> None:
     assert local is not None
     assert local.nll.tolist() == [4.0, 6.0] and local.tokens.tolist() == [2, 4]
     assert local.correct.tolist() == [2, 1] and local.ranked.tolist() == [2, 2]
+
+
+def test_a_runs_scores_are_parsed_once_per_file_version_and_shared_read_only(
+    tmp_path: Path,
+) -> None:
+    def write(nll: list[float]) -> None:
+        row = {"round": 3, "variant": "adapfu", "nll": nll, "tokens": [1] * len(nll),
+               "predicted": [], "gold": []}  # fmt: skip
+        (tmp_path / "heldout.jsonl").write_text(json.dumps(row) + "\n")
+
+    write([1.0, 2.0])
+    first = last_scores(tmp_path)
+    assert last_scores(tmp_path) is first  # cached: the report asks per model and claim
+    with pytest.raises(TypeError):
+        first["adapfu"]["nll"] = [0.0, 0.0]  # type: ignore[index]
+    with pytest.raises(TypeError):
+        first["base"] = {}  # type: ignore[index]
+    write([3.0, 4.0, 5.0])  # a rewritten file (a resumed run) is read again
+    assert list(last_scores(tmp_path)["adapfu"]["nll"]) == [3.0, 4.0, 5.0]
 
 
 def test_fedbiot_rows_pair_adapfu_with_adapemu_and_the_base_of_the_same_runs(
