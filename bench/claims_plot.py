@@ -7,8 +7,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server_app.report import pyplot
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # (key in the table, axis label, scale): accuracy is drawn in percent.
 PANELS = (("loss", "held-out loss (nats/token)", 1.0), ("accuracy", "ranking accuracy %", 100.0))
@@ -41,8 +45,23 @@ def points(table: list[dict], key: str, scale: float) -> list[Point]:
     return out
 
 
+def _extent(length: float) -> float:
+    """An error bar's length: a percentile interval can end a rounding error past its
+    value, and matplotlib refuses negative lengths; a missing bound draws none."""
+    return 0.0 if math.isnan(length) else max(length, 0.0)
+
+
 def write_plot(document: dict, path: Path) -> Path:
-    """``path`` (PNG): both panels, the models' labels on the shared vertical axis."""
+    """``path`` (PNG): :func:`draw`'s figure."""
+    plt = pyplot()
+    figure = draw(document)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def draw(document: dict) -> Figure:
+    """Both panels, the models' labels on the shared vertical axis, a bar per partition."""
     plt = pyplot()
     labels = list(dict.fromkeys(f"{e['method']} · {e['model']}" for e in document["table"]))
     rows = {label: i for i, label in enumerate(labels)}
@@ -60,7 +79,8 @@ def write_plot(document: dict, path: Path) -> Path:
             axis.errorbar(
                 [p.value for p in drawn],
                 [rows[p.label] + offset[partition] for p in drawn],
-                xerr=[[p.value - p.low for p in drawn], [p.high - p.value for p in drawn]],
+                xerr=[[_extent(p.value - p.low) for p in drawn],
+                      [_extent(p.high - p.value) for p in drawn]],
                 fmt="o", markersize=4, capsize=2, label=LEGEND.get(partition, partition),
                 color=COLOURS.get(partition, "0.4"),
             )  # fmt: skip
@@ -68,10 +88,8 @@ def write_plot(document: dict, path: Path) -> Path:
         axis.grid(alpha=0.3, axis="x")
     axes[0].set_yticks(range(len(labels)), labels, fontsize=8)
     axes[0].invert_yaxis()
-    axes[1].legend(fontsize=8, title="partition", title_fontsize=8)
+    axes[0].legend(fontsize=8, title="partition", title_fontsize=8)  # every row has a loss
     seeds = ", ".join(str(s) for s in document["seeds"])
     figure.suptitle(f"{document['model']}, Banking77 test texts, seeds {seeds}", fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return figure

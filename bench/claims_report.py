@@ -90,7 +90,13 @@ def _last_round(path: str, mtime_ns: int, size: int) -> Mapping[str, Mapping]:
     """Parsed once per file version (path, mtime, size): a report reads each run's file
     once per model and claim. Read-only views, since every caller shares the cached one."""
     rows = last_round(Path(path))
-    return MappingProxyType({variant: MappingProxyType(row) for variant, row in rows.items()})
+    return MappingProxyType(
+        {
+            variant: MappingProxyType({k: tuple(v) if isinstance(v, list) else v
+                                       for k, v in row.items()})
+            for variant, row in rows.items()
+        }
+    )  # fmt: skip
 
 
 def _variant(scores: Mapping[str, Mapping], model: str) -> dict | None:

@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> Path:
         ),
     }
     (args.out / "claims.json").write_text(json.dumps(document, indent=2, sort_keys=True))
-    write_plot(document, args.out / "claims.png")
     report = write_report(document, args.out / "claims.md")
+    write_plot(document, args.out / "claims.png")  # after the report: a plot error loses no table
     print(report.read_text())
     if failed:
         raise SystemExit(f"runs failed: {failed}")

@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if not CGROUP.is_dir():
             parser.error(f"no cgroup v1 cpuacct hierarchy at {CGROUP}")
         if not os.access(CGROUP, os.W_OK):
-            parser.error(f"creating a group under {CGROUP} needs root")
+            parser.error(f"{CGROUP} is not writable (needs root and a writable cgroup mount)")
         code, wall, total, samples = run(args.command, args.interval, args.drain)
         result = {
             "command": args.command,

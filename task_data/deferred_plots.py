@@ -22,6 +22,9 @@ class _DeferredModule(types.ModuleType):
     module: in ``sys.modules`` and on the parent package."""
 
     def __getattr__(self, attribute: str) -> object:
+        loaded = sys.modules.get(NAME)
+        if loaded is not None and loaded is not self:  # resolved: held copies forward
+            return getattr(loaded, attribute)
         if attribute.startswith("__") and attribute not in ("__path__", "__all__"):
             # Not the package's API: ``inspect.getmodule`` (torch calls it while importing
             # torch.distributed) asks every module in sys.modules for ``__file__``, and

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.claims_plot import points
+from bench.claims_plot import draw, points
 from bench.claims_report import claims, last_scores, model_table, pooled, verdict
 from bench.fedbiot_claims import main
 from server_app.evaluation.confidence import Interval
@@ -62,24 +62,46 @@ def test_claims_quick_mode_pairs_methods_on_the_same_texts(tmp_path: Path) -> No
     assert (tmp_path / "claims.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_figure_plots_each_models_value_and_interval_scaled() -> None:
+def test_the_figure_draws_each_models_value_and_interval_per_partition() -> None:
+    nan = float("nan")
     table = [
         {"method": "base", "partition": "–", "model": "base", "loss": 4.5, "loss_ci_low": 4.4,
          "loss_ci_high": 4.6, "accuracy": 0.24, "accuracy_ci_low": 0.19,
          "accuracy_ci_high": 0.29},
         {"method": "kdfed", "partition": "iid", "model": "adapfu", "loss": 3.5,
-         "loss_ci_low": 3.4, "loss_ci_high": 3.6},  # scored for loss, not ranked
+         "loss_ci_low": 3.4, "loss_ci_high": 3.7},  # scored for loss, not ranked
+        # A bound a rounding error past its value, and a missing one: bars of length 0.
         {"method": "fedit", "partition": "dirichlet", "model": "adapfu", "loss": 1.3,
-         "loss_ci_low": 1.2, "loss_ci_high": 1.4, "accuracy": float("nan"),
-         "accuracy_ci_low": float("nan"), "accuracy_ci_high": float("nan")},
+         "loss_ci_low": 1.3 + 1e-15, "loss_ci_high": 1.4, "accuracy": 0.30,
+         "accuracy_ci_low": 0.25, "accuracy_ci_high": nan},
     ]  # fmt: skip
-    (ranked,) = points(table, "accuracy", 100.0)  # only the base has an accuracy
-    assert (ranked.label, ranked.partition) == ("base · base", "–")
+    (ranked,) = [p for p in points(table, "accuracy", 100.0) if p.label == "base · base"]
     assert (ranked.value, ranked.low, ranked.high) == pytest.approx((24.0, 19.0, 29.0))
-    assert [(p.label, p.partition, p.value) for p in points(table, "loss", 1.0)] == [
-        ("base · base", "–", 4.5), ("kdfed · adapfu", "iid", 3.5),
-        ("fedit · adapfu", "dirichlet", 1.3),
+    figure = draw({"model": "m", "seeds": [0, 1], "table": table})
+    loss, accuracy = figure.axes
+    assert [t.get_text() for t in loss.get_yticklabels()] == [
+        "base · base", "kdfed · adapfu", "fedit · adapfu"
     ]  # fmt: skip
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == [
+        "none (untrained)", "iid", "dirichlet"
+    ]  # fmt: skip
+
+    def bars(axis) -> list[tuple[float, float, float, float]]:
+        """(value, row, left end, right end) of every error bar on ``axis``."""
+        out = []
+        for container in axis.containers:
+            line, _, (segments,) = container.lines
+            for x, y, seg in zip(line.get_xdata(), line.get_ydata(), segments.get_segments(),
+                                 strict=True):  # fmt: skip
+                out.append((x, y, seg[0][0], seg[1][0]))
+        return out
+
+    # Rows 0, 1, 2; the three partitions a quarter of a row apart within each.
+    assert bars(loss) == [pytest.approx(b) for b in [(4.5, -0.25, 4.4, 4.6),
+                          (3.5, 1.0, 3.4, 3.7), (1.3, 2.25, 1.3, 1.4)]]  # fmt: skip
+    # Percent; the unranked model has no bar; a missing bound draws none.
+    assert bars(accuracy) == [pytest.approx(b) for b in [(24.0, -0.25, 19.0, 29.0),
+                              (30.0, 2.25, 25.0, 30.0)]]  # fmt: skip
 
 
 def test_verdict_reads_the_interval_on_the_better_side() -> None:
@@ -123,6 +145,8 @@ def test_a_runs_scores_are_parsed_once_per_file_version_and_shared_read_only(
         first["adapfu"]["nll"] = [0.0, 0.0]  # type: ignore[index]
     with pytest.raises(TypeError):
         first["base"] = {}  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        first["adapfu"]["nll"].append(0.0)  # type: ignore[union-attr]
     write([3.0, 4.0, 5.0])  # a rewritten file (a resumed run) is read again
     assert list(last_scores(tmp_path)["adapfu"]["nll"]) == [3.0, 4.0, 5.0]
 

@@ -3,8 +3,10 @@ command line names, the group total covers every process, and the exit status pa
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -44,19 +46,25 @@ def test_a_detached_childs_cpu_is_counted_under_its_kind(tmp_path: Path) -> None
 
 
 @pytest.mark.skipif(
-    not CGROUP.is_dir() or os.geteuid() != 0, reason="needs root (to drop it) and a cgroup v1"
+    not CGROUP.is_dir() or os.geteuid() != 0 or not shutil.which("setpriv"),
+    reason="needs root (to drop it with setpriv) and a cgroup v1 cpuacct",
 )
-def test_without_root_it_says_so_before_starting_the_command(tmp_path: Path) -> None:
-    marker = tmp_path / "ran"
-    tmp_path.chmod(0o777)
-    result = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-         sys.executable, "-m", "bench.process_cpu", "--", "touch", str(marker)],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], check=False,
-    )  # fmt: skip
-    assert result.returncode == 2, result.stderr
-    assert f"creating a group under {CGROUP} needs root" in result.stderr
-    assert not marker.exists()
+def test_without_root_it_says_so_before_starting_the_command() -> None:
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    with tempfile.TemporaryDirectory(dir="/tmp") as shared:  # pytest's tmp is root's alone
+        Path(shared).chmod(0o777)
+        reachable = Path(shared) / "reachable"
+        subprocess.run([*as_nobody, "touch", str(reachable)], check=True)
+        assert reachable.exists()  # so the command below could have run
+        marker = Path(shared) / "ran"
+        result = subprocess.run(
+            [*as_nobody, sys.executable, "-m", "bench.process_cpu", "--", "touch", str(marker)],
+            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+            check=False,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert f"{CGROUP} is not writable (needs root" in result.stderr
+        assert not marker.exists()
 
 
 def test_kinds_are_named_from_flowers_and_rays_command_lines() -> None:
