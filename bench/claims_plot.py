@@ -72,8 +72,9 @@ def draw(document: dict) -> Figure:
         1, 2, figsize=(11, 0.35 * len(labels) + 1.5), sharey=True, squeeze=True
     )
     for axis, (key, title, scale) in zip(axes, PANELS, strict=True):
+        panel = points(document["table"], key, scale)
         for partition in partitions:
-            drawn = [p for p in points(document["table"], key, scale) if p.partition == partition]
+            drawn = [p for p in panel if p.partition == partition]
             if not drawn:
                 continue
             axis.errorbar(

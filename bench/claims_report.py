@@ -170,18 +170,27 @@ def models_of(row: str) -> tuple[str, ...]:
     return ("local",) if row == "local" else ("adapfu",)
 
 
-COSTS = ("client_seconds_per_example", "bytes_per_client", "server_seconds", "wall_seconds")
+COSTS = (
+    "client_seconds_per_example", "bytes_per_client", "server_seconds", "eval_seconds",
+    "wall_seconds",
+)  # fmt: skip
+
+
+def _eval_seconds(rows: list[dict]) -> float:
+    """The server's evaluation seconds over a run's rounds (held-out scores, fidelity)."""
+    return float(sum(r.get("time_eval_s") or 0.0 for r in rows))
 
 
 def _costs(run_dirs: list[Path], wall: dict[str, float], clients: int) -> dict[str, float]:
     """Means over the runs: client train seconds per example, bytes per client (both ways,
     the model download included), server compute seconds (pre-alignment, aggregation,
     distillation; KD's distillation and split learning's server half: ``time_server_s``),
-    wall seconds."""
-    per_example, per_client, server = [], [], []
+    the server's evaluation seconds, wall seconds."""
+    per_example, per_client, server, evaluation = [], [], [], []
     for run_dir in run_dirs:
         config = run_config(run_dir, ("local-steps", "batch-size"))
         rows = metrics_rows(run_dir)
+        evaluation.append(_eval_seconds(rows))
         trained = [r for r in rows if r["round"] > 0]
         examples = int(config["local-steps"]) * int(config["batch-size"])
         # Split learning's clients report their share of each step as client_seconds.
@@ -204,8 +213,20 @@ def _costs(run_dirs: list[Path], wall: dict[str, float], clients: int) -> dict[s
         "client_seconds_per_example": float(np.mean(per_example)),
         "bytes_per_client": float(np.mean(per_client)),
         "server_seconds": float(np.mean(server)),
+        "eval_seconds": float(np.mean(evaluation)),
         "wall_seconds": float(np.mean([wall.get(d.name, np.nan) for d in run_dirs])),
     }
+
+
+def run_budget(cells: dict[tuple[str, str], list[Path]], wall: dict[str, float]) -> dict:
+    """What the report's runs cost, each run once (the single-client rows serve every
+    partition): their number, wall seconds summed and the server's evaluation seconds
+    summed, the share that the issue's evaluation sizes take of the whole."""
+    runs = sorted({d for dirs in cells.values() for d in dirs})
+    walls = [wall.get(d.name, np.nan) for d in runs]
+    evaluation = sum(_eval_seconds(metrics_rows(d)) for d in runs)
+    return {"runs": len(runs), "wall_seconds": float(np.sum(walls)),
+            "eval_seconds": evaluation}  # fmt: skip
 
 
 def model_table(
@@ -304,8 +325,8 @@ def write_report(document: dict, path: Path) -> Path:
         "![every model with its intervals](claims.png)",
         "",
         "| method | partition | model | loss | accuracy % | client s/example "
-        "| MB per client | server s | wall s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| MB per client | server s | eval s | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for e in document["table"]:
         lines.append(
@@ -313,8 +334,17 @@ def write_report(document: dict, path: Path) -> Path:
             f"| {interval_cell(e, 'accuracy', 100, 1)} "
             f"| {_number(e['client_seconds_per_example'], 3)} "
             f"| {_number(e['bytes_per_client'] / 1e6, 1)} | {_number(e['server_seconds'], 0)} "
-            f"| {_number(e['wall_seconds'], 0)} |"
+            f"| {_number(e.get('eval_seconds', np.nan), 0)} | {_number(e['wall_seconds'], 0)} |"
         )
+    if budget := document.get("budget"):
+        wall, evaluation = budget["wall_seconds"], budget["eval_seconds"]
+        share = 100 * evaluation / wall if wall > 0 else np.nan
+        lines += [
+            "",
+            f"Cost: {budget['runs']} runs, {_number(wall, 0)} wall seconds summed "
+            f"over the runs ({_number(wall / 3600, 1)} h), of which the server's "
+            f"evaluation {_number(evaluation, 0)} s ({_number(share, 0)} %).",
+        ]
     lines += ["", "| claim | partition | loss a − b | verdict | accuracy a − b (pp) | verdict |",
               "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for c in document["claims"]:

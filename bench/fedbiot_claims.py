@@ -37,7 +37,7 @@ os.environ.setdefault("FEDBIOT_CACHE", str(REPO / ".cache" / "fedbiot"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.claims_plot import write_plot  # noqa: E402
-from bench.claims_report import claims, model_table, write_report  # noqa: E402
+from bench.claims_report import claims, model_table, run_budget, write_report  # noqa: E402
 from bench.federation_runs import finished, run_federations, threads_per_run  # noqa: E402
 
 CLIENTS = 3
@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> Path:
         "claims": claims(cells, list(dict.fromkeys(p for _, p in cells))),
         "failed_runs": failed,
         "wall_seconds": wall,
+        "budget": run_budget(cells, wall),
         "command": " ".join(
             ["python -m bench.fedbiot_claims", *(sys.argv[1:] if argv is None else argv)]
         ),

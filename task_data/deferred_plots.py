@@ -30,7 +30,7 @@ class _DeferredModule(types.ModuleType):
             # torch.distributed) asks every module in sys.modules for ``__file__``, and
             # answering it would load the plotting stack in every training process.
             raise AttributeError(attribute)
-        if sys.modules.get(NAME) is self:
+        if loaded is self:
             del sys.modules[NAME]
         real = importlib.import_module(NAME)
         parent = sys.modules.get(NAME.rpartition(".")[0])

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from bench.claims_plot import draw, points
-from bench.claims_report import claims, last_scores, model_table, pooled, verdict
+from bench.claims_report import (
+    claims,
+    last_scores,
+    model_table,
+    pooled,
+    run_budget,
+    verdict,
+    write_report,
+)
 from bench.fedbiot_claims import main
 from server_app.evaluation.confidence import Interval
 
@@ -167,7 +175,9 @@ def test_fedbiot_rows_pair_adapfu_with_adapemu_and_the_base_of_the_same_runs(
         (run / "heldout.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
         config = {"run_config": {"local-steps": 2, "batch-size": 2}}
         (run / "config.json").write_text(json.dumps(config))
-        metrics = [{"round": 0}, {"round": 1, "train_seconds": 1.0, "clients_sampled": 3}]
+        metrics = [{"round": 0, "time_eval_s": None},
+                   {"round": 1, "train_seconds": 1.0, "clients_sampled": 3,
+                    "time_eval_s": 30.0 + 10 * seed}]  # fmt: skip
         (run / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in metrics))
         dirs.append(run)
     cells = {("fedbiot-b0.2", "iid"): dirs}
@@ -182,12 +192,27 @@ def test_fedbiot_rows_pair_adapfu_with_adapemu_and_the_base_of_the_same_runs(
     to_base = verdicts["FedBiOT AdapFu > base (beta 0.2)"]
     assert to_base["loss_difference"] == pytest.approx(7 / 6 - 3.0)
     assert verdicts["FedBiOT AdapFu >= FedOT AdapFu"]["verdict"] == "not run"
-    table = {(e["method"], e["model"]): e for e in model_table(cells, {}, clients=3)}
+    wall = {"fedbiot-b0.2-iid-s0": 100.0, "fedbiot-b0.2-iid-s1": 140.0}
+    table = {(e["method"], e["model"]): e for e in model_table(cells, wall, clients=3)}
     assert set(table) == {("base", "base"), ("fedbiot-b0.2", "adapemu"),
                           ("fedbiot-b0.2", "adapfu")}  # fmt: skip
     assert table[("fedbiot-b0.2", "adapemu")]["loss"] == 2.0
     assert table[("fedbiot-b0.2", "adapfu")]["accuracy"] == pytest.approx(4 / 6)
     assert table[("fedbiot-b0.2", "adapfu")]["seeds"] == 2
+    # Costs: means over the two seeds' runs; the budget sums each run once.
+    assert table[("fedbiot-b0.2", "adapemu")]["eval_seconds"] == 35.0
+    assert table[("fedbiot-b0.2", "adapfu")]["wall_seconds"] == 120.0
+    budget = run_budget({**cells, ("fedbiot-b0.2", "dirichlet"): dirs[:1]}, wall)
+    assert budget == {"runs": 2, "wall_seconds": 240.0, "eval_seconds": 70.0}
+    document = {"model": "m", "command": "c", "seeds": [0, 1], "clients": 3,
+                "table": list(table.values()), "claims": [], "budget": budget}  # fmt: skip
+    text = write_report(document, tmp_path / "claims.md").read_text()
+    assert "| fedbiot-b0.2 | iid | adapfu | 1.167 [" in text
+    assert "| 0.250 | 0.0 | 0 | 35 | 120 |" in text
+    assert (
+        "Cost: 2 runs, 240 wall seconds summed over the runs (0.1 h), of which the "
+        "server's evaluation 70 s (29 %)." in text
+    )
 
 
 @pytest.mark.parametrize(
