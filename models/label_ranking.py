@@ -8,14 +8,17 @@ exact:
 1. **Shared prefix, computed once.** Every evaluation prompt starts with the same tokens (the
    chat template's system prompt and the task's instruction). Their KV cache is computed once
    and each text runs only its own suffix on top of it.
-2. **Branch and bound.** A label's score is a sum of log-probabilities, each <= 0, so the
-   log-probability of its first token (read off the prompt's last position, already computed)
-   bounds its score from above. The gold label and the ``probes`` labels with the highest
-   bounds are scored exactly first (one small forward over their trie); the best of these
-   scores bounds the winner's from below, so a label whose upper bound is below it cannot be
-   ranked first, and only the trie of the remaining labels runs. A model that has learnt the
-   task puts most of its mass on the gold label's first token, so most of the trie is
-   skipped.
+2. **Branch and bound, level by level.** A label's score is a sum of log-probabilities, each
+   <= 0, so the sum over its first k tokens bounds its whole score from above. The gold label
+   and the ``probes`` labels whose first token is likeliest (read off the prompt's last
+   position, already computed) are scored whole first, in one forward over their trie; the
+   best finished score bounds the winner's from below. Every unfinished label whose bound is
+   not below it then runs one token further (one forward over those trie nodes, on top of
+   the nodes already in the KV cache), the bounds tighten, and the rest are dropped; once
+   few nodes remain (``whole_below``) they run in one forward. A trie node runs at most
+   once per text. Each forward costs a weight pass whatever its size, so going level by
+   level pays only while it prunes many nodes: the cut-off is measured by
+   ``bench/eval_cost.py``.
 
 Ties are broken towards the lower label index, as ``argmax`` over all scores does.
 """
@@ -28,7 +31,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from models.label_scores import LabelTrie, _tree_mask
+from models.label_scores import LabelTrie
 
 
 def shared_prefix_length(prompts: list[list[int]]) -> int:
@@ -52,18 +55,44 @@ class RankCounts:
     nodes_total: int = 0
     prompt_tokens_run: int = 0
     prompt_tokens_total: int = 0
+    forwards: int = 0
     per_text_nodes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Search:
+    """One text's ranking in progress: each label's score over its first ``scored`` tokens
+    (an upper bound on its whole score until it is finished), and the trie nodes run so far,
+    by prefix: their position in the KV cache and the log-probabilities of their children."""
+
+    scores: list[float]
+    scored: list[int]
+    position: dict[tuple[int, ...], int] = field(default_factory=dict)
+    children: dict[tuple[int, ...], dict[int, float]] = field(default_factory=dict)
 
 
 class LabelRanker:
     """Ranks ``labels`` (token ids, EOS included) after prompts that share a prefix."""
 
     def __init__(
-        self, model: nn.Module, labels: list[list[int]], prefix: list[int], probes: int = 2
+        self,
+        model: nn.Module,
+        labels: list[list[int]],
+        prefix: list[int],
+        probes: int = 2,
+        whole_below: int = 48,
     ) -> None:
         self.model = model
         self.probes = probes
+        self.whole_below = whole_below
         self.labels = [tuple(label) for label in labels]
+        # The tokens that follow each proper prefix of a label: what a trie node's forward keeps.
+        self.next_tokens: dict[tuple[int, ...], list[int]] = {}
+        for label in self.labels:
+            for depth in range(1, len(label)):
+                following = self.next_tokens.setdefault(label[:depth], [])
+                if label[depth] not in following:
+                    following.append(label[depth])
         self.device = next(model.parameters()).device
         self.dtype = model.get_input_embeddings().weight.dtype
         self.prefix = list(prefix)
@@ -101,27 +130,54 @@ class LabelRanker:
         mask[:, past:] = mask[:, past:].masked_fill(upper, torch.finfo(self.dtype).min)
         return mask[None, None]
 
-    def _trie_scores(self, labels: list[int], past: int, last: torch.Tensor) -> torch.Tensor:
-        """Exact scores of ``labels`` (indices), one forward over their trie after ``past``
-        cached tokens whose last position's log-probabilities are ``last``."""
-        trie = LabelTrie.build(tuple(self.labels[i] for i in labels))
-        rows = torch.cat([last[None], self._nodes(trie, past)]) if trie.tokens else last[None]
-        picked = rows[trie.rows, trie.targets]
-        scores = torch.zeros(len(labels)).index_add(0, trie.owners, picked)
-        self.counts.nodes_run += len(trie.tokens)
-        self.counts.per_text_nodes[-1] += len(trie.tokens)
-        return scores
+    def _needed(self, search: _Search, labels: list[int], whole: bool) -> list[tuple[int, ...]]:
+        """The trie nodes (prefixes) not yet run that ``labels`` need to be scored to their
+        end (``whole``) or one token further, parents before children."""
+        needed: dict[tuple[int, ...], None] = {}
+        for i in labels:
+            label = self.labels[i]
+            for depth in range(search.scored[i], len(label) if whole else search.scored[i] + 1):
+                if label[:depth] not in search.children:
+                    needed[label[:depth]] = None
+        return list(needed)
 
-    def _nodes(self, trie: LabelTrie, past: int) -> torch.Tensor:
-        """Log-probabilities at every trie node, run after ``past`` cached tokens."""
-        full = _tree_mask(1, trie, self.dtype)[0, 0, 1:, 1:]  # nodes vs nodes
-        mask = torch.zeros(len(trie.tokens), past + len(trie.tokens), dtype=self.dtype)
-        mask[:, past:] = full
-        positions = [past + depth for depth in trie.depths]
-        keep = torch.ones(len(trie.tokens), dtype=torch.bool)
-        logits = self._forward(trie.tokens, mask[None, None], positions, False, keep)
-        self._truncate(past)
-        return logits.float().log_softmax(-1).cpu()
+    def _advance(self, search: _Search, labels: list[int], whole: bool, past: int) -> None:
+        """Score ``labels`` to their end or one token further, running the nodes missing."""
+        if needed := self._needed(search, labels, whole):
+            self._run(needed, search, past)
+        for i in labels:
+            label = self.labels[i]
+            stop = len(label) if whole else search.scored[i] + 1
+            while search.scored[i] < stop:
+                depth = search.scored[i]
+                search.scores[i] += search.children[label[:depth]][label[depth]]
+                search.scored[i] += 1
+
+    def _run(self, prefixes: list[tuple[int, ...]], search: _Search, past: int) -> None:
+        """One forward over the trie nodes ``prefixes`` (each runs its last token) on top of the
+        ``past`` prompt tokens and the nodes already cached: a node sees the prompt, its
+        ancestors and itself, at the position after its parent."""
+        length = self.cache.get_seq_length()
+        for j, prefix in enumerate(prefixes):
+            search.position[prefix] = length + j
+        mask = torch.full(
+            (len(prefixes), length + len(prefixes)), torch.finfo(self.dtype).min, dtype=self.dtype
+        )
+        mask[:, :past] = 0.0
+        for j, prefix in enumerate(prefixes):
+            mask[j, [search.position[prefix[:k]] for k in range(1, len(prefix) + 1)]] = 0.0
+        positions = [past + len(prefix) - 1 for prefix in prefixes]
+        keep = torch.ones(len(prefixes), dtype=torch.bool)
+        logits = self._forward([p[-1] for p in prefixes], mask[None, None], positions, False, keep)
+        log_probs = logits.float().log_softmax(-1).cpu()
+        for j, prefix in enumerate(prefixes):
+            following = self.next_tokens[prefix]
+            search.children[prefix] = dict(
+                zip(following, log_probs[j, following].tolist(), strict=True)
+            )
+        self.counts.forwards += 1
+        self.counts.nodes_run += len(prefixes)
+        self.counts.per_text_nodes[-1] += len(prefixes)
 
     @torch.no_grad()
     def rank(self, prompt: list[int], gold: int) -> tuple[int, float]:
@@ -131,6 +187,7 @@ class LabelRanker:
             raise ValueError("the prompt does not extend the ranker's shared prefix")
         suffix = prompt[n:]
         self.counts.texts += 1
+        self.counts.forwards += 1
         self.counts.per_text_nodes.append(0)
         self.counts.prompt_tokens_run += len(suffix)
         self.counts.prompt_tokens_total += len(prompt)
@@ -143,22 +200,27 @@ class LabelRanker:
             .log_softmax(-1)
             .cpu()
         )
-        past = len(prompt)
-        bounds = torch.tensor([float(last[label[0]]) for label in self.labels])
-        # Probe the gold label and the labels whose first token is likeliest: the best of their
-        # exact scores is a lower bound on the winner's, which prunes every label whose upper
-        # bound falls below it.
-        order = [i for i in bounds.argsort(descending=True).tolist() if i != gold]
-        probed = [gold, *order[: self.probes]]
-        scores = dict(zip(probed, self._trie_scores(probed, past, last).tolist(), strict=True))
-        best = min(scores, key=lambda i: (-scores[i], i))
-        rivals = [i for i in order[self.probes :] if bounds[i] >= scores[best]]
-        if rivals:
-            scores |= zip(rivals, self._trie_scores(rivals, past, last).tolist(), strict=True)
-            best = min(scores, key=lambda i: (-scores[i], i))
-        gold_score = scores[gold]
+        search = _Search([float(last[label[0]]) for label in self.labels], [1] * len(self.labels))
+        likeliest = torch.tensor(search.scores).argsort(descending=True).tolist()
+        probed = [gold, *[i for i in likeliest if i != gold][: self.probes]]
+        self._advance(search, probed, True, len(prompt))
+        unfinished = [i for i in range(len(self.labels)) if search.scored[i] < len(self.labels[i])]
+        while True:
+            finished = (i for i, label in enumerate(self.labels) if search.scored[i] == len(label))
+            best = min(finished, key=lambda i: (-search.scores[i], i))
+            # ">=": a label that ties the best may still win on its lower index.
+            unfinished = [
+                i
+                for i in unfinished
+                if search.scored[i] < len(self.labels[i])
+                and search.scores[i] >= search.scores[best]
+            ]
+            if not unfinished:
+                break
+            whole = len(self._needed(search, unfinished, True)) <= self.whole_below
+            self._advance(search, unfinished, whole, len(prompt))
         self._truncate(n)
-        return best, gold_score
+        return best, search.scores[gold]
 
     def _truncate(self, length: int) -> None:
         """Drop the cache back to its first ``length`` tokens (``crop`` takes a negative count

@@ -1,5 +1,6 @@
-"""Exact label ranking (shared prefix cached once, gold-bounded pruning) ranks every label as
-the one-forward trie scorer does, and skips most of the trie once a model has learnt a label."""
+"""Exact label ranking (shared prefix cached once, branch and bound level by level) ranks every
+label as the one-forward trie scorer does, and skips most of the trie once a model has learnt a
+label."""
 
 import json
 
@@ -22,21 +23,33 @@ def _banking77(tokenizer, texts: int) -> tuple[list[list[int]], list[list[int]],
     return prompts, label_token_ids(tokenizer, names), gold
 
 
-@pytest.mark.parametrize("name", TINY)
-def test_ranking_matches_the_trie_scorer_for_every_gold_label(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "whole_below"),
+    [*((name, 48) for name in TINY), ("tiny-llama", 0), ("tiny-llama", 10**6)],
+)
+def test_ranking_matches_the_trie_scorer_for_every_gold_label(name: str, whole_below: int) -> None:
+    """Level by level to the end (0), the default cut-off, and every rival in one forward."""
     model, tokenizer = tiny(name)
     model.eval()
     prompts, labels, _ = _banking77(tokenizer, 2)
     prefix = prompts[0][: shared_prefix_length(prompts)]
     assert len(prefix) > 10  # the chat template and instruction are shared
-    ranker = LabelRanker(model, labels, prefix)
+    ranker = LabelRanker(model, labels, prefix, whole_below=whole_below)
     with torch.no_grad():
         full = label_log_likelihoods(model, prompts, labels)
+    golds = (0, 5, 76)
     for text, prompt in enumerate(prompts):
-        for gold in (0, 5, int(full[text].argmax()), 76):
+        for gold in (*golds, int(full[text].argmax())):
             best, gold_score = ranker.rank(prompt, gold)
             assert best == int(full[text].argmax())
             assert gold_score == pytest.approx(float(full[text, gold]), abs=1e-4)
+    # A trie node runs at most once per text; without levels a text takes three forwards at
+    # most (its prompt, the probed labels, the rivals).
+    assert max(ranker.counts.per_text_nodes) <= ranker.trie_nodes
+    if whole_below == 10**6:
+        assert ranker.counts.forwards <= 3 * ranker.counts.texts
+    if whole_below == 0:  # an untrained model prunes little: many levels
+        assert ranker.counts.forwards > 3 * ranker.counts.texts
 
 
 def test_a_trained_model_prunes_the_trie_and_ranks_exactly() -> None:
