@@ -221,7 +221,7 @@ def _costs(run_dirs: list[Path], wall: dict[str, float], clients: int) -> dict[s
 def run_budget(cells: dict[tuple[str, str], list[Path]], wall: dict[str, float]) -> dict:
     """What the report's runs cost, each run once (the single-client rows serve every
     partition): their number, wall seconds summed and the server's evaluation seconds
-    summed, the share that the issue's evaluation sizes take of the whole."""
+    summed, so that the report shows how much of the grid's time the evaluation takes."""
     runs = sorted({d for dirs in cells.values() for d in dirs})
     walls = [wall.get(d.name, np.nan) for d in runs]
     evaluation = sum(_eval_seconds(metrics_rows(d)) for d in runs)

@@ -21,7 +21,12 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FEDBIOT_CACHE", str(REPO / ".cache" / "fedbiot"))
@@ -37,7 +42,11 @@ from task_data.validation import heldout_test_indices  # noqa: E402
 
 
 def measure(
-    model, tokenizer, records: list[dict], labels: list[str], cut_offs: list[int]
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[dict],
+    labels: list[str],
+    cut_offs: list[int],
 ) -> dict[str, object]:
     """Per-text CPU seconds and trie nodes of the three evaluations on ``records``; the
     ranker once per ``whole_below`` cut-off (the first is the one reported at the top)."""
@@ -53,10 +62,10 @@ def measure(
     with torch.no_grad():
         full = [int(label_log_likelihoods(model, [p], candidates)[0].argmax()) for p in prompts]
     trie_s = (time.process_time() - start) / len(records)
-    by_cut_off = {}
+    prefix = prompts[0][: shared_prefix_length(prompts)]
+    by_cut_off: dict[str, dict[str, float]] = {}
     for cut_off in cut_offs:
         start = time.process_time()
-        prefix = prompts[0][: shared_prefix_length(prompts)]
         ranker = LabelRanker(model, candidates, prefix, whole_below=cut_off)
         ranked = [ranker.rank(p, g)[0] for p, g in zip(prompts, gold, strict=True)]
         seconds = (time.process_time() - start) / len(records)
@@ -77,8 +86,8 @@ def measure(
         **first,
         "speedup": trie_s / first["ranker_s_per_text"],
         "trie_nodes_per_text": nodes,
-        "prompt_tokens_per_text": counts.prompt_tokens_total / counts.texts,
-        "ranker_prompt_tokens_per_text": counts.prompt_tokens_run / counts.texts,
+        "prompt_tokens_per_text": sum(map(len, prompts)) / len(prompts),
+        "ranker_prompt_tokens_per_text": sum(len(p) - len(prefix) for p in prompts) / len(prompts),
         "by_whole_below": by_cut_off,
     }
 
@@ -91,8 +100,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--texts", type=int, default=40)
     parser.add_argument("--whole-below", nargs="+", type=int, default=[48],
                         help="the ranker's cut-offs to measure, the first reported")  # fmt: skip
+    parser.add_argument("--note", default="", help="what else ran on the machine, kept in the JSON")
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "bench" / "eval_cost.json")
     args = parser.parse_args(argv)
+    if min(args.whole_below) < 0:
+        parser.error("--whole-below: cut-offs are node counts, 0 or more")
+    args.whole_below = list(dict.fromkeys(args.whole_below))
     torch.set_num_threads(1)
     labels = json.loads((default_data_dir() / "banking77" / "categories.json").read_text())
     test = load_records("banking77", "test")
@@ -127,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
                       f"| {c['ranker_forwards_per_text']:.1f} |")  # fmt: skip
     given = sys.argv[1:] if argv is None else argv
     document = {"command": " ".join(["python -m bench.eval_cost", *given]),
-                "threads": 1, "whole_below": args.whole_below, "results": results}  # fmt: skip
+                "threads": 1, "whole_below": args.whole_below, "note": args.note,
+                "results": results}  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=2, sort_keys=True))
     return document

@@ -60,15 +60,16 @@ class RankCounts:
 
 
 @dataclass
-class _Search:
-    """One text's ranking in progress: each label's score over its first ``scored`` tokens
-    (an upper bound on its whole score until it is finished), and the trie nodes run so far,
-    by prefix: their position in the KV cache and the log-probabilities of their children."""
+class LabelSearch:
+    """One text's ranking: each label's score over its first ``scored`` tokens (an upper
+    bound on its whole score until it is finished), the trie nodes run, by prefix: their
+    position in the KV cache and the log-probabilities of their children; ``best`` once done."""
 
     scores: list[float]
     scored: list[int]
     position: dict[tuple[int, ...], int] = field(default_factory=dict)
     children: dict[tuple[int, ...], dict[int, float]] = field(default_factory=dict)
+    best: int = -1
 
 
 class LabelRanker:
@@ -100,20 +101,19 @@ class LabelRanker:
         self.trie_nodes = len(LabelTrie.build(tuple(self.labels)).tokens)
         self.cache = DynamicCache(config=getattr(model, "config", None))
         if self.prefix:
-            self._forward(self.prefix, None, list(range(len(self.prefix))), keep_last=False)
+            self._forward(self.prefix, None, list(range(len(self.prefix))))
 
     def _forward(
         self,
         tokens: list[int],
         mask: torch.Tensor | None,
         positions: list[int],
-        keep_last: bool,
         keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run ``tokens`` on top of the cache (which grows by them); float32 logits kept."""
+        """Run ``tokens`` on top of the cache (which grows by them); float32 logits of the
+        ``keep`` positions (none by default)."""
         if keep is None:
             keep = torch.zeros(len(tokens), dtype=torch.bool)
-            keep[-1] = keep_last
         out = self.model(
             input_ids=torch.tensor([tokens], device=self.device),
             attention_mask=None if mask is None else mask.to(self.device),
@@ -125,12 +125,13 @@ class LabelRanker:
         return out.logits[0].float()
 
     def _causal_mask(self, past: int, length: int) -> torch.Tensor:
+        """(1, 1, length, past + length) additive mask: all of the cache, causal over the new."""
         mask = torch.zeros(length, past + length, dtype=self.dtype)
         upper = torch.ones(length, length, dtype=torch.bool).triu(1)
         mask[:, past:] = mask[:, past:].masked_fill(upper, torch.finfo(self.dtype).min)
         return mask[None, None]
 
-    def _needed(self, search: _Search, labels: list[int], whole: bool) -> list[tuple[int, ...]]:
+    def _needed(self, search: LabelSearch, labels: list[int], whole: bool) -> list[tuple[int, ...]]:
         """The trie nodes (prefixes) not yet run that ``labels`` need to be scored to their
         end (``whole``) or one token further, parents before children."""
         needed: dict[tuple[int, ...], None] = {}
@@ -141,7 +142,7 @@ class LabelRanker:
                     needed[label[:depth]] = None
         return list(needed)
 
-    def _advance(self, search: _Search, labels: list[int], whole: bool, past: int) -> None:
+    def _advance(self, search: LabelSearch, labels: list[int], whole: bool, past: int) -> None:
         """Score ``labels`` to their end or one token further, running the nodes missing."""
         if needed := self._needed(search, labels, whole):
             self._run(needed, search, past)
@@ -153,7 +154,7 @@ class LabelRanker:
                 search.scores[i] += search.children[label[:depth]][label[depth]]
                 search.scored[i] += 1
 
-    def _run(self, prefixes: list[tuple[int, ...]], search: _Search, past: int) -> None:
+    def _run(self, prefixes: list[tuple[int, ...]], search: LabelSearch, past: int) -> None:
         """One forward over the trie nodes ``prefixes`` (each runs its last token) on top of the
         ``past`` prompt tokens and the nodes already cached: a node sees the prompt, its
         ancestors and itself, at the position after its parent."""
@@ -168,8 +169,8 @@ class LabelRanker:
             mask[j, [search.position[prefix[:k]] for k in range(1, len(prefix) + 1)]] = 0.0
         positions = [past + len(prefix) - 1 for prefix in prefixes]
         keep = torch.ones(len(prefixes), dtype=torch.bool)
-        logits = self._forward([p[-1] for p in prefixes], mask[None, None], positions, False, keep)
-        log_probs = logits.float().log_softmax(-1).cpu()
+        logits = self._forward([p[-1] for p in prefixes], mask[None, None], positions, keep)
+        log_probs = logits.log_softmax(-1).cpu()
         for j, prefix in enumerate(prefixes):
             following = self.next_tokens[prefix]
             search.children[prefix] = dict(
@@ -179,9 +180,15 @@ class LabelRanker:
         self.counts.nodes_run += len(prefixes)
         self.counts.per_text_nodes[-1] += len(prefixes)
 
-    @torch.no_grad()
     def rank(self, prompt: list[int], gold: int) -> tuple[int, float]:
         """(index of the highest-scoring label, the gold label's score) after ``prompt``."""
+        search = self.search(prompt, gold)
+        return search.best, search.scores[gold]
+
+    @torch.no_grad()
+    def search(self, prompt: list[int], gold: int) -> LabelSearch:
+        """The finished search after ``prompt``: ``best`` and every label's score as far as it
+        was run (the gold label's and the winner's whole)."""
         n = len(self.prefix)
         if prompt[:n] != self.prefix or len(prompt) <= n:
             raise ValueError("the prompt does not extend the ranker's shared prefix")
@@ -192,35 +199,38 @@ class LabelRanker:
         self.counts.prompt_tokens_run += len(suffix)
         self.counts.prompt_tokens_total += len(prompt)
         self.counts.nodes_total += self.trie_nodes
-        last = (
-            self._forward(
-                suffix, self._causal_mask(n, len(suffix)), list(range(n, len(prompt))), True
-            )[-1]
-            .float()
-            .log_softmax(-1)
-            .cpu()
-        )
-        search = _Search([float(last[label[0]]) for label in self.labels], [1] * len(self.labels))
+        last_only = torch.zeros(len(suffix), dtype=torch.bool)
+        last_only[-1] = True
+        try:  # the cache goes back to the shared prefix even if a forward fails
+            mask = self._causal_mask(n, len(suffix))
+            last = self._forward(suffix, mask, list(range(n, len(prompt))), last_only)[-1]
+            return self._branch_and_bound(last.log_softmax(-1).cpu(), gold, len(prompt))
+        finally:
+            self._truncate(n)
+
+    def _branch_and_bound(self, last: torch.Tensor, gold: int, past: int) -> LabelSearch:
+        """The search from the first tokens' log-probabilities ``last`` (see the module)."""
+        first = [float(last[label[0]]) for label in self.labels]
+        search = LabelSearch(first, [1] * len(first))
         likeliest = torch.tensor(search.scores).argsort(descending=True).tolist()
         probed = [gold, *[i for i in likeliest if i != gold][: self.probes]]
-        self._advance(search, probed, True, len(prompt))
-        unfinished = [i for i in range(len(self.labels)) if search.scored[i] < len(self.labels[i])]
+        self._advance(search, probed, True, past)
+        unfinished = list(range(len(self.labels)))
         while True:
             finished = (i for i, label in enumerate(self.labels) if search.scored[i] == len(label))
-            best = min(finished, key=lambda i: (-search.scores[i], i))
+            search.best = min(finished, key=lambda i: (-search.scores[i], i))
             # ">=": a label that ties the best may still win on its lower index.
             unfinished = [
                 i
                 for i in unfinished
                 if search.scored[i] < len(self.labels[i])
-                and search.scores[i] >= search.scores[best]
+                and search.scores[i] >= search.scores[search.best]
             ]
             if not unfinished:
-                break
+                return search
+            # Few nodes left: all at once; many: one level, then prune again.
             whole = len(self._needed(search, unfinished, True)) <= self.whole_below
-            self._advance(search, unfinished, whole, len(prompt))
-        self._truncate(n)
-        return best, search.scores[gold]
+            self._advance(search, unfinished, whole, past)
 
     def _truncate(self, length: int) -> None:
         """Drop the cache back to its first ``length`` tokens (``crop`` takes a negative count

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from models.label_ranking import LabelRanker, shared_prefix_length
+from models.label_ranking import LabelRanker, LabelSearch, shared_prefix_length
 from models.label_scores import label_log_likelihoods, label_token_ids
 from server_app.evaluation.generation import chat_prompt
 from task_data import load_records
@@ -21,6 +21,18 @@ def _banking77(tokenizer, texts: int) -> tuple[list[list[int]], list[list[int]],
     prompts = [chat_prompt(tokenizer, f"{r['instruction']}\n\n{r['input']}") for r in records]
     gold = [names.index(r["label"]) for r in records]
     return prompts, label_token_ids(tokenizer, names), gold
+
+
+def _check_search(ranker: LabelRanker, search: LabelSearch, full: torch.Tensor, labels) -> None:
+    """Every label scored to its end has its whole score, every other one a score so far that
+    bounds it from above, and no trie node ran twice for this text."""
+    for i, label in enumerate(labels):
+        if search.scored[i] == len(label):
+            assert search.scores[i] == pytest.approx(float(full[i]), abs=1e-4)
+        else:
+            assert search.scores[i] >= float(full[i]) - 1e-4
+            assert search.scores[i] < search.scores[search.best]  # pruned for a reason
+    assert ranker.counts.per_text_nodes[-1] == len(search.children) == len(search.position)
 
 
 @pytest.mark.parametrize(
@@ -37,15 +49,13 @@ def test_ranking_matches_the_trie_scorer_for_every_gold_label(name: str, whole_b
     ranker = LabelRanker(model, labels, prefix, whole_below=whole_below)
     with torch.no_grad():
         full = label_log_likelihoods(model, prompts, labels)
-    golds = (0, 5, 76)
     for text, prompt in enumerate(prompts):
-        for gold in (*golds, int(full[text].argmax())):
+        for gold in (0, 5, 76, int(full[text].argmax())):
             best, gold_score = ranker.rank(prompt, gold)
             assert best == int(full[text].argmax())
             assert gold_score == pytest.approx(float(full[text, gold]), abs=1e-4)
-    # A trie node runs at most once per text; without levels a text takes three forwards at
-    # most (its prompt, the probed labels, the rivals).
-    assert max(ranker.counts.per_text_nodes) <= ranker.trie_nodes
+            _check_search(ranker, ranker.search(prompt, gold), full[text], labels)
+    # Without levels a text takes three forwards at most (its prompt, the probes, the rivals).
     if whole_below == 10**6:
         assert ranker.counts.forwards <= 3 * ranker.counts.texts
     if whole_below == 0:  # an untrained model prunes little: many levels
@@ -76,6 +86,38 @@ def test_a_trained_model_prunes_the_trie_and_ranks_exactly() -> None:
     learnt = ranker.counts.per_text_nodes[0::2]  # gold 11: the label the model predicts
     assert max(learnt) < ranker.counts.nodes_total / ranker.counts.texts / 4
     assert ranker.counts.prompt_tokens_run < ranker.counts.prompt_tokens_total / 2
+
+
+@pytest.mark.parametrize("whole_below", [0, 48])
+def test_odd_label_sets_rank_as_the_trie_scorer_does(whole_below: int) -> None:
+    """A label that is only EOS, one that is a prefix of another, two equal labels (the
+    lower index wins the tie) and more probes than labels."""
+    model, tokenizer = tiny("tiny-llama")
+    model.eval()
+    prompts, _, _ = _banking77(tokenizer, 2)
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():  # the model's own greedy continuation of the first prompt
+        first = int(model(torch.tensor([prompts[0]])).logits[0, -1].argmax())
+        second = int(model(torch.tensor([[*prompts[0], first]])).logits[0, -1].argmax())
+    labels = [
+        [eos],
+        [first, eos],
+        [first, second, eos],
+        [first, second, 11, 12, eos],
+        [13, 14, eos],
+    ]
+    with torch.no_grad():
+        winner = int(label_log_likelihoods(model, prompts[:1], labels)[0].argmax())
+        labels.append(labels[winner])  # the first text's winner, twice: a tie, broken to the first
+        full = label_log_likelihoods(model, prompts, labels)
+    assert float(full[0, winner]) == float(full[0, -1]) == float(full[0].max())
+    ranker = LabelRanker(model, labels, prompts[0][:12], probes=10, whole_below=whole_below)
+    for text, prompt in enumerate(prompts):
+        for gold in range(len(labels)):
+            search = ranker.search(prompt, gold)
+            assert search.best == int(full[text].argmax())
+            assert search.scores[gold] == pytest.approx(float(full[text, gold]), abs=1e-4)
+            _check_search(ranker, search, full[text], labels)
 
 
 def test_a_prompt_off_the_prefix_is_refused() -> None:
