@@ -176,9 +176,21 @@ COSTS = (
 )  # fmt: skip
 
 
-def _eval_seconds(rows: list[dict]) -> float:
-    """The server's evaluation seconds over a run's rounds (held-out scores, fidelity)."""
-    return float(sum(r.get("time_eval_s") or 0.0 for r in rows))
+def _eval_seconds(run_dir: Path, rows: list[dict]) -> float:
+    """The server's evaluation seconds over a run's rounds (held-out scores, fidelity); a
+    value that is not a finite number of seconds is refused naming the file and round."""
+    total = 0.0
+    for row in rows:
+        value = row.get("time_eval_s")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < np.inf:
+            raise SystemExit(
+                f"{run_dir / 'metrics.jsonl'}: round {row['round']}: time_eval_s is "
+                f"{value!r}, not a number of seconds"
+            )
+        total += value
+    return total
 
 
 def _costs(run_dirs: list[Path], wall: dict[str, float], clients: int) -> dict[str, float]:
@@ -190,7 +202,7 @@ def _costs(run_dirs: list[Path], wall: dict[str, float], clients: int) -> dict[s
     for run_dir in run_dirs:
         config = run_config(run_dir, ("local-steps", "batch-size"))
         rows = metrics_rows(run_dir)
-        evaluation.append(_eval_seconds(rows))
+        evaluation.append(_eval_seconds(run_dir, rows))
         trained = [r for r in rows if r["round"] > 0]
         examples = int(config["local-steps"]) * int(config["batch-size"])
         # Split learning's clients report their share of each step as client_seconds.
@@ -224,7 +236,7 @@ def run_budget(cells: dict[tuple[str, str], list[Path]], wall: dict[str, float])
     summed, so that the report shows how much of the grid's time the evaluation takes."""
     runs = sorted({d for dirs in cells.values() for d in dirs})
     walls = [wall.get(d.name, np.nan) for d in runs]
-    evaluation = sum(_eval_seconds(metrics_rows(d)) for d in runs)
+    evaluation = sum(_eval_seconds(d, metrics_rows(d)) for d in runs)
     return {"runs": len(runs), "wall_seconds": float(np.sum(walls)),
             "eval_seconds": evaluation}  # fmt: skip
 
@@ -334,7 +346,7 @@ def write_report(document: dict, path: Path) -> Path:
             f"| {interval_cell(e, 'accuracy', 100, 1)} "
             f"| {_number(e['client_seconds_per_example'], 3)} "
             f"| {_number(e['bytes_per_client'] / 1e6, 1)} | {_number(e['server_seconds'], 0)} "
-            f"| {_number(e.get('eval_seconds', np.nan), 0)} | {_number(e['wall_seconds'], 0)} |"
+            f"| {_number(e['eval_seconds'], 0)} | {_number(e['wall_seconds'], 0)} |"
         )
     if budget := document.get("budget"):
         wall, evaluation = budget["wall_seconds"], budget["eval_seconds"]

@@ -215,6 +215,17 @@ def test_fedbiot_rows_pair_adapfu_with_adapemu_and_the_base_of_the_same_runs(
     )
 
 
+@pytest.mark.parametrize("value", ["12", -1.0, True, float("inf")])
+def test_a_bad_evaluation_time_is_refused_naming_file_and_round(
+    tmp_path: Path, value: object
+) -> None:
+    rows = [{"round": 0}, {"round": 1, "time_eval_s": 5.0}, {"round": 2, "time_eval_s": value}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    path = tmp_path / "metrics.jsonl"
+    with pytest.raises(SystemExit, match=f"{path}: round 2: time_eval_s is"):
+        run_budget({("fedit", "iid"): [tmp_path]}, {})
+
+
 @pytest.mark.parametrize(
     ("line", "problem"),
     [
